@@ -1,0 +1,79 @@
+"""The SimMIM method: an encoder that takes a mask, a linear decoder, and L1 on masked pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.masking import MaskGenerator
+
+
+@dataclass
+class SimMIMOutput:
+    loss: torch.Tensor
+    """Scalar: mean error over masked pixels and channels."""
+    reconstruction: torch.Tensor
+    """(B, C, H, W), in the normalized space of the input."""
+
+
+def upsample_mask(mask: torch.Tensor, image_size: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """Model-patch mask (B, h, w) or (B, h*w) -> pixel mask (B, 1, H, W)."""
+    h, w = image_size[0] // patch_size, image_size[1] // patch_size
+    mask = mask.reshape(mask.shape[0], h, w)
+    return mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
+
+
+def masked_reconstruction_loss(images: torch.Tensor, reconstruction: torch.Tensor, mask: torch.Tensor,
+                               patch_size: int, kind: str = "l1") -> torch.Tensor:
+    """Official SimMIM loss: per-pixel error summed over masked pixels, divided by
+    (masked pixels + 1e-5) and by the number of channels."""
+    pixel_mask = upsample_mask(mask, images.shape[-2:], patch_size).to(torch.float32)
+    rec, target = reconstruction.float(), images.float()
+    if kind == "l1":
+        err = F.l1_loss(rec, target, reduction="none")
+    elif kind == "l2":
+        err = F.mse_loss(rec, target, reduction="none")
+    else:
+        raise ValueError(f"loss kind {kind!r}: expected 'l1' or 'l2'")
+    return (err * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / images.shape[1]
+
+
+class SimMIM(nn.Module):
+    """Masked image modeling around an encoder exposing `num_features`, `encoder_stride` and
+    `patch_size`: `model(images, mask) -> SimMIMOutput(loss, reconstruction)`.
+
+    `decoder="linear"` is the paper's 1x1 conv to stride**2 * 3 channels + PixelShuffle;
+    `"mlp"` puts a hidden 1x1 conv layer in front of it (the paper's head ablation)."""
+
+    def __init__(self, encoder: nn.Module, mask_patch_size: int = 32, mask_ratio: float = 0.6,
+                 loss: str = "l1", decoder: str = "linear", in_chans: int = 3):
+        super().__init__()
+        self.encoder = encoder
+        self.patch_size, self.encoder_stride = encoder.patch_size, encoder.encoder_stride
+        self.loss_kind = loss
+        self.mask_generator = MaskGenerator(encoder.cfg.img_size, mask_patch_size, encoder.patch_size, mask_ratio)
+        out = self.encoder_stride**2 * in_chans
+        dim = encoder.num_features
+        if decoder == "linear":
+            layers = [nn.Conv2d(dim, out, kernel_size=1)]
+        elif decoder == "mlp":
+            layers = [nn.Conv2d(dim, dim, kernel_size=1), nn.GELU(), nn.Conv2d(dim, out, kernel_size=1)]
+        else:
+            raise ValueError(f"decoder {decoder!r}: expected 'linear' or 'mlp'")
+        self.decoder = nn.Sequential(*layers, nn.PixelShuffle(self.encoder_stride))
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    def random_mask(self, batch_size: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """A fresh mask per sample at model-patch resolution (B, h, w), 1 = masked."""
+        return self.mask_generator.batch(batch_size, rng)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> SimMIMOutput:
+        reconstruction = self.decoder(self.encoder(images, mask))
+        loss = masked_reconstruction_loss(images, reconstruction, mask, self.patch_size, self.loss_kind)
+        return SimMIMOutput(loss, reconstruction)

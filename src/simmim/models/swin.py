@@ -1,0 +1,296 @@
+"""Swin Transformer V1 (Liu et al., 2021) as SimMIM uses it: an encoder that can take a mask.
+
+Parameter names follow the official microsoft/SimMIM checkpoints, so their weights load as they are.
+The window policy is decided per forward from the actual feature-map size, so one model runs at any
+input size: the official policy clamps the window to a map that is not larger than it (and drops
+the shift); mmpretrain's `pad_small_map` keeps window and shift and zero-pads the map instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import (
+    DropPath,
+    Mlp,
+    apply_mask_token,
+    init_weights,
+    linear_rates,
+    on_default_device,
+    relative_position_index,
+    trunc_normal,
+)
+
+SHIFT_MASK_VALUE = -100.0  # what the official code adds between windows that a shift brought together
+
+
+@dataclass
+class SwinConfig:
+    """Hyperparameters of a Swin V1 encoder, named as in the official configs."""
+
+    img_size: int = 224
+    """Input resolution the model is built for (sets the window clamping and the APE grid)."""
+    patch_size: int = 4
+    in_chans: int = 3
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    ape: bool = False
+    """Absolute position embedding added after patch embedding."""
+    patch_norm: bool = True
+    pad_small_map: bool = False
+    """mmpretrain policy: keep the window on maps smaller than it and zero-pad (Swin-L SimMIM)."""
+    use_mask_token: bool = False
+    """Add the learned mask token (pretraining)."""
+    use_checkpoint: bool = False
+    """Activation checkpointing per block."""
+
+    def __post_init__(self) -> None:
+        self.depths, self.num_heads = tuple(self.depths), tuple(self.num_heads)
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+        if self.window_size < 1:
+            raise ValueError(f"window_size={self.window_size} must be at least 1")
+        for i, heads in enumerate(self.num_heads):
+            if (self.embed_dim * 2**i) % heads:
+                raise ValueError(f"stage {i} width {self.embed_dim * 2**i} is not divisible by {heads} heads")
+
+    @property
+    def num_features(self) -> int:
+        return self.embed_dim * 2 ** (len(self.depths) - 1)
+
+    @property
+    def encoder_stride(self) -> int:
+        return self.patch_size * 2 ** (len(self.depths) - 1)
+
+    def stage_resolution(self, stage: int) -> int:
+        return self.img_size // self.patch_size // 2**stage
+
+
+def window_and_shift(size: tuple[int, int], window: int, shift: int, pad_small_map: bool) -> tuple[int, int]:
+    """Effective (window, shift) on an H x W map: the official policy clamps a window that does not
+    fit and then does not shift; with pad_small_map both are kept and the map gets padded."""
+    if not pad_small_map and min(size) <= window:
+        return min(size), 0
+    return window, shift
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, nW, window*window, C)."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c).transpose(2, 3)
+    return x.reshape(b, -1, window * window, c)
+
+
+def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
+    """(B, nW, window*window, C) -> (B, H, W, C)."""
+    b, _, _, c = windows.shape
+    x = windows.view(b, h // window, w // window, window, window, c).transpose(2, 3)
+    return x.reshape(b, h, w, c)
+
+
+@functools.lru_cache(maxsize=32)
+def shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
+    """Additive mask (nW, N, N) that keeps windows of a cyclically shifted (padded) map from
+    attending across the regions the roll brought together."""
+    region = torch.zeros(h, w, device="cpu")  # cached: never on the default (possibly meta) device
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for label, (rows, cols) in enumerate((r, c) for r in cuts for c in cuts):
+        region[rows, cols] = label
+    ids = window_partition(region.view(1, h, w, 1), window).squeeze(-1).squeeze(0)  # (nW, N)
+    same = ids.unsqueeze(1) == ids.unsqueeze(2)
+    return torch.zeros(same.shape, device="cpu").masked_fill_(~same, SHIFT_MASK_VALUE)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection followed by LayerNorm: (B,3,H,W) -> (B, H/p, W/p, C)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm: bool = True):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows with a learned relative position bias table."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool, attn_drop: float, proj_drop: float):
+        super().__init__()
+        self.num_heads, self.window = num_heads, window
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", on_default_device(relative_position_index(window, window)), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal(self.relative_position_bias_table)
+
+    def relative_position_bias(self, window: int) -> torch.Tensor:
+        """(nH, N, N) bias for a window of side `window` <= the table's window."""
+        if window == self.window:
+            index = self.relative_position_index
+        else:  # a clamped window reads the central part of the table
+            index = relative_position_index(window, self.window).to(self.relative_position_bias_table.device)
+        n = window * window
+        return self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, nW, N, C); mask: (nW, N, N) additive shift mask or None."""
+        b, nw, n, c = x.shape
+        qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, c // self.num_heads).permute(3, 0, 1, 4, 2, 5)
+        q, k, v = qkv.unbind(0)  # (B, nW, nH, N, d)
+        bias = self.relative_position_bias(window).to(q.dtype)
+        bias = bias if mask is None else bias + mask.to(q.dtype).unsqueeze(1)  # (nW|1, nH, N, N)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        )
+        return self.proj_drop(self.proj(x.transpose(2, 3).reshape(b, nw, n, c)))
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm block: (shifted) window attention and MLP, each with a residual and drop path."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, shift: int, cfg: SwinConfig, drop_path: float):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, window: int, shift: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, H, W, C)."""
+        b, h, w, c = x.shape
+        y = self.norm1(x)
+        pad_b, pad_r = -h % window, -w % window
+        if pad_b or pad_r:  # padded tokens are zeros after the norm, as in mmpretrain and HF
+            y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
+        hp, wp = h + pad_b, w + pad_r
+        if shift:
+            y = torch.roll(y, (-shift, -shift), (1, 2))
+        y = window_reverse(self.attn(window_partition(y, window), window, mask), window, hp, wp)
+        if shift:
+            y = torch.roll(y, (shift, shift), (1, 2))
+        if pad_b or pad_r:
+            y = y[:, :h, :w]
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood concatenation (official order x00, x10, x01, x11), LayerNorm, linear 4C -> 2C."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h, w, _ = x.shape
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x))
+
+
+class SwinStage(nn.Module):
+    """Blocks of one resolution, alternating regular and shifted windows, then optional merging."""
+
+    def __init__(self, stage: int, cfg: SwinConfig, drop_paths: list[float], downsample: bool):
+        super().__init__()
+        dim = cfg.embed_dim * 2**stage
+        window, shift = window_and_shift((cfg.stage_resolution(stage),) * 2, cfg.window_size,
+                                         cfg.window_size // 2, cfg.pad_small_map)
+        self.window, self.shift, self.pad_small_map = window, shift, cfg.pad_small_map
+        self.use_checkpoint = cfg.use_checkpoint
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, cfg.num_heads[stage], window, 0 if i % 2 == 0 else shift, cfg, drop_paths[i])
+            for i in range(cfg.depths[stage])
+        )
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[1:3]
+        window, shift = window_and_shift((h, w), self.window, self.shift, self.pad_small_map)
+        mask = None
+        if shift:  # one mask per stage and forward, shared by its shifted blocks
+            mask = shift_mask(h + -h % window, w + -w % window, window, shift).to(x.device)
+        for i, block in enumerate(self.blocks):
+            block_shift, block_mask = (shift, mask) if i % 2 else (0, None)
+            if self.use_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(block, x, window, block_shift, block_mask, use_reentrant=False)
+            else:
+                x = block(x, window, block_shift, block_mask)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class SwinTransformer(nn.Module):
+    """Swin V1 encoder: (B,3,H,W) [+ mask (B,H/p,W/p)] -> normalized feature map (B, C, H/s, W/s),
+    with s = `encoder_stride` (32 for four stages)."""
+
+    def __init__(self, cfg: SwinConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_size, self.num_features, self.encoder_stride = cfg.patch_size, cfg.num_features, cfg.encoder_stride
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.patch_norm)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.use_mask_token else None
+        grid = cfg.img_size // cfg.patch_size
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, cfg.embed_dim)) if cfg.ape else None
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        rates = linear_rates(cfg.drop_path_rate, sum(cfg.depths))
+        starts = [sum(cfg.depths[:i]) for i in range(len(cfg.depths))]
+        self.layers = nn.ModuleList(
+            SwinStage(i, cfg, rates[starts[i]: starts[i] + d], downsample=i < len(cfg.depths) - 1)
+            for i, d in enumerate(cfg.depths)
+        )
+        self.norm = nn.LayerNorm(cfg.num_features)
+        self.apply(init_weights)
+        for p in (self.mask_token, self.absolute_pos_embed):
+            if p is not None:
+                trunc_normal(p)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"absolute_pos_embed", "mask_token"}
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.patch_embed(x)  # (B, h, w, C)
+        b, h, w, c = x.shape
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("this encoder has no mask token: build it with use_mask_token=True")
+            x = apply_mask_token(x.view(b, h * w, c), mask, self.mask_token).view(b, h, w, c)
+        if self.absolute_pos_embed is not None:
+            x = x + resize_pos_grid(self.absolute_pos_embed, (h, w))
+        x = self.pos_drop(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x).permute(0, 3, 1, 2)
+
+
+def resize_pos_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(1, g*g, C) absolute embedding -> (1, H, W, C) by bicubic resampling, for other input sizes."""
+    g = int(pos.shape[1] ** 0.5)
+    if (g, g) == size:
+        return pos.view(1, g, g, -1)
+    grid = pos.view(1, g, g, -1).permute(0, 3, 1, 2)
+    return F.interpolate(grid, size=size, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)

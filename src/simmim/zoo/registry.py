@@ -1,0 +1,209 @@
+"""The model zoo: published names, how to build each model, and the figures published for it."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..models import Classifier, SimMIM, SwinConfig, SwinTransformer, ViTConfig, VisionTransformer
+
+MMPRETRAIN_URL = "https://download.openmmlab.com/mmselfsup/1.x/simmim/"
+
+SWIN_SIZES = {
+    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    # test- and demo-sized; not published
+    "nano": dict(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 6)),
+}
+VIT_PRETRAIN = dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mean_pooling=False)
+VIT_FINETUNE = dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_mean_pooling=True)
+
+SIMMIM_KEYS = ("mask_patch_size", "mask_ratio", "loss", "decoder")
+CLASSIFIER_KEYS = ("num_classes",)
+# published FLOPs of pretraining models are those of the backbone at 224 px (mmpretrain's default)
+PRETRAIN_FLOPS_SIZE = 224
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: its architecture, resolution, recipe and published figures."""
+
+    name: str
+    task: str
+    """"pretrain" (SimMIM: encoder + decoder) or "classification" (encoder + head)."""
+    arch: str
+    """"swin" or "vit"."""
+    encoder: dict
+    """Encoder config fields (SwinConfig / ViTConfig)."""
+    num_classes: int = 1000
+    test_size: int | None = None
+    """Evaluation crop of a classifier; pretraining models have none."""
+    mask_patch_size: int = 32
+    mask_ratio: float = 0.6
+    recipe: str | None = None
+    """Training preset that reproduces the model."""
+    published_params: int | None = None
+    published_flops: int | None = None
+    top1: float | None = None
+    weights: str | None = None
+    """URL of the released weights, None where none is downloadable."""
+    source: str = "mmpretrain"
+    notes: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def img_size(self) -> int:
+        return self.encoder["img_size"]
+
+    @property
+    def flops_size(self) -> int:
+        """Resolution of the published-style FLOPs: the test crop, or for pretraining models with
+        published figures 224 px (mmpretrain's default); otherwise the training resolution."""
+        return self.test_size or (PRETRAIN_FLOPS_SIZE if self.published_flops else self.img_size)
+
+
+def _swin(size: str, img: int, window: int, **extra) -> dict:
+    return dict(SWIN_SIZES[size], img_size=img, window_size=window, **extra)
+
+
+def _vit(img: int = 224, **extra) -> dict:
+    return dict(img_size=img, patch_size=16, embed_dim=768, depth=12, num_heads=12, **extra)
+
+
+MMPRE_B100 = MMPRETRAIN_URL + "simmim_swin-base_8xb256-amp-coslr-100e_in1k-192/"
+MMPRE_B800 = MMPRETRAIN_URL + "simmim_swin-base_16xb128-amp-coslr-800e_in1k-192/"
+MMPRE_L800 = MMPRETRAIN_URL + "simmim_swin-large_16xb128-amp-coslr-800e_in1k-192/"
+OFFICIAL_NOTE = "official microsoft/SimMIM release (Google Drive only): load a downloaded file with pretrained=PATH"
+
+SPECS: tuple[ModelSpec, ...] = (
+    # mmpretrain's metafile (configs/simmim/metafile.yml)
+    ModelSpec("simmim_swin-base-w6_8xb256-amp-coslr-100e_in1k-192px", "pretrain", "swin",
+              _swin("base", 192, 6, drop_path_rate=0.0), recipe="swin-base-pretrain-100e",
+              published_params=89_874_104, published_flops=18_832_161_792,
+              weights=MMPRE_B100 + "simmim_swin-base_8xb256-amp-coslr-100e_in1k-192_20220829-0e15782d.pth"),
+    ModelSpec("simmim_swin-base-w6_16xb128-amp-coslr-800e_in1k-192px", "pretrain", "swin",
+              _swin("base", 192, 6, drop_path_rate=0.0), recipe="swin-base-pretrain-800e",
+              published_params=89_874_104, published_flops=18_832_161_792,
+              weights=MMPRE_B800 + "simmim_swin-base_16xb128-amp-coslr-800e_in1k-192_20220916-a0e931ac.pth"),
+    ModelSpec("simmim_swin-large-w12_16xb128-amp-coslr-800e_in1k-192px", "pretrain", "swin",
+              _swin("large", 192, 12, drop_path_rate=0.0, pad_small_map=True), recipe="swin-large-pretrain-800e",
+              published_params=199_920_372, published_flops=55_849_130_496,
+              weights=MMPRE_L800 + "simmim_swin-large_16xb128-amp-coslr-800e_in1k-192_20220916-4ad216d3.pth",
+              notes="pad_small_map: stage 4 keeps window 12 on its 6x6 map"),
+    ModelSpec("swin-base-w6_simmim-100e-pre_8xb256-coslr-100e_in1k-192px", "classification", "swin",
+              _swin("base", 192, 6, drop_path_rate=0.1), test_size=192, recipe="swin-base-finetune-192",
+              published_params=87_750_176, published_flops=11_303_976_960, top1=82.7,
+              weights=MMPRE_B100 + "swin-base_ft-8xb256-coslr-100e_in1k/"
+              "swin-base_ft-8xb256-coslr-100e_in1k_20220829-9cf23aa1.pth"),
+    ModelSpec("swin-base-w7_simmim-100e-pre_8xb256-coslr-100e_in1k", "classification", "swin",
+              _swin("base", 224, 7, drop_path_rate=0.1), test_size=224, recipe="swin-base-finetune-224",
+              published_params=87_768_224, published_flops=15_466_852_352, top1=83.5),
+    ModelSpec("swin-base-w6_simmim-800e-pre_8xb256-coslr-100e_in1k-192px", "classification", "swin",
+              _swin("base", 224, 7, drop_path_rate=0.1), test_size=224, recipe="swin-base-finetune-224",
+              published_params=87_768_224, published_flops=15_466_852_352, top1=83.8,
+              weights=MMPRE_B800 + "swin-base_ft-8xb256-coslr-100e_in1k-224/"
+              "swin-base_ft-8xb256-coslr-100e_in1k-224_20221208-155cc6e6.pth",
+              notes="despite its name a 224 px, window 7 model: its config, figures and weights are 224/w7"),
+    ModelSpec("swin-large-w14_simmim-800e-pre_8xb256-coslr-100e_in1k", "classification", "swin",
+              _swin("large", 224, 14, drop_path_rate=0.2, pad_small_map=True), test_size=224,
+              recipe="swin-large-finetune-224", published_params=196_848_316, published_flops=38_853_083_136,
+              top1=84.8, weights=MMPRE_L800 + "swin-large_ft-8xb256-coslr-ws14-100e_in1k-224/"
+              "swin-large_ft-8xb256-coslr-ws14-100e_in1k-224_20220916-d4865790.pth",
+              notes="pad_small_map: stage 4 keeps window 14 on its 7x7 map"),
+    # the official microsoft/SimMIM release
+    ModelSpec("simmim_pretrain__swin_base__img192_window6__100ep", "pretrain", "swin",
+              _swin("base", 192, 6, drop_path_rate=0.0), recipe="swin-base-pretrain-100e", source="official",
+              notes=OFFICIAL_NOTE),
+    ModelSpec("simmim_finetune__swin_base__img192_window6__100ep", "classification", "swin",
+              _swin("base", 192, 6, drop_path_rate=0.1), test_size=192, recipe="swin-base-finetune-192",
+              top1=82.8, source="official", notes=OFFICIAL_NOTE),
+    ModelSpec("simmim_finetune__swin_base__img224_window7__100ep", "classification", "swin",
+              _swin("base", 224, 7, drop_path_rate=0.1), test_size=224, recipe="swin-base-finetune-224",
+              top1=83.5, source="official", notes=OFFICIAL_NOTE),
+    ModelSpec("simmim_pretrain__swin_base__img192_window6__800ep", "pretrain", "swin",
+              _swin("base", 192, 6, drop_path_rate=0.0), recipe="swin-base-pretrain-800e", source="official",
+              notes=OFFICIAL_NOTE),
+    ModelSpec("simmim_finetune__swin_base__img224_window7__800ep", "classification", "swin",
+              _swin("base", 224, 7, drop_path_rate=0.1), test_size=224, recipe="swin-base-800e-finetune-224",
+              top1=84.0, source="official", notes=OFFICIAL_NOTE),
+    ModelSpec("simmim_pretrain__swin_large__img192_window12__800ep", "pretrain", "swin",
+              _swin("large", 192, 12, drop_path_rate=0.0), recipe="swin-large-pretrain-800e", source="official",
+              notes=OFFICIAL_NOTE + "; stage 4 clamps the window to 6"),
+    ModelSpec("simmim_finetune__swin_large__img224_window14__800ep", "classification", "swin",
+              _swin("large", 224, 14, drop_path_rate=0.2), test_size=224, recipe="swin-large-finetune-224",
+              top1=85.4, source="official", notes=OFFICIAL_NOTE + "; stage 4 clamps the window to 7"),
+    ModelSpec("simmim_pretrain__vit_base__img224__800ep", "pretrain", "vit",
+              _vit(224, drop_path_rate=0.1, **VIT_PRETRAIN), recipe="vit-base-pretrain-800e", source="official",
+              notes=OFFICIAL_NOTE),
+    ModelSpec("simmim_finetune__vit_base__img224__800ep", "classification", "vit",
+              _vit(224, drop_path_rate=0.1, **VIT_FINETUNE), test_size=224, recipe="vit-base-finetune-224",
+              top1=83.8, source="official", notes=OFFICIAL_NOTE),
+    # unpublished sizes, for benchmarks and small machines
+    ModelSpec("simmim_swin-tiny-w6_in1k-192px", "pretrain", "swin", _swin("tiny", 192, 6, drop_path_rate=0.0),
+              source="simmim", notes="Swin-T with the Swin-B pretraining recipe"),
+    ModelSpec("simmim_swin-small-w6_in1k-192px", "pretrain", "swin", _swin("small", 192, 6, drop_path_rate=0.0),
+              source="simmim", notes="Swin-S with the Swin-B pretraining recipe"),
+    # tiny variants for tests: same code paths, seconds on a CPU
+    ModelSpec("simmim_swin-nano_test-64px", "pretrain", "swin", _swin("nano", 64, 4, drop_path_rate=0.0),
+              source="simmim", notes="test-sized"),
+    ModelSpec("swin-nano_test-64px", "classification", "swin", _swin("nano", 64, 4, drop_path_rate=0.1),
+              test_size=64, num_classes=10, source="simmim", notes="test-sized"),
+    ModelSpec("simmim_vit-nano_test-64px", "pretrain", "vit",
+              dict(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.1,
+                   **VIT_PRETRAIN), source="simmim", notes="test-sized"),
+    ModelSpec("vit-nano_test-64px", "classification", "vit",
+              dict(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.1,
+                   **VIT_FINETUNE), test_size=64, num_classes=10, source="simmim", notes="test-sized"),
+)
+_BY_NAME = {spec.name.lower(): spec for spec in SPECS}
+
+
+def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
+    """Names matching a case-insensitive wildcard (a trailing `*` is implied, as in mmpretrain)."""
+    pattern = pattern.lower() if pattern.endswith("*") else pattern.lower() + "*"
+    return [s.name for s in SPECS if fnmatch.fnmatchcase(s.name.lower(), pattern) and task in (None, s.task)]
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of a published name (case-insensitive); unknown names suggest the closest ones."""
+    spec = _BY_NAME.get(name.lower())
+    if spec is None:
+        close = difflib.get_close_matches(name.lower(), _BY_NAME, n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(_BY_NAME[c].name for c in close)}?" if close else ""
+        raise KeyError(f"unknown model {name!r}{hint} (`simmim models` lists them)")
+    return spec
+
+
+def encoder_config(spec: ModelSpec, **overrides) -> SwinConfig | ViTConfig:
+    cls = SwinConfig if spec.arch == "swin" else ViTConfig
+    return cls(**{**spec.encoder, "use_mask_token": spec.task == "pretrain", **overrides})
+
+
+def build_model(spec: ModelSpec, **overrides) -> nn.Module:
+    """Builds the model of a spec with random weights. Overrides take the usual names: any encoder
+    field (img_size, embed_dim, depths, num_heads, window_size, pad_small_map, drop_path_rate, ...),
+    num_classes for classifiers, mask_patch_size / mask_ratio / loss / decoder for SimMIM."""
+    cls = SwinConfig if spec.arch == "swin" else ViTConfig
+    head_keys = SIMMIM_KEYS if spec.task == "pretrain" else CLASSIFIER_KEYS
+    allowed = {f.name for f in dataclasses.fields(cls)} | set(head_keys)
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"{spec.name}: unknown setting {key!r}{hint}")
+    head = {k: overrides.pop(k) for k in head_keys if k in overrides}
+    encoder_cls = SwinTransformer if spec.arch == "swin" else VisionTransformer
+    encoder = encoder_cls(encoder_config(spec, **overrides))
+    if spec.task == "pretrain":
+        head.setdefault("mask_patch_size", spec.mask_patch_size)
+        head.setdefault("mask_ratio", spec.mask_ratio)
+        return SimMIM(encoder, **head)
+    return Classifier(encoder, head.get("num_classes", spec.num_classes),
+                      fc_norm=getattr(encoder.cfg, "use_mean_pooling", False))
