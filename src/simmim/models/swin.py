@@ -137,7 +137,8 @@ class WindowAttention(nn.Module):
         self.num_heads, self.window = num_heads, window
         self.scale = (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
-        self.register_buffer("relative_position_index", on_default_device(relative_position_index(window, window)), persistent=False)
+        index = on_default_device(relative_position_index(window, window))
+        self.register_buffer("relative_position_index", index, persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
@@ -251,7 +252,8 @@ class SwinTransformer(nn.Module):
     def __init__(self, cfg: SwinConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_size, self.num_features, self.encoder_stride = cfg.patch_size, cfg.num_features, cfg.encoder_stride
+        self.patch_size, self.num_features = cfg.patch_size, cfg.num_features
+        self.encoder_stride = cfg.encoder_stride
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.patch_norm)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.use_mask_token else None
         grid = cfg.img_size // cfg.patch_size

@@ -92,7 +92,8 @@ class RelativePositionBias(nn.Module):
     def __init__(self, grid: int, num_heads: int):
         super().__init__()
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2 + 3, num_heads))
-        self.register_buffer("relative_position_index", on_default_device(beit_relative_position_index(grid)), persistent=False)
+        index = on_default_device(beit_relative_position_index(grid))
+        self.register_buffer("relative_position_index", index, persistent=False)
 
     def forward(self) -> torch.Tensor:
         return gather_bias(self.relative_position_bias_table, self.relative_position_index)
@@ -109,7 +110,8 @@ class Attention(nn.Module):
         self.relative_position_bias_table = None
         if grid:  # a table of its own (fine-tuning); otherwise the caller passes the shared bias
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2 + 3, num_heads))
-            self.register_buffer("relative_position_index", on_default_device(beit_relative_position_index(grid)), persistent=False)
+            index = on_default_device(beit_relative_position_index(grid))
+            self.register_buffer("relative_position_index", index, persistent=False)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)

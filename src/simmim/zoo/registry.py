@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..models import Classifier, SimMIM, SwinConfig, SwinTransformer, ViTConfig, VisionTransformer
+from ..models import Classifier, SimMIM, SwinConfig, SwinTransformer, VisionTransformer, ViTConfig
 
 MMPRETRAIN_URL = "https://download.openmmlab.com/mmselfsup/1.x/simmim/"
 

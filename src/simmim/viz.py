@@ -1,0 +1,75 @@
+"""Pictures people look at: reconstruction grids and loss curves, written as PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from .models.simmim import upsample_mask
+
+PANELS = ("original", "masked", "reconstruction", "visible + reconstruction")
+GAP = 4
+
+
+def reconstruction_panels(images: torch.Tensor, mask: torch.Tensor, reconstruction: torch.Tensor,
+                          patch_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(B, 4, 3, H, W) in [0, 1]: original | masked (grey) | reconstruction | reconstruction pasted
+    into the masked patches of the original."""
+    pixel_mask = upsample_mask(mask, images.shape[-2:], patch_size).to(images.dtype)
+    original = denormalize(images, mean, std)
+    rec = denormalize(reconstruction.to(images.dtype), mean, std)
+    masked = original * (1 - pixel_mask) + 0.5 * pixel_mask
+    pasted = original * (1 - pixel_mask) + rec * pixel_mask
+    return torch.stack([original, masked, rec, pasted], dim=1)
+
+
+def save_grid(panels: torch.Tensor, path: str | Path, titles: Sequence[str] = PANELS, scale: int = 1) -> Path:
+    """Writes (rows, cols, 3, H, W) panels in [0, 1] as one PNG with a title row."""
+    rows, cols, _, h, w = panels.shape
+    h, w = h * scale, w * scale
+    title_h = 14
+    canvas = Image.new("RGB", (cols * (w + GAP) + GAP, title_h + rows * (h + GAP) + GAP), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(titles[:cols]):
+        draw.text((GAP + c * (w + GAP), 1), title[: max(4, w // 6)], fill="black")
+    pixels = (panels.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            tile = Image.fromarray(pixels[r, c].permute(1, 2, 0).numpy())
+            if scale != 1:
+                tile = tile.resize((w, h), Image.NEAREST)
+            canvas.paste(tile, (GAP + c * (w + GAP), title_h + GAP + r * (h + GAP)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def save_curves(curves: dict[str, Sequence[float]], path: str | Path, xlabel: str = "step",
+                ylabel: str = "loss", title: str = "") -> Path:
+    """Line plot of named series as PNG (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, ys in curves.items():
+        ax.plot(np.arange(1, len(ys) + 1), ys, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Fills every parameter with noise (norm scales around 1) so that zero-initialised tables, biases
+    and tokens all matter in a comparison."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            is_norm_scale = name.endswith("weight") and "norm" in name.split(".")[-2:][0]
+            p.normal_(1.0 if is_norm_scale else 0.0, std)
+    return module

@@ -1,0 +1,185 @@
+"""The embedded datasets on the real files: Debian's Fashion-MNIST and scikit-image's photographs."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from simmim.data import fashion_mnist as fm
+from simmim.data.export import CLASS_FOLDERS, export_dataset
+from simmim.data.photos import PHOTOS, load_photo
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not fm.FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
+
+
+@pytest.fixture(scope="module")
+def fm_train() -> tuple[np.ndarray, np.ndarray]:
+    return fm.load_fashion_mnist("train", fm.FASHION_MNIST_DIR)
+
+
+@pytest.fixture(scope="module")
+def fm_test() -> tuple[np.ndarray, np.ndarray]:
+    return fm.load_fashion_mnist("test", fm.FASHION_MNIST_DIR)
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize(("split", "count"), [("fm_train", 60000), ("fm_test", 10000)])
+def test_split_sizes_shapes_and_class_balance(split, count, request):
+    images, labels = request.getfixturevalue(split)
+    assert images.shape == (count, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (count,) and labels.dtype == np.int64
+    # Fashion-MNIST is exactly balanced: 6000 per class in train, 1000 in test.
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10), [count // 10] * 10)
+    assert images.flags.writeable and 0 < images.mean() < 255
+
+
+@needs_fashion_mnist
+def test_first_labels_are_ankle_boots(fm_train, fm_test):
+    # Both official label files start with 9 (an ankle boot); checked against the raw gzip bytes.
+    assert fm_train[1][0] == 9 == fm_test[1][0]
+    assert fm.CLASSES[9] == "Ankle boot" and len(fm.CLASSES) == 10
+
+
+@needs_fashion_mnist
+def test_dataset_items_are_rgb_pil_images(fm_train):
+    ds = fm.FashionMNIST("train")
+    assert len(ds) == 60000 and ds.classes == list(fm.CLASSES)
+    image, label = ds[0]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (28, 28)
+    pixels = np.asarray(image)
+    for channel in range(3):
+        np.testing.assert_array_equal(pixels[:, :, channel], fm_train[0][0])
+    assert label == 9
+
+
+@needs_fashion_mnist
+def test_dataset_transform_and_subset(fm_train):
+    indices = [5, 17, 42]
+    ds = fm.FashionMNIST("train", transform=lambda im: torch.from_numpy(np.array(im)), indices=indices)
+    assert len(ds) == 3
+    np.testing.assert_array_equal(ds.targets, fm_train[1][indices])
+    tensor, label = ds[2]
+    assert tensor.shape == (28, 28, 3) and label == fm_train[1][42]
+    np.testing.assert_array_equal(tensor[:, :, 1].numpy(), fm_train[0][42])
+    with pytest.raises(ValueError, match="indices"):
+        fm.FashionMNIST("test", indices=[10000])
+
+
+@needs_fashion_mnist
+def test_balanced_subset(fm_train):
+    labels = fm_train[1]
+    idx = fm.balanced_subset(labels, per_class=100, seed=0)
+    assert len(idx) == 1000 and len(np.unique(idx)) == 1000
+    np.testing.assert_array_equal(np.bincount(labels[idx], minlength=10), [100] * 10)
+    np.testing.assert_array_equal(idx, fm.balanced_subset(labels, per_class=100, seed=0))
+    assert not np.array_equal(idx, fm.balanced_subset(labels, per_class=100, seed=1))
+    with pytest.raises(ValueError, match="fewer than"):
+        fm.balanced_subset(labels[:50], per_class=10, seed=0)
+
+
+def test_read_idx_round_trip(tmp_path):
+    path = tmp_path / "x-idx2.gz"
+    data = np.arange(6, dtype=">i4").reshape(2, 3)
+    path.write_bytes(
+        gzip.compress(
+            bytes([0, 0, 0x0C, 2]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + data.tobytes()
+        )
+    )
+    out = fm.read_idx(path)
+    assert out.dtype == np.int32 and out.dtype.isnative
+    np.testing.assert_array_equal(out, data)
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (b"this is not gzip at all", "not a readable gzip"),
+        (
+            gzip.compress(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + bytes(10))[:-12],
+            "not a readable gzip",
+        ),
+        (gzip.compress(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + bytes(7)), "expected 18"),
+        (gzip.compress(b"\x1f\x8b\x08\x00garbage"), "bad IDX magic"),
+        (gzip.compress(bytes([0, 0, 8, 3]) + (1).to_bytes(4, "big") * 3 + bytes(1)), "expected 2049"),
+    ],
+    ids=["not-gzip", "truncated-gzip", "short-data", "garbage-magic", "wrong-magic"],
+)
+def test_read_idx_rejects_bad_files_naming_them(tmp_path, payload, match):
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(payload)
+    with pytest.raises(ValueError, match=match) as err:
+        fm.read_idx(path, magic=fm.LABEL_MAGIC)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_folder_mentions_apt_get(tmp_path, monkeypatch):
+    monkeypatch.setenv(fm.ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as err:
+        fm.load_fashion_mnist("train")
+    assert "nowhere" in str(err.value)
+    with pytest.raises(ValueError, match="choose from"):
+        fm.load_fashion_mnist("validation")
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("astronaut", (512, 512)), ("coffee", (600, 400)), ("chelsea", (451, 300)), ("rocket", (640, 427))],
+)
+def test_known_photo_sizes(name, size):
+    photo = load_photo(name)
+    assert photo.mode == "RGB" and photo.size == size
+
+
+def test_every_photo_loads_offline_as_rgb():
+    assert len(PHOTOS) == len(set(PHOTOS)) >= 10
+    for name in PHOTOS:
+        photo = load_photo(name)
+        assert photo.mode == "RGB" and min(photo.size) >= 100, name
+    gray = np.asarray(load_photo("camera"))
+    assert (gray[:, :, 0] == gray[:, :, 2]).all()
+    with pytest.raises(ValueError, match="astronaut"):
+        load_photo("lena")
+
+
+def test_class_folders_sort_in_label_order():
+    assert list(CLASS_FOLDERS) == sorted(CLASS_FOLDERS)
+    assert CLASS_FOLDERS[0] == "00_t-shirt_top" and CLASS_FOLDERS[9] == "09_ankle_boot"
+
+
+@needs_fashion_mnist
+def test_export_fashion_mnist_reads_back_as_image_folder(tmp_path, fm_train, fm_test):
+    counts = export_dataset("fashion-mnist", tmp_path / "fm", limit_per_class=3)
+    assert counts == {"train": 30, "val": 30}
+    for split, (images, labels) in {"train": fm_train, "val": fm_test}.items():
+        folder = ImageFolder(str(tmp_path / "fm" / split))
+        assert folder.class_to_idx == {name: i for i, name in enumerate(CLASS_FOLDERS)}
+        assert len(folder) == 30
+        np.testing.assert_array_equal(np.bincount(folder.targets), [3] * 10)
+        for label in range(10):
+            sources = np.flatnonzero(labels == label)[:3]
+            samples = [path for path, target in folder.samples if target == label]
+            for path, src in zip(samples, sources, strict=True):
+                rgb = np.asarray(folder.loader(path))
+                for channel in range(3):
+                    np.testing.assert_array_equal(rgb[:, :, channel], images[src])
+    with pytest.raises(FileExistsError):
+        export_dataset("fashion-mnist", tmp_path / "fm", limit_per_class=1)
+
+
+def test_export_photos_and_unknown_name(tmp_path):
+    counts = export_dataset("photos", tmp_path / "photos", limit_per_class=2)
+    assert counts == {"unlabeled": 2}
+    written = sorted(p.name for p in (tmp_path / "photos").iterdir())
+    assert written == sorted(f"{name}.png" for name in PHOTOS[:2])
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "photos" / f"{PHOTOS[0]}.png")), np.asarray(load_photo(PHOTOS[0]))
+    )
+    with pytest.raises(ValueError, match="fashion-mnist, photos"):
+        export_dataset("cifar10", tmp_path / "other")
