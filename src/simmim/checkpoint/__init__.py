@@ -1,0 +1,1 @@
+"""Checkpoint files: safe loading, atomic saving, format conversion and position-table resampling."""
