@@ -7,7 +7,7 @@ import safetensors.torch
 import torch
 from conftest import randomize_
 
-from simmim.checkpoint.formats import HF_SWIN
+from simmim.checkpoint.formats import HF as HF_SWIN
 from simmim.models import Classifier, SimMIM, SwinConfig, SwinTransformer, VisionTransformer, ViTConfig
 
 transformers = pytest.importorskip("transformers")

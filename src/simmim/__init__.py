@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from torch import nn
-
-from .zoo import build_model, get_spec, list_models
+from .zoo import list_models
+from .zoo.hub import get_model
 
 __version__ = "0.1.0"
-__all__ = ["get_model", "list_models", "__version__"]
+__all__ = ["get_model", "inference_model", "list_models", "__version__"]
 
 
-def get_model(name: str, pretrained: bool | str = False, **overrides) -> nn.Module:
-    """Builds a named model (see `list_models`) with optional hyperparameter overrides."""
-    if pretrained:
-        raise NotImplementedError("loading weights is not available yet")
-    return build_model(get_spec(name), **overrides)
+def __getattr__(name: str):
+    if name == "inference_model":  # imported on use: it pulls in the image stack and timm
+        from .inference import inference_model
+
+        return inference_model
+    raise AttributeError(f"module 'simmim' has no attribute {name!r}")

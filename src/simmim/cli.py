@@ -1,4 +1,4 @@
-"""The `simmim` command."""
+"""The `simmim` command: one subcommand per job, errors as one line with exit status 2."""
 
 from __future__ import annotations
 
@@ -28,6 +28,65 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, steps=args.steps)
 
 
+def _load(args: argparse.Namespace):
+    from pathlib import Path
+
+    from .zoo.hub import get_model
+
+    return get_model(args.model, pretrained=args.weights or not Path(args.model).is_dir())
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .inference import class_names, inference_model
+
+    model = _load(args)
+    if not hasattr(model, "num_classes"):
+        raise ValueError(f"{args.model} is a pretraining model: use `simmim reconstruct` for it")
+    names = class_names(model)
+    for image, result in zip(args.images, inference_model(model, list(args.images)), strict=True):
+        top = result["pred_scores"].argsort()[::-1][: args.topk]
+        print(image)
+        for rank, label in enumerate(top, 1):
+            print(f"  {rank}. {result['pred_scores'][label]:.4f}  {label:4d}  {names[label]}")
+
+
+def _reconstruct(args: argparse.Namespace) -> None:
+    import torch
+    from torchvision.transforms.functional import to_tensor
+
+    from .inference import inference_model
+    from .viz import save_grid
+
+    model = _load(args)
+    if hasattr(model, "num_classes"):
+        raise ValueError(f"{args.model} is a classifier: reconstructions need a pretraining model")
+    result = inference_model(model, args.image, seed=args.seed)
+    panels = torch.stack([to_tensor(result[k]) for k in ("original", "masked", "reconstruction", "pasted")])
+    path = save_grid(panels.unsqueeze(0), args.out, scale=args.scale)
+    print(f"masked-pixel L1 {result['loss']:.4f}; wrote {path}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .checkpoint.convert import convert
+
+    src, dst = convert(args.src, args.dst, args.to)
+    print(f"{args.src} ({src}) -> {args.dst} ({dst})")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .zoo.hub import export, get_model
+
+    model = get_model(args.model, pretrained=args.checkpoint)
+    print(f"wrote {export(model, args.out_dir, name=args.model)}")
+
+
+def _export_dataset(args: argparse.Namespace) -> None:
+    from .data.export import export_dataset
+
+    counts = export_dataset(args.name, args.out_dir, limit_per_class=args.limit_per_class, verbose=True)
+    print(f"wrote {args.out_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simmim", description="SimMIM masked image modeling")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -42,6 +101,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report")
     p.add_argument("--steps", type=int, default=300)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("predict", help="classify images")
+    p.add_argument("model", help="zoo name or exported directory")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--weights", help="checkpoint of any supported format (default: the published weights)")
+    p.add_argument("--topk", type=int, default=5)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("reconstruct", help="picture of a pretraining model's reconstruction of a masked image")
+    p.add_argument("model", help="zoo name or exported directory")
+    p.add_argument("image")
+    p.add_argument("--out", default="reconstruction.png")
+    p.add_argument("--weights", help="checkpoint of any supported format (default: the published weights)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
+    p.add_argument("--scale", type=int, default=1, help="enlarge the panels this many times")
+    p.set_defaults(func=_reconstruct)
+
+    p = sub.add_parser("convert", help="rewrite a checkpoint in another format")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", default="simmim", choices=["official", "mmpretrain", "hf", "simmim"])
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("export", help="write model.safetensors + config.json for a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--model", required=True, help="zoo name of the checkpoint's architecture")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("export-dataset", help="write a built-in dataset as an ImageFolder tree")
+    p.add_argument("name", choices=["fashion-mnist", "photos"])
+    p.add_argument("out_dir")
+    p.add_argument("--limit-per-class", type=int)
+    p.set_defaults(func=_export_dataset)
     return parser
 
 
@@ -49,14 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError) as err:
+    except BrokenPipeError:  # output piped into `head`
+        sys.stderr.close()
+    except (ValueError, KeyError, TypeError, OSError) as err:
         if args.debug:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"simmim: error: {message}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # output piped into `head`
-        sys.stderr.close()
     return 0
 
 

@@ -54,7 +54,7 @@ class SimMIM(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.patch_size, self.encoder_stride = encoder.patch_size, encoder.encoder_stride
-        self.loss_kind = loss
+        self.loss_kind, self.decoder_kind = loss, decoder
         self.mask_generator = MaskGenerator(encoder.cfg.img_size, mask_patch_size, encoder.patch_size, mask_ratio)
         out = self.encoder_stride**2 * in_chans
         dim = encoder.num_features

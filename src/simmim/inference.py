@@ -1,0 +1,96 @@
+"""`inference_model`, as mmpretrain documents it, plus reconstructions for pretraining models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .data.transforms import eval_transform
+from .models import SimMIM
+from .viz import reconstruction_panels
+from .zoo.hub import get_model
+
+ImageLike = str | Path | Image.Image | np.ndarray
+
+
+@lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k class descriptions in label order (shipped with timm)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return tuple(info.index_to_description(i) for i in range(info.num_classes()))
+
+
+def class_names(model: nn.Module) -> Sequence[str]:
+    """The model's own class names, ImageNet's for 1000 classes, else the label numbers."""
+    if getattr(model, "classes", None):
+        return model.classes
+    return imagenet_classes() if model.num_classes == 1000 else [str(i) for i in range(model.num_classes)]
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """A path, PIL image or HxW[xC] uint8 array as an RGB PIL image."""
+    if isinstance(image, str | Path):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, SyntaxError) as err:
+            raise ValueError(f"{path}: cannot read the image ({err})") from None
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(f"array image of dtype {image.dtype} and shape {image.shape}: expected HxW or HxWxC uint8")
+        return Image.fromarray(image).convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    raise TypeError(f"cannot read an image from a {type(image).__name__}; expected a path, PIL image or array")
+
+
+def _to_pil(t: torch.Tensor) -> Image.Image:
+    return Image.fromarray((t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+
+
+@torch.no_grad()
+def inference_model(model: str | Path | nn.Module, images: ImageLike | Sequence[ImageLike],
+                    weights: str | Path | None = None, device: str | torch.device = "cpu",
+                    seed: int = 0) -> dict | list[dict]:
+    """Classifies images (or, for a pretraining model, reconstructs a randomly masked copy).
+
+    `model` is a zoo name (published weights are downloaded unless `weights` names a file), an
+    exported directory, or a model. A single image gives a dict, a list gives a list of dicts:
+    classifiers: pred_label, pred_score, pred_class, pred_scores (all class probabilities);
+    pretraining models: loss, mask (h x w, 1 = masked) and PIL images original / masked /
+    reconstruction / pasted (reconstruction inside the masked patches, the original elsewhere)."""
+    if not isinstance(model, nn.Module):
+        model = get_model(model, pretrained=weights or not Path(model).is_dir())
+    model = model.to(device).eval()
+    single = not isinstance(images, list | tuple)
+    pil = [load_image(img) for img in ([images] if single else images)]
+    transform = eval_transform(model.encoder.cfg.img_size)
+    batch = torch.stack([transform(img) for img in pil]).to(device)
+    if isinstance(model, SimMIM):
+        results = _reconstruct(model, batch, np.random.default_rng(seed))
+    else:
+        names = class_names(model)
+        scores = model(batch).float().softmax(-1).cpu()
+        results = [{"pred_label": int(s.argmax()), "pred_score": float(s.max()), "pred_class": names[int(s.argmax())],
+                    "pred_scores": s.numpy()} for s in scores]
+    return results[0] if single else results
+
+
+def _reconstruct(model: SimMIM, batch: torch.Tensor, rng: np.random.Generator) -> list[dict]:
+    mask = model.random_mask(len(batch), rng).to(batch.device)
+    out = model(batch, mask)
+    panels = reconstruction_panels(batch, mask, out.reconstruction, model.patch_size)
+    keys = ("original", "masked", "reconstruction", "pasted")
+    return [{"loss": float(out.loss), "mask": m.cpu().numpy(),
+             **{k: _to_pil(p) for k, p in zip(keys, row, strict=True)}} for m, row in zip(mask, panels, strict=True)]

@@ -1,0 +1,117 @@
+"""Weights: download and cache the published files, export and load self-describing directories."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from torch import nn
+
+from ..checkpoint.io import atomic_save_safetensors, check_hash_in_name
+from ..checkpoint.transfer import load_weights
+from ..models import Classifier, SimMIM
+from .registry import SPECS, build_model, get_spec
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live: $SIMMIM_CACHE, else ~/.cache/simmim."""
+    return Path(os.environ.get("SIMMIM_CACHE", Path.home() / ".cache" / "simmim"))
+
+
+def download(url: str, cache: Path | None = None) -> Path:
+    """The cached copy of `url`, downloaded on first use and checked against the hash in its name."""
+    cache = cache or cache_dir()
+    target = cache / Path(urllib.request.url2pathname(url.rsplit("/", 1)[-1]))
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {url} -> {target}")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, \
+                    tempfile.NamedTemporaryFile(dir=cache, delete=False) as tmp:
+                shutil.copyfileobj(response, tmp)
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConnectionError(f"could not download {url} ({reason}); fetch it on a connected machine and pass "
+                                  f"pretrained=PATH (or put it in {cache})") from None
+        os.replace(tmp.name, target)
+    check_hash_in_name(target)
+    return target
+
+
+def model_config(model: nn.Module, name: str | None = None, classes: list[str] | None = None) -> dict:
+    """Plain-data description from which `build_from_config` rebuilds the same architecture."""
+    if not isinstance(model, SimMIM | Classifier):
+        raise TypeError(f"cannot describe a {type(model).__name__}; expected a SimMIM or Classifier model")
+    encoder = dataclasses.asdict(model.encoder.cfg)
+    config = {"name": name, "arch": "swin" if "depths" in encoder else "vit", "encoder": encoder}
+    if isinstance(model, SimMIM):
+        config.update(task="pretrain", mask_patch_size=model.mask_generator.mask_patch_size,
+                      mask_ratio=model.mask_generator.mask_ratio, loss=model.loss_kind, decoder=model.decoder_kind)
+    else:
+        config.update(task="classification", num_classes=model.num_classes, classes=classes)
+    return config
+
+
+def build_from_config(config: dict) -> nn.Module:
+    """Inverse of `model_config` (random weights)."""
+    spec = get_spec(config["name"]) if config.get("name") else None
+    head = ("mask_patch_size", "mask_ratio", "loss", "decoder") if config["task"] == "pretrain" else ("num_classes",)
+    if spec is None:  # a model outside the zoo: any zoo entry of the same arch and task is a template
+        spec = next(s for s in SPECS if (s.arch, s.task) == (config["arch"], config["task"]))
+    overrides = {k: v for k, v in config["encoder"].items() if k != "use_mask_token"}
+    model = build_model(spec, **overrides, **{k: config[k] for k in head if config.get(k) is not None})
+    if config.get("classes"):
+        model.classes = list(config["classes"])
+    return model
+
+
+def export(model: nn.Module, out_dir: str | Path, name: str | None = None, classes: list[str] | None = None) -> Path:
+    """Writes `model.safetensors` (our layout) and `config.json` to out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_save_safetensors(state, out / WEIGHTS_FILE, metadata={"format": "simmim"})
+    (out / CONFIG_FILE).write_text(json.dumps(model_config(model, name, classes), indent=2) + "\n")
+    return out
+
+
+def load_directory(path: str | Path) -> nn.Module:
+    """A model exported with `export`."""
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not an exported model: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        config = json.loads(config_file.read_text())
+        model = build_from_config(config)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{config_file}: not a simmim model config ({err})") from None
+    load_weights(model, path / WEIGHTS_FILE)
+    return model
+
+
+def get_model(name: str | Path, pretrained: bool | str | Path = False, **overrides) -> nn.Module:
+    """A zoo model by name (case-insensitive) or an exported directory, in eval mode.
+    pretrained=True downloads the published weights (cached), a path loads a checkpoint of any
+    supported format (official, mmpretrain, HF, ours), adapting windows as needed."""
+    if Path(name).is_dir():
+        return load_directory(name).eval()
+    spec = get_spec(str(name))
+    model = build_model(spec, **overrides)
+    if pretrained is True:
+        if spec.weights is None:
+            raise ValueError(f"{spec.name} has no downloadable weights ({spec.notes or 'none were released'}); "
+                             "pass pretrained=PATH to a local file")
+        pretrained = download(spec.weights)
+    if pretrained:
+        report = load_weights(model, pretrained)
+        print(f"{spec.name}: {report.summary()}")
+    return model.eval()
