@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=_models)
 
+    from .engine import add_commands
+
+    add_commands(sub)  # pretrain, finetune, evaluate
+
     p = sub.add_parser("demo", help="the main job: a short pretraining with a reconstruction PNG")
     p.add_argument("--out", default="report")
     p.add_argument("--steps", type=int, default=300)

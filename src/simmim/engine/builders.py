@@ -1,0 +1,112 @@
+"""A run's model, datasets, transforms and loaders, built from its config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.data import create_transform
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import AugmentConfig, TrainConfig
+from ..data.datasets import EpochSampler, SeededSamples, image_files, image_folder, loader_settings
+from ..data.fashion_mnist import FashionMNIST, balanced_subset
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..zoo import build_model, get_spec
+from .distributed import DistEnv
+
+FASHION_MNIST = "fashion-mnist"
+
+
+def img_size(cfg: TrainConfig) -> int:
+    return cfg.model.img_size or get_spec(cfg.model.name).img_size
+
+
+def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
+    """The pure model of a run (SimMIM or Classifier) with random weights."""
+    m = cfg.model
+    overrides = {k: v for k, v in (("img_size", m.img_size), ("window_size", m.window_size),
+                                   ("drop_path_rate", m.drop_path_rate)) if v is not None}
+    if cfg.runtime.activation_checkpointing:
+        overrides["use_checkpoint"] = True
+    if cfg.task == "pretrain":
+        overrides.update(mask_patch_size=cfg.mask.patch_size, mask_ratio=cfg.mask.ratio)
+    else:
+        overrides["num_classes"] = num_classes
+    try:
+        return build_model(get_spec(m.name), **overrides)
+    except TypeError as err:  # a setting the architecture does not have, e.g. window_size for a ViT
+        raise ValueError(f"model: {err}") from None
+
+
+def train_transform(aug: AugmentConfig, size: int) -> Callable:
+    """timm's ImageNet training transform: RandomResizedCrop + flip (+ RandAugment, color jitter,
+    random erasing), normalized with the ImageNet mean and std."""
+    return create_transform(size, is_training=True, scale=aug.crop_scale, ratio=aug.crop_ratio, hflip=aug.hflip,
+                            color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment,
+                            interpolation=aug.interpolation, re_prob=aug.reprob, re_mode=aug.remode,
+                            re_count=aug.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def unlabelled_source(path: str) -> Dataset:
+    """Pretraining images: Fashion-MNIST's train split, DIR/train if there is one, else every image
+    below DIR, or the images of a list file."""
+    if path == FASHION_MNIST:
+        return FashionMNIST("train")
+    root = Path(path)
+    return image_files(root / "train" if (root / "train").is_dir() else root)
+
+
+def labelled_source(path: str, split: str, labels_per_class: int | None = None, seed: int = 0) -> Dataset:
+    """Classification images of a split ('train' or 'val'): Fashion-MNIST (its test split as 'val') or
+    DIR/<split>/<class>/*; optionally a balanced subset of `labels_per_class` images per class."""
+    if path == FASHION_MNIST:
+        fm_split = "train" if split == "train" else "test"
+        dataset = FashionMNIST(fm_split)
+        if labels_per_class:
+            dataset = FashionMNIST(fm_split, indices=balanced_subset(dataset.targets, labels_per_class, seed))
+        return dataset
+    root = Path(path) / split
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path: {root} not found; expected {path}/{split}/<class>/<images> "
+                                "(or --data fashion-mnist)")
+    dataset = image_folder(root)
+    if labels_per_class:
+        dataset = dataset.subset(balanced_subset(np.asarray(dataset.targets), labels_per_class, seed).tolist())
+    return dataset
+
+
+def eval_source(path: str) -> Dataset:
+    """Images to evaluate on: Fashion-MNIST's test split, DIR/val if there is one, else DIR itself."""
+    if path == FASHION_MNIST:
+        return FashionMNIST("test")
+    root = Path(path)
+    return image_folder(root / "val" if (root / "val").is_dir() else root)
+
+
+def train_loader(dataset: SeededSamples, collate: Callable, cfg: TrainConfig, env: DistEnv
+                 ) -> tuple[DataLoader, EpochSampler]:
+    """This rank's training loader; the sampler decides order, shards, resume position and seeds."""
+    sampler = EpochSampler(len(dataset), cfg.data.batch_size, env.rank, env.world_size, cfg.runtime.seed,
+                           shuffle=True, batch_multiple=cfg.optim.accumulation_steps)
+    if sampler.batches == 0:
+        need = cfg.data.batch_size * env.world_size * cfg.optim.accumulation_steps
+        raise ValueError(f"data.path: {len(dataset)} images are fewer than one step of {need} "
+                         "(data.batch_size x processes x optim.accumulation_steps)")
+    # the loader gets a generator of its own, so creating an iterator never draws from the global
+    # stream (a resumed run would otherwise draw at another point than the uninterrupted one)
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate,
+                        generator=torch.Generator(), **loader_settings(cfg.data.num_workers, env.device,
+                                                                     env.local_world_size))
+    return loader, sampler
+
+
+def eval_loader(dataset: SeededSamples, collate: Callable, batch_size: int, env: DistEnv,
+                num_workers: int | None) -> tuple[DataLoader, EpochSampler]:
+    sampler = EpochSampler(len(dataset), batch_size, env.rank, env.world_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                        **loader_settings(num_workers, env.device, env.local_world_size))
+    return loader, sampler

@@ -1,0 +1,76 @@
+"""Top-1 / top-5 accuracy and cross-entropy of a classifier on a labelled image set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import TrainConfig
+from ..data.datasets import EpochSampler, SeededSamples, collate_labelled
+from ..data.transforms import eval_transform
+from . import checkpointing
+from .builders import build_network, eval_loader, eval_source
+from .distributed import DistEnv, all_reduce_sum, setup, teardown
+from .parallelize import autocast, resolve_precision
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader: DataLoader, sampler: EpochSampler, env: DistEnv,
+                    precision: str = "fp32") -> dict[str, float]:
+    """Exact metrics over the whole set, however it is sharded: padding samples of the last shards
+    are run (every rank must, under FSDP) but not counted."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # top-1 hits, top-5 hits, loss sum, count
+    seen = 0
+    for images, targets, _ in loader:
+        with autocast(precision, env.device):
+            logits = model(images.to(env.device, non_blocking=True))
+        take = max(min(len(targets), sampler.real_count - seen), 0)
+        seen += len(targets)
+        logits, targets = logits[:take].float(), targets[:take].to(env.device)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+        totals += torch.stack([top[:, 0].sum(), top.any(dim=1).sum(),
+                               F.cross_entropy(logits, targets, reduction="sum"),
+                               torch.tensor(take, device=env.device)]).double()
+    model.train(was_training)
+    top1, top5, loss, count = all_reduce_sum(totals, env).tolist()
+    n = max(count, 1)
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n, "images": int(count)}
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig]:
+    """The fine-tuned classifier of a simmim training checkpoint, and its run's config."""
+    state = checkpointing.load(path)
+    cfg = TrainConfig.from_dict(state["config"])
+    if cfg.task != "finetune":
+        raise ValueError(f"{path} is a {cfg.task} checkpoint; evaluate needs a fine-tuned classifier")
+    model = build_network(cfg, num_classes=state["model"]["head.weight"].shape[0])
+    model.load_state_dict(state["model"])
+    return model, cfg
+
+
+def evaluate(checkpoint_or_model: str | Path | nn.Module, data: str, batch_size: int = 64, device: str = "auto",
+             num_workers: int | None = None) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy of a classifier (a fine-tuning checkpoint or
+    a model) on `data`: DIR/val (or DIR itself) with one folder per class, or 'fashion-mnist' (its
+    test split). Images are resized to size x 256/224 and center-cropped."""
+    env = setup(device)
+    try:
+        if isinstance(checkpoint_or_model, nn.Module):
+            model, precision = checkpoint_or_model, resolve_precision("auto", env.device)
+        else:
+            model, cfg = load_classifier(checkpoint_or_model)
+            precision = resolve_precision(cfg.runtime.precision, env.device)
+        source = eval_source(data)
+        if len(source.classes) != model.num_classes:
+            raise ValueError(f"{data} has {len(source.classes)} classes, the classifier {model.num_classes}")
+        dataset = SeededSamples(source, eval_transform(model.encoder.cfg.img_size))
+        loader, sampler = eval_loader(dataset, collate_labelled, batch_size, env, num_workers)
+        return evaluate_loader(model.to(env.device), loader, sampler, env, precision)
+    finally:
+        teardown(env)

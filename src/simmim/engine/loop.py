@@ -1,0 +1,338 @@
+"""The one training loop, for pretraining and fine-tuning, from one CPU process to many GPUs.
+
+A `Task` supplies what differs (data, model, loss, what happens after an epoch); `Run` does the rest:
+process group, wrapping, AdamW with the per-iteration schedule, gradient accumulation, mixed
+precision, skipping non-finite steps, logging, checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..config import TrainConfig
+from ..data.datasets import derive_seed
+from . import checkpointing
+from .builders import train_loader
+from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, setup, teardown
+from .logging import Progress, RunLogger, format_duration
+from .optim import LRSchedule, build_optimizer, group_table, scale_lrs
+from .parallelize import autocast, grad_scaler, gradient_sync, parallelize, resolve_precision
+
+SKIPPED_FILES = "skipped_files.txt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss."""
+
+
+class Task(Protocol):
+    """What differs between pretraining and fine-tuning."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, log: RunLogger) -> None: ...
+
+    def build_model(self, resuming: bool) -> nn.Module:
+        """The pure model (pretrained weights loaded unless the run resumes)."""
+
+    def train_dataset(self, model: nn.Module) -> Dataset: ...
+
+    def collate(self, model: nn.Module) -> Callable: ...
+
+    def loss(self, model: nn.Module, images: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of a batch; `second` is the masks (pretraining) or the targets (fine-tuning)."""
+
+    def end_epoch(self, run: Run, epoch: int) -> dict[str, float]:
+        """Evaluation or pictures after an epoch; metrics to record."""
+
+    def finish(self, run: Run, seconds: float) -> dict[str, float]:
+        """Final pictures and summary after `seconds` of training; the run's headline metrics."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    checkpoint: Path | None
+    """The last checkpoint written."""
+    epochs: int
+    steps: int
+    seconds: float
+    images_per_second: float
+    """Images per second of all processes together, over this session's wall time (evaluation and
+    checkpoints included)."""
+    skipped_steps: int
+    """Optimizer steps skipped for a non-finite loss."""
+    skipped_files: list[str]
+    """Images that could not be decoded (also in RUN_DIR/skipped_files.txt)."""
+    metrics: dict[str, float]
+
+
+@dataclass
+class Position:
+    """Where a run is: the epoch, its next micro-batch and the optimizer steps done so far."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+def default_run_dir(cfg: TrainConfig) -> str:
+    name = cfg.preset or cfg.model.name
+    return str(Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}")
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def train(cfg: TrainConfig, task_cls: type[Task]) -> RunResult:
+    """Runs (or resumes) a training run in this process, joining torchrun's process group if any."""
+    env = setup(cfg.runtime.device)
+    try:
+        run = Run(cfg, env, task_cls)
+        try:
+            return run.fit()
+        finally:
+            run.log.close()
+    finally:
+        teardown(env)
+
+
+class Run:
+    """The state of one training run in one process."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, task_cls: type[Task]):
+        run_dir = Path(broadcast_object(cfg.out_dir or default_run_dir(cfg), env))  # one timestamp for all
+        self.cfg = cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
+        self.env, self.run_dir = env, run_dir
+        self.log = RunLogger(run_dir, env.is_main, cfg.runtime.tensorboard)
+        resume = checkpointing.resume_path(cfg.checkpoint.resume, run_dir)
+        if cfg.checkpoint.resume == "auto" and resume is None:
+            self.log.print(f"no checkpoint in {run_dir} yet: starting from scratch")
+
+        seed_all(cfg.runtime.seed)  # the same initial weights on every rank and for every world size
+        self.task = task_cls(cfg, env, self.log)  # reads the data: a wrong path fails before anything is written
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        barrier(env)
+        self.model = self.task.build_model(resuming=resume is not None)
+        self.dataset = self.task.train_dataset(self.model)
+        self.loader, self.sampler = train_loader(self.dataset, self.task.collate(self.model), cfg, env)
+        self.precision = resolve_precision(cfg.runtime.precision, env.device)
+        self.wrapped = parallelize(self.model, env, cfg.runtime.parallel, cfg.runtime.compile)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scaler = grad_scaler(self.precision, env.device, sharded=cfg.runtime.parallel == "fsdp")
+        self.accumulation = cfg.optim.accumulation_steps
+        self.steps_per_epoch = self.sampler.batches // self.accumulation
+        self.scaled = scale_lrs(cfg.optim, cfg.data.batch_size, env.world_size)
+        self.schedule = LRSchedule.from_config(self.scaled, cfg.schedule, self.steps_per_epoch)
+        self.pos = Position()
+        self.bad_steps = self.bad_in_a_row = 0
+        self.skipped_files: set[str] = set()
+        self.last_checkpoint: Path | None = None
+        self.loss_sum = torch.zeros(2, device=env.device)  # finite step losses and their count since the last line
+        self.last_loss = float("nan")
+        if resume is not None:
+            self.load(resume)
+        else:  # dropout, drop path and mixup differ between ranks, as in the official code
+            seed_all(derive_seed(cfg.runtime.seed, env.rank, 1))
+
+    # -- reporting ------------------------------------------------------------------------------------
+
+    def describe(self) -> None:
+        cfg, env, s = self.cfg, self.env, self.scaled
+        params = sum(p.numel() for p in self.model.parameters())
+        procs = f"{env.world_size} processes ({cfg.runtime.parallel})" if env.distributed else "1 process"
+        self.log.print(f"simmim {cfg.task}: {cfg.model.name} ({params:,} params) on {len(self.dataset):,} images "
+                       f"from {cfg.data.path} -> {self.run_dir}")
+        self.log.print(f"{procs} on {env.device.type}, {self.precision}; effective batch {s.effective_batch} = "
+                       f"{cfg.data.batch_size} per process x {env.world_size} x {self.accumulation} accumulation "
+                       f"step{'s' if self.accumulation > 1 else ''}")
+        sched = (f"cosine to {s.min_lr:.3g}" if cfg.schedule.name == "cosine" else
+                 f"x{cfg.schedule.gamma} at epochs {list(cfg.schedule.milestones)}")
+        self.log.print(f"lr {s.lr:.4g} (base {cfg.optim.lr:g} x {s.effective_batch}/{cfg.optim.lr_batch}), warmup "
+                       f"from {s.warmup_lr:.3g} over {self.schedule.warmup_steps} steps, {sched}; "
+                       f"{self.steps_per_epoch} steps/epoch x {cfg.schedule.epochs} epochs")
+        if cfg.optim.layer_decay != 1.0:
+            self.log.print(f"layer-wise lr decay {cfg.optim.layer_decay}:\n{group_table(self.optimizer)}")
+
+    def report_progress(self, epoch: int, progress: Progress, lr: float, grad_norm: torch.Tensor) -> None:
+        """Progress line and metrics record: the only place the loss is read back from the device."""
+        loss_sum, count = all_reduce_sum(self.loss_sum.clone(), self.env).tolist()
+        self.loss_sum.zero_()
+        self.last_loss = loss_sum / count if count else float("nan")
+        rate, eta = progress.tick(self.pos.step)
+        in_epoch = self.pos.batch // self.accumulation
+        memory = (f"  mem {torch.cuda.max_memory_allocated(self.env.device) / 2**30:.1f} GiB"
+                  if self.env.device.type == "cuda" else "")
+        self.log.print(f"epoch {epoch + 1}/{self.cfg.schedule.epochs}  step {in_epoch}/{self.steps_per_epoch}  "
+                       f"loss {self.last_loss:.4f}  lr {lr:.3e}  {rate:.1f} img/s  eta {format_duration(eta)}{memory}")
+        self.log.record("train", self.pos.step, epoch=epoch + 1, loss=self.last_loss, lr=lr,
+                        grad_norm=float(grad_norm), img_per_s=rate)
+
+    # -- training -------------------------------------------------------------------------------------
+
+    def fit(self) -> RunResult:
+        cfg = self.cfg
+        self.describe()
+        if self.env.is_main:
+            cfg.save(self.run_dir / "config.yaml")
+        total = cfg.schedule.epochs * self.steps_per_epoch
+        progress = Progress(total, self.scaled.effective_batch, self.pos.step)
+        start = time.perf_counter()
+        for epoch in range(self.pos.epoch, cfg.schedule.epochs):
+            self.sampler.set_epoch(epoch, self.pos.batch)
+            self.train_epoch(epoch, progress)
+            metrics = self.task.end_epoch(self, epoch)
+            self.pos = Position(epoch + 1, 0, self.pos.step)
+            if metrics:
+                self.log.record("eval", self.pos.step, epoch=epoch + 1, **metrics)
+            every = cfg.checkpoint.every_steps
+            if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.schedule.epochs or (
+                    every and self.pos.step % every == 0):
+                self.save()
+            self.write_skipped_files()
+        seconds = time.perf_counter() - start
+        metrics = self.task.finish(self, seconds)
+        self.log.record("summary", self.pos.step, seconds=round(seconds, 3), skipped_steps=self.bad_steps, **metrics)
+        final = self.last_checkpoint or checkpointing.checkpoint_path(self.run_dir, self.pos.step)
+        return RunResult(self.run_dir, final if final.exists() else None, cfg.schedule.epochs, self.pos.step,
+                         seconds, progress.images_per_second(self.pos.step), self.bad_steps,
+                         sorted(self.skipped_files), metrics)
+
+    def train_epoch(self, epoch: int, progress: Progress) -> None:
+        device, accumulation = self.env.device, self.accumulation
+        step_loss = torch.zeros((), device=device)
+        self.wrapped.train()
+        for micro, (images, second, skipped) in enumerate(self.loader, start=self.pos.batch):
+            self.skipped_files.update(skipped)
+            images, second = images.to(device, non_blocking=True), second.to(device, non_blocking=True)
+            last_micro = (micro + 1) % accumulation == 0
+            with gradient_sync(self.wrapped, enabled=last_micro):
+                with autocast(self.precision, device):
+                    loss = self.task.loss(self.wrapped, images, second)
+                scaled = loss / accumulation
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            step_loss += loss.detach().float()
+            if not last_micro:
+                continue
+            lr, grad_norm = self.optimizer_step(step_loss / accumulation, epoch)
+            step_loss = torch.zeros((), device=device)
+            self.pos = Position(epoch, micro + 1, self.pos.step + 1)
+            end_of_epoch = micro + 1 == self.sampler.batches
+            if self.pos.step % self.cfg.runtime.log_every == 0 or end_of_epoch:
+                self.report_progress(epoch, progress, lr, grad_norm)
+            every = self.cfg.checkpoint.every_steps
+            if every and self.pos.step % every == 0 and not end_of_epoch:  # the epoch's end saves after evaluating
+                self.save()
+
+    def optimizer_step(self, loss: torch.Tensor, epoch: int) -> tuple[float, torch.Tensor]:
+        """Clips and applies the accumulated gradients, unless the loss (on any rank) or, without a
+        loss scaler, the gradient norm is not finite: then the step is skipped and counted."""
+        lr = self.schedule.apply(self.optimizer, self.pos.step)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.optim.clip_grad
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else \
+            torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+        bad = all_reduce_sum((~torch.isfinite(loss)).float(), self.env) > 0
+        if self.scaler is None:  # with a scaler, inf/nan gradients are its business (fp16 overflow)
+            bad |= ~torch.isfinite(norm)
+        if bad.item():  # the one host-device sync per step: whether to step at all
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.update()
+            self.skip_step(epoch)
+            return lr, norm
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_in_a_row = 0
+        self.loss_sum += torch.stack([loss.detach(), torch.ones_like(loss)])
+        return lr, norm
+
+    def skip_step(self, epoch: int) -> None:
+        self.bad_steps += 1
+        self.bad_in_a_row += 1
+        step = self.pos.step + 1
+        self.log.print(f"epoch {epoch + 1} step {step}: non-finite loss, update skipped "
+                       f"({self.bad_in_a_row} in a row, {self.bad_steps} in all)")
+        self.log.record("skip", step, epoch=epoch + 1, in_a_row=self.bad_in_a_row, total=self.bad_steps)
+        if self.bad_in_a_row >= self.cfg.runtime.max_bad_steps:
+            last = checkpointing.list_checkpoints(self.run_dir)
+            kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"stopped after {self.bad_in_a_row} consecutive steps with a non-finite loss (epoch {epoch + 1}, "
+                f"step {step}; runtime.max_bad_steps={self.cfg.runtime.max_bad_steps}); {kept}")
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Writes a checkpoint of the current position (collective: every rank takes part); not while
+        steps are being skipped, so the newest checkpoint is always the last good one."""
+        if self.bad_in_a_row:
+            self.log.print(f"step {self.pos.step}: no checkpoint while the loss is not finite")
+            return
+        model = checkpointing.model_state(self.model)
+        optimizer = checkpointing.optimizer_state(self.model, self.optimizer)
+        rng = gather_objects(checkpointing.capture_rng(), self.env)
+        skipped = sorted(set().union(*gather_objects(self.skipped_files, self.env)))
+        if self.env.is_main:
+            state = dict(model=model, optimizer=optimizer, schedule=dataclasses.asdict(self.schedule),
+                         scaler=self.scaler.state_dict() if self.scaler else None,
+                         epoch=self.pos.epoch, batch=self.pos.batch, step=self.pos.step, rng=rng,
+                         world_size=self.env.world_size, bad_steps=self.bad_steps, skipped_files=skipped,
+                         task=self.task.state_dict(), config=self.cfg.to_dict())
+            checkpointing.save(state, self.run_dir, self.pos.step, self.cfg.checkpoint.keep)
+        self.last_checkpoint = checkpointing.checkpoint_path(self.run_dir, self.pos.step)
+        barrier(self.env)
+
+    def load(self, path: Path) -> None:
+        """Continues from a checkpoint: weights, optimizer, scaler, position, counters, RNG streams."""
+        state = checkpointing.load(path)
+        checkpointing.load_model_state(self.model, state["model"])
+        checkpointing.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.pos = Position(state["epoch"], state["batch"], state["step"])
+        self.bad_steps, self.skipped_files = state["bad_steps"], set(state["skipped_files"])
+        self.task.load_state_dict(state["task"])
+        self.last_checkpoint = Path(path)
+        if len(state["rng"]) == self.env.world_size:
+            checkpointing.restore_rng(state["rng"][self.env.rank])
+        else:
+            self.log.print(f"{path} was written by {len(state['rng'])} processes, this run has "
+                           f"{self.env.world_size}: random streams start afresh")
+            seed_all(derive_seed(self.cfg.runtime.seed, self.env.rank, self.pos.step))
+        self.log.print(f"resumed from {path} at epoch {self.pos.epoch + 1}, step {self.pos.step}")
+
+    def write_skipped_files(self) -> None:
+        """RUN_DIR/skipped_files.txt lists the images that could not be decoded (all ranks)."""
+        skipped = sorted(set().union(*gather_objects(self.skipped_files, self.env)))
+        self.skipped_files = set(skipped)
+        if skipped and self.env.is_main:
+            (self.run_dir / SKIPPED_FILES).write_text("".join(f"{p}\n" for p in skipped))
+            self.log.print(f"{len(skipped)} unreadable images skipped so far (listed in {SKIPPED_FILES})")

@@ -1,0 +1,86 @@
+"""torchrun on CPU (gloo): 2 processes with half the batch each train the same weights as 1 process.
+
+Both runs see the same samples in the same steps (the sampler's global permutation is sharded so
+the ranks' k-th batches make up the single process's k-th batch) with the same crops, flips and
+masks (drawn from per-sample seeds), so only float summation order differs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine import make_image_folder
+
+from simmim.config import load_config
+from simmim.engine import checkpointing as ckpt
+from simmim.engine import pretrain
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+LAUNCHER = """\
+import argparse
+from simmim.engine import add_commands
+parser = argparse.ArgumentParser()
+add_commands(parser.add_subparsers(dest="command", required=True))
+args = parser.parse_args()
+args.func(args)
+"""
+SETTINGS = ["data.num_workers=0", "runtime.tensorboard=false", "runtime.vis_every=0", "runtime.log_every=1",
+            "schedule.epochs=2", "schedule.warmup_epochs=1", "checkpoint.keep=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(tmp_path: Path, nproc: int, *argv: str) -> subprocess.CompletedProcess:
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), str(launcher), *argv]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The data, and the weights of one process training with a batch of 8."""
+    root = tmp_path_factory.mktemp("ddp")
+    data = make_image_folder(root / "images", train_per_class=9)  # 18 images: 2 ranks drop none, 1 step drops 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = pretrain(load_config("nano-pretrain", overrides=[
+            f"data.path={data}", f"out_dir={root / 'one'}", "data.batch_size=8", *SETTINGS]))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.steps == 4
+    return data, ckpt.load(result.checkpoint)["model"]
+
+
+@pytest.mark.parametrize(("parallel", "batch", "accumulation"), [("ddp", 4, 1), ("fsdp", 2, 2)])
+def test_two_processes_match_one_process_with_the_same_total_batch(single_process, tmp_path, parallel, batch,
+                                                                   accumulation):
+    data, expected = single_process
+    sets = [arg for s in [*SETTINGS, f"runtime.parallel={parallel}", f"optim.accumulation_steps={accumulation}"]
+            for arg in ("--set", s)]
+    run = torchrun(tmp_path, 2, "pretrain", "--preset", "nano-pretrain", "--data", str(data),
+                   "--out", str(tmp_path / "two"), "--batch-size", str(batch), *sets)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"2 processes ({parallel}) on cpu" in run.stdout
+    assert f"effective batch 8 = {batch} per process x 2 x {accumulation} accumulation" in run.stdout
+    assert "Warning" not in run.stderr, run.stderr[-3000:]
+    assert run.stdout.count("simmim pretrain:") == 1  # rank 0 alone prints
+    state = ckpt.load(tmp_path / "two" / "ckpt-00000004.pt")
+    assert len(state["rng"]) == 2 and state["world_size"] == 2
+    got = state["model"]
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
