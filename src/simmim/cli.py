@@ -76,8 +76,14 @@ def _convert(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from .zoo.hub import export, get_model
 
-    model = get_model(args.model, pretrained=args.checkpoint)
-    print(f"wrote {export(model, args.out_dir, name=args.model)}")
+    if args.model:
+        model, name = get_model(args.model, pretrained=args.checkpoint), args.model
+    else:  # a training run's checkpoint describes its own model
+        from .engine.evaluation import load_run_model
+
+        model, cfg = load_run_model(args.checkpoint)
+        name = cfg.model.name
+    print(f"wrote {export(model, args.out_dir, name=name)}")
 
 
 def _export_dataset(args: argparse.Namespace) -> None:
@@ -131,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write model.safetensors + config.json for a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
-    p.add_argument("--model", required=True, help="zoo name of the checkpoint's architecture")
+    p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("export-dataset", help="write a built-in dataset as an ImageFolder tree")

@@ -43,14 +43,21 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, sampler: EpochSampler,
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n, "images": int(count)}
 
 
-def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig]:
-    """The fine-tuned classifier of a simmim training checkpoint, and its run's config."""
+def load_run_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
+    """The model of a simmim training checkpoint (pretraining or fine-tuning), and its run's config."""
     state = checkpointing.load(path)
     cfg = TrainConfig.from_dict(state["config"])
+    num_classes = state["model"]["head.weight"].shape[0] if cfg.task == "finetune" else None
+    model = build_network(cfg, num_classes=num_classes)
+    model.load_state_dict(state["model"])
+    return model, cfg
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig]:
+    """The fine-tuned classifier of a simmim training checkpoint, and its run's config."""
+    model, cfg = load_run_model(path)
     if cfg.task != "finetune":
         raise ValueError(f"{path} is a {cfg.task} checkpoint; evaluate needs a fine-tuned classifier")
-    model = build_network(cfg, num_classes=state["model"]["head.weight"].shape[0])
-    model.load_state_dict(state["model"])
     return model, cfg
 
 
