@@ -255,6 +255,17 @@ def test_pretraining_overfits_one_batch_and_writes_its_run_folder(images, tmp_pa
     assert result.images_per_second > 0 and result.skipped_steps == 0 and not result.skipped_files
 
 
+def test_pretraining_measures_reconstruction_on_held_out_images(images, tmp_path):
+    out = tmp_path / "pretrain"
+    cfg = load_config("nano-pretrain", overrides=settings(
+        "pretrain", images, out, "schedule.epochs=8", "optim.lr=0.128", "optim.min_lr=0.0128", *NO_AUGMENT))
+    pretrain(cfg)  # trains on images/train, measures on the 6 images of images/val
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    heldout = [r["heldout_loss"] for r in records if r["kind"] == "eval"]
+    assert len(heldout) == 8
+    assert heldout[-1] < 0.8 * heldout[0], heldout
+
+
 def test_finetuning_overfits_one_batch_and_evaluate_reads_its_checkpoint(images, tmp_path):
     out = tmp_path / "finetune"
     train = images / "train"

@@ -101,9 +101,13 @@ class DataConfig(_Section):
     """Fine-tune on a balanced labelled subset of this many images per class (chosen by data.seed)."""
     seed: int = 0
     """Seed of the labelled subset."""
+    heldout_images: int = 256
+    """Pretraining: held-out images (Fashion-MNIST's test split, or DIR/val) whose masked-pixel loss is
+    measured after every epoch with fixed masks, and shown in the reconstruction grids; 0 turns it off."""
 
     def check(self) -> None:
         self.require(self.batch_size > 0, "batch_size", "a positive count")
+        self.require(self.heldout_images >= 0, "heldout_images", "a count >= 0")
         self.require(self.num_workers is None or self.num_workers >= 0, "num_workers", "a count >= 0 or none")
         self.require(self.labels_per_class is None or self.labels_per_class > 0, "labels_per_class",
                      "a positive count or none")

@@ -60,6 +60,15 @@ def unlabelled_source(path: str) -> Dataset:
     return image_files(root / "train" if (root / "train").is_dir() else root)
 
 
+def heldout_source(path: str) -> Dataset | None:
+    """Images kept out of pretraining to measure reconstruction on: Fashion-MNIST's test split or
+    DIR/val; None when there are none."""
+    if path == FASHION_MNIST:
+        return FashionMNIST("test")
+    val = Path(path) / "val"
+    return image_files(val) if val.is_dir() else None
+
+
 def labelled_source(path: str, split: str, labels_per_class: int | None = None, seed: int = 0) -> Dataset:
     """Classification images of a split ('train' or 'val'): Fashion-MNIST (its test split as 'val') or
     DIR/<split>/<class>/*; optionally a balanced subset of `labels_per_class` images per class."""

@@ -14,7 +14,7 @@ from ..data.datasets import MaskCollate, SeededSamples
 from ..data.transforms import eval_transform
 from ..models import SimMIM
 from ..viz import reconstruction_panels, save_curves, save_grid
-from .builders import build_network, img_size, train_transform, unlabelled_source
+from .builders import build_network, heldout_source, img_size, train_transform, unlabelled_source
 from .distributed import DistEnv
 from .logging import RunLogger, format_duration, read_metrics
 from .loop import Run, RunResult, train
@@ -30,6 +30,9 @@ class PretrainTask:
         self.cfg, self.env, self.log = cfg, env, log
         self.size = img_size(cfg)
         self.source = unlabelled_source(cfg.data.path)
+        heldout = heldout_source(cfg.data.path) if cfg.data.heldout_images else None
+        self.heldout = SeededSamples(heldout or self.source, eval_transform(self.size))
+        self.heldout_count = min(cfg.data.heldout_images, len(heldout)) if heldout else 0
 
     def build_model(self, resuming: bool) -> SimMIM:
         return build_network(self.cfg)
@@ -47,22 +50,43 @@ class PretrainTask:
         every, last = self.cfg.runtime.vis_every, epoch + 1 == self.cfg.schedule.epochs
         if every and ((epoch + 1) % every == 0 or last):
             self.save_reconstructions(run, epoch)
-        return {}
+        return {"heldout_loss": self.heldout_loss(run)} if self.heldout_count else {}
+
+    def fixed_batch(self, run: Run, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-out images start..start+count, center-cropped, with masks seeded by their index, so every
+        epoch (and every rank) sees the same inputs."""
+        images = torch.stack([self.heldout[i][0] for i in range(start, start + count)])
+        generator = run.model.mask_generator
+        masks = torch.stack([generator(np.random.default_rng([self.cfg.runtime.seed, i]))
+                             for i in range(start, start + count)])
+        return images, masks
 
     @torch.no_grad()
-    def save_reconstructions(self, run: Run, epoch: int) -> None:
-        """RUN_DIR/reconstructions/epoch_NNNN.png: the same center-cropped images and masks every time.
-        Every rank runs the forward pass (FSDP needs all of them); rank 0 draws."""
-        samples = SeededSamples(self.source, eval_transform(self.size))
-        images = torch.stack([samples[i][0] for i in range(min(GRID_IMAGES, len(samples)))])
-        generator = run.model.mask_generator
-        masks = torch.stack([generator(np.random.default_rng([self.cfg.runtime.seed, i])) for i in range(len(images))])
+    def forward(self, run: Run, images: torch.Tensor, masks: torch.Tensor):
+        """The model's output in eval mode (every rank runs it: FSDP needs all of them)."""
         model = unwrap_ddp(run.wrapped)
         model.eval()
         device = self.env.device
         with autocast(run.precision, device):
-            rec = model(images.to(device), masks.to(device)).reconstruction.float().cpu()
+            out = model(images.to(device), masks.to(device))
         model.train()
+        return out
+
+    def heldout_loss(self, run: Run) -> float:
+        """Mean masked-pixel loss over the held-out images, in batches of data.batch_size."""
+        total, batch = 0.0, self.cfg.data.batch_size
+        for start in range(0, self.heldout_count, batch):
+            count = min(batch, self.heldout_count - start)
+            total += float(self.forward(run, *self.fixed_batch(run, start, count)).loss) * count
+        loss = total / self.heldout_count
+        self.log.print(f"held-out masked-pixel loss {loss:.4f} ({self.heldout_count} images)")
+        return loss
+
+    def save_reconstructions(self, run: Run, epoch: int) -> None:
+        """RUN_DIR/reconstructions/epoch_NNNN.png: the same center-cropped held-out images and masks every
+        time; rank 0 draws."""
+        images, masks = self.fixed_batch(run, 0, min(GRID_IMAGES, len(self.heldout)))
+        rec = self.forward(run, images, masks).reconstruction.float().cpu()
         if self.env.is_main:
             panels = reconstruction_panels(images, masks, rec, run.model.patch_size)
             save_grid(panels, run.run_dir / "reconstructions" / f"epoch_{epoch + 1:04d}.png", scale=2)
