@@ -469,3 +469,19 @@ def test_command_errors_are_one_line(argv, message, tmp_path):
         cli(*[tmp_path / "run" if a == "RUN" else a for a in argv])
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+def test_randaugment_posterize_to_zero_bits_works_on_current_pillow():
+    from timm.data import auto_augment
+
+    from simmim.data.transforms import patch_posterize
+    from simmim.engine.builders import train_transform
+
+    transform = train_transform(load_config("nano-finetune").augment, 64)
+    ops = [op for t in transform.transforms for op in getattr(t, "ops", ())]
+    posterize = [op for op in ops if op.name == "PosterizeIncreasing"]
+    assert posterize and all(op.aug_fn is not auto_augment.posterize for op in posterize)
+    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    assert np.asarray(posterize[0].aug_fn(image, 0)).max() == 0  # no bit kept: black, as older Pillow gave
+    assert np.asarray(posterize[0].aug_fn(image, 2)).max() == 192
+    assert patch_posterize(transform) is transform

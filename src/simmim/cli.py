@@ -23,9 +23,12 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from pathlib import Path
 
-    run_demo(args.out, steps=args.steps)
+    from .demo import DemoSettings, run_demo
+
+    run_demo(DemoSettings(Path(args.out), args.seed, args.labels_per_class, args.pretrain_epochs,
+                          args.finetune_epochs, args.precision, tuple(args.set)))
 
 
 def _load(args: argparse.Namespace):
@@ -107,9 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)  # pretrain, finetune, evaluate
 
-    p = sub.add_parser("demo", help="the main job: a short pretraining with a reconstruction PNG")
-    p.add_argument("--out", default="report")
-    p.add_argument("--steps", type=int, default=300)
+    p = sub.add_parser("demo", help="the main job: SimMIM vs from-scratch on Fashion-MNIST, with a report")
+    p.add_argument("--out", default="report", help="report folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labels-per-class", type=int, default=100)
+    p.add_argument("--pretrain-epochs", type=int, help="default: the preset's")
+    p.add_argument("--finetune-epochs", type=int, help="default: the preset's")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for all three runs")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("predict", help="classify images")

@@ -34,3 +34,26 @@ def denormalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> t
     m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     return (images * s + m).clamp(0, 1)
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize for Pillow >= 13, which refuses 0 bits: keeping no bit is a black image, as
+    older Pillow gave (RandAugment's increasing posterize reaches 0 at high magnitudes)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def patch_posterize(transform: T.Compose) -> T.Compose:
+    """Swaps timm's posterize inside any RandAugment of `transform` for `_posterize` (in place)."""
+    from timm.data import auto_augment
+
+    for t in getattr(transform, "transforms", ()):
+        for op in getattr(t, "ops", ()):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform

@@ -9,16 +9,26 @@ import numpy as np
 import torch
 from timm.data import create_transform
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import AugmentConfig, TrainConfig
 from ..data.datasets import EpochSampler, SeededSamples, image_files, image_folder, loader_settings
 from ..data.fashion_mnist import FashionMNIST, balanced_subset
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, patch_posterize
 from ..zoo import build_model, get_spec
 from .distributed import DistEnv
 
 FASHION_MNIST = "fashion-mnist"
+
+
+def first(dataset: Dataset | None, count: int | None) -> Dataset | None:
+    """The first `count` items of a dataset (all of it for None)."""
+    if dataset is None or count is None or count >= len(dataset):
+        return dataset
+    subset = Subset(dataset, range(count))
+    if hasattr(dataset, "classes"):  # the label names survive the cut
+        subset.classes = dataset.classes
+    return subset
 
 
 def img_size(cfg: TrainConfig) -> int:
@@ -45,10 +55,10 @@ def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module
 def train_transform(aug: AugmentConfig, size: int) -> Callable:
     """timm's ImageNet training transform: RandomResizedCrop + flip (+ RandAugment, color jitter,
     random erasing), normalized with the ImageNet mean and std."""
-    return create_transform(size, is_training=True, scale=aug.crop_scale, ratio=aug.crop_ratio, hflip=aug.hflip,
-                            color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment,
-                            interpolation=aug.interpolation, re_prob=aug.reprob, re_mode=aug.remode,
-                            re_count=aug.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return patch_posterize(create_transform(
+        size, is_training=True, scale=aug.crop_scale, ratio=aug.crop_ratio, hflip=aug.hflip,
+        color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment, interpolation=aug.interpolation,
+        re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD))
 
 
 def unlabelled_source(path: str) -> Dataset:

@@ -14,7 +14,7 @@ from ..checkpoint.transfer import load_weights
 from ..config import TrainConfig
 from ..data.datasets import SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
-from .builders import build_network, eval_loader, img_size, labelled_source, train_transform
+from .builders import build_network, eval_loader, first, img_size, labelled_source, train_transform
 from .distributed import DistEnv
 from .evaluation import evaluate_loader
 from .logging import RunLogger, format_duration
@@ -29,8 +29,9 @@ class FinetuneTask:
         self.cfg, self.env, self.log = cfg, env, log
         self.size = img_size(cfg)
         data, aug = cfg.data, cfg.augment
-        self.train_source = labelled_source(data.path, "train", data.labels_per_class, data.seed)
-        val_source = labelled_source(data.path, "val")
+        self.train_source = first(labelled_source(data.path, "train", data.labels_per_class, data.seed),
+                                  data.max_images)
+        val_source = first(labelled_source(data.path, "val"), data.max_images)
         if list(val_source.classes) != list(self.train_source.classes):
             raise ValueError(f"data.path: the classes of {data.path}/val differ from those of {data.path}/train")
         self.num_classes = cfg.model.num_classes or len(self.train_source.classes)
@@ -70,6 +71,8 @@ class FinetuneTask:
         return self.criterion(model(images), targets)
 
     def end_epoch(self, run: Run, epoch: int) -> dict[str, float]:
+        if (epoch + 1) % self.cfg.runtime.eval_every and epoch + 1 != self.cfg.schedule.epochs:
+            return {}
         metrics = evaluate_loader(unwrap_ddp(run.wrapped), self.val_loader, self.val_sampler, self.env, run.precision)
         self.best_top1 = max(self.best_top1, metrics["top1"])
         self.last = metrics

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import TrainConfig
-from ..data.datasets import derive_seed
+from ..data.datasets import compute_threads, derive_seed
 from . import checkpointing
 from .builders import train_loader
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, setup, teardown
@@ -136,6 +136,8 @@ class Run:
         self.model = self.task.build_model(resuming=resume is not None)
         self.dataset = self.task.train_dataset(self.model)
         self.loader, self.sampler = train_loader(self.dataset, self.task.collate(self.model), cfg, env)
+        if env.device.type == "cpu":
+            torch.set_num_threads(compute_threads(cfg.runtime.threads, self.loader.num_workers, env.local_world_size))
         self.precision = resolve_precision(cfg.runtime.precision, env.device)
         self.wrapped = parallelize(self.model, env, cfg.runtime.parallel, cfg.runtime.compile)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -163,8 +165,10 @@ class Run:
         procs = f"{env.world_size} processes ({cfg.runtime.parallel})" if env.distributed else "1 process"
         self.log.print(f"simmim {cfg.task}: {cfg.model.name} ({params:,} params) on {len(self.dataset):,} images "
                        f"from {cfg.data.path} -> {self.run_dir}")
-        self.log.print(f"{procs} on {env.device.type}, {self.precision}; effective batch {s.effective_batch} = "
-                       f"{cfg.data.batch_size} per process x {env.world_size} x {self.accumulation} accumulation "
+        threads = f" ({torch.get_num_threads()} threads, {self.loader.num_workers} loader workers)" \
+            if env.device.type == "cpu" else ""
+        self.log.print(f"{procs} on {env.device.type}{threads}, {self.precision}; effective batch "
+                       f"{s.effective_batch} = {cfg.data.batch_size} per process x {env.world_size} x {self.accumulation} accumulation "
                        f"step{'s' if self.accumulation > 1 else ''}")
         sched = (f"cosine to {s.min_lr:.3g}" if cfg.schedule.name == "cosine" else
                  f"x{cfg.schedule.gamma} at epochs {list(cfg.schedule.milestones)}")

@@ -14,7 +14,7 @@ from ..data.datasets import MaskCollate, SeededSamples
 from ..data.transforms import eval_transform
 from ..models import SimMIM
 from ..viz import reconstruction_panels, save_curves, save_grid
-from .builders import build_network, heldout_source, img_size, train_transform, unlabelled_source
+from .builders import build_network, first, heldout_source, img_size, train_transform, unlabelled_source
 from .distributed import DistEnv
 from .logging import RunLogger, format_duration, read_metrics
 from .loop import Run, RunResult, train
@@ -29,8 +29,8 @@ class PretrainTask:
     def __init__(self, cfg: TrainConfig, env: DistEnv, log: RunLogger):
         self.cfg, self.env, self.log = cfg, env, log
         self.size = img_size(cfg)
-        self.source = unlabelled_source(cfg.data.path)
-        heldout = heldout_source(cfg.data.path) if cfg.data.heldout_images else None
+        self.source = first(unlabelled_source(cfg.data.path), cfg.data.max_images)
+        heldout = first(heldout_source(cfg.data.path), cfg.data.max_images) if cfg.data.heldout_images else None
         self.heldout = SeededSamples(heldout or self.source, eval_transform(self.size))
         self.heldout_count = min(cfg.data.heldout_images, len(heldout)) if heldout else 0
 

@@ -19,6 +19,7 @@ SWIN_SIZES = {
     "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
     "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
     # test- and demo-sized; not published
+    "micro": dict(embed_dim=48, depths=(2, 2, 2), num_heads=(2, 4, 8)),
     "nano": dict(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 6)),
 }
 VIT_PRETRAIN = dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mean_pooling=False)
@@ -149,6 +150,13 @@ SPECS: tuple[ModelSpec, ...] = (
               source="simmim", notes="Swin-T with the Swin-B pretraining recipe"),
     ModelSpec("simmim_swin-small-w6_in1k-192px", "pretrain", "swin", _swin("small", 192, 6, drop_path_rate=0.0),
               source="simmim", notes="Swin-S with the Swin-B pretraining recipe"),
+    # the demo's model for Fashion-MNIST: three stages, 48 px, 8 px mask blocks (the paper's proportions)
+    ModelSpec("simmim_swin-micro-w6_fashion-mnist-48px", "pretrain", "swin", _swin("micro", 48, 6, drop_path_rate=0.0),
+              mask_patch_size=8, recipe="fashion-mnist-pretrain", source="simmim",
+              notes="the demo's pretraining model (`simmim demo`)"),
+    ModelSpec("swin-micro-w6_fashion-mnist-48px", "classification", "swin", _swin("micro", 48, 6, drop_path_rate=0.1),
+              test_size=48, num_classes=10, recipe="fashion-mnist-finetune", source="simmim",
+              notes="the demo's classifier (`simmim demo`)"),
     # tiny variants for tests: same code paths, seconds on a CPU
     ModelSpec("simmim_swin-nano_test-64px", "pretrain", "swin", _swin("nano", 64, 4, drop_path_rate=0.0),
               source="simmim", notes="test-sized"),

@@ -1,0 +1,27 @@
+"""The main job end to end at a tiny scale: three runs and a report."""
+
+import json
+
+import pytest
+
+from simmim.cli import main
+from simmim.data.fashion_mnist import FASHION_MNIST_DIR
+
+pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is missing")
+
+
+def test_demo_writes_a_report_with_both_classifiers(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["demo", "--out", str(out), "--pretrain-epochs", "2", "--finetune-epochs", "2",
+                 "--labels-per-class", "7", "--set", "data.max_images=256", "--set", "data.heldout_images=32",
+                 "--set", "data.batch_size=64", "--set", "data.num_workers=0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labels"] == 70 and summary["pretrain"]["epochs"] == 2
+    for run in ("scratch", "simmim"):
+        assert 0 <= summary[run]["top1"] <= summary[run]["top5"] <= 100
+    for png in ("reconstruction.png", "pretrain_loss.png", "heldout_loss.png", "finetune_loss.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    text = (out / "summary.md").read_text()
+    assert f"| from scratch | {summary['scratch']['top1']:.2f} |" in text
+    assert "Held-out reconstruction loss" in text and "![reconstructions](reconstruction.png)" in text
+    assert "== 3/3" in capsys.readouterr().out
