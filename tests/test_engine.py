@@ -66,7 +66,8 @@ def images(tmp_path_factory) -> Path:
 
 def settings(task: str, data: Path, out: Path, *extra: str) -> list[str]:
     """Overrides for a tiny, quiet, single-worker run."""
-    return [f"data.path={data}", f"out_dir={out}", "data.batch_size=4", "data.num_workers=0", "runtime.log_every=1",
+    return [f"data.path={data}", f"out_dir={out}", "data.batch_size=4", "data.num_workers=0", "runtime.threads=1",
+            "runtime.log_every=1",
             "runtime.tensorboard=false", "runtime.vis_every=0", "schedule.warmup_epochs=0", *extra]
 
 

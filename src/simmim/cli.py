@@ -96,6 +96,16 @@ def _export_dataset(args: argparse.Namespace) -> None:
     print(f"wrote {args.out_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
+def _verify_data(args: argparse.Namespace) -> int:
+    from .data.verify import verify_images
+
+    report = verify_images(args.path)
+    for path, reason in report.bad:
+        print(f"{path}: {reason}")
+    print(f"{report.checked:,} images checked, {len(report.bad)} unusable")
+    return 1 if report.bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simmim", description="SimMIM masked image modeling")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -148,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("verify-data", help="decode every image of a dataset; name the unusable ones and why")
+    p.add_argument("path", help="data folder (searched recursively) or list file")
+    p.set_defaults(func=_verify_data)
+
     p = sub.add_parser("export-dataset", help="write a built-in dataset as an ImageFolder tree")
     p.add_argument("name", choices=["fashion-mnist", "photos"])
     p.add_argument("out_dir")
@@ -158,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    status = 0
     try:
-        args.func(args)
+        status = args.func(args)
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()
     except (ValueError, KeyError, TypeError, OSError) as err:
@@ -168,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"simmim: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,16 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from .masking import MaskGenerator
 
 IMAGE_SUFFIXES = (*IMG_EXTENSIONS, ".gif")  # torchvision's list leaves out GIF, which PIL reads
-# what PIL raises for files it cannot decode (truncated, not an image, absurdly large, ...)
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# what PIL raises for files it cannot decode (truncated, not an image, a decompression bomb, ...)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 class UnreadableImage(Exception):
-    """An image file that could not be decoded."""
+    """An image file that could not be decoded, and why."""
 
-    def __init__(self, path: str):
-        super().__init__(path)
-        self.path = path
+    def __init__(self, path: str, reason: str = ""):
+        super().__init__(f"{path}: {reason}" if reason else path)
+        self.path, self.reason = path, reason
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -55,11 +56,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_rgb(path: str | Path) -> Image.Image:
     """Decodes an image file as RGB, raising UnreadableImage for anything PIL cannot read."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; such a file is refused all the same
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
     except DECODE_ERRORS as err:
-        raise UnreadableImage(str(path)) from err
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, Image.DecompressionBombWarning | Image.DecompressionBombError):
+            reason = f"decompression bomb refused ({reason})"
+        raise UnreadableImage(str(path), reason) from err
 
 
 class ImageFiles(Dataset):

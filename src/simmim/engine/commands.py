@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..config import PRESETS, TrainConfig, load_config
 
@@ -85,7 +86,7 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
 
 def _train(args: argparse.Namespace, task: str) -> None:
     from .finetuning import finetune
-    from .loop import NonFiniteLossError
+    from .loop import NonFiniteLossError, RunInterrupted
     from .pretraining import pretrain
 
     cfg = config_from_args(args, task)
@@ -93,6 +94,9 @@ def _train(args: argparse.Namespace, task: str) -> None:
         (pretrain if task == "pretrain" else finetune)(cfg)
     except NonFiniteLossError as err:  # not a usage error: exit 1 with the message, no traceback
         raise SystemExit(f"simmim: error: {err}") from None
+    except RunInterrupted as err:
+        print(f"simmim: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_status) from None
 
 
 def _pretrain(args: argparse.Namespace) -> None:

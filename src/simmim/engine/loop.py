@@ -7,10 +7,13 @@ precision, skipping non-finite steps, logging, checkpoints and exact resume.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +38,37 @@ SKIPPED_FILES = "skipped_files.txt"
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run after a step and a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum  # the shell's convention for a death by that signal
+
+
+@contextlib.contextmanager
+def stop_requests(run: Run) -> Iterator[None]:
+    """While active, SIGINT/SIGTERM ask the run to stop after its current step (a second one stops at
+    once); the handlers of the caller come back afterwards. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request(signum, frame):
+        if run.stop_signal is not None:
+            raise KeyboardInterrupt
+        run.stop_signal = signum
+        run.log.print(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                      "(send it again to stop at once)")
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class Task(Protocol):
@@ -148,6 +182,7 @@ class Run:
         self.schedule = LRSchedule.from_config(self.scaled, cfg.schedule, self.steps_per_epoch)
         self.pos = Position()
         self.bad_steps = self.bad_in_a_row = 0
+        self.stop_signal: int | None = None
         self.skipped_files: set[str] = set()
         self.last_checkpoint: Path | None = None
         self.loss_sum = torch.zeros(2, device=env.device)  # finite step losses and their count since the last line
@@ -168,8 +203,8 @@ class Run:
         threads = f" ({torch.get_num_threads()} threads, {self.loader.num_workers} loader workers)" \
             if env.device.type == "cpu" else ""
         self.log.print(f"{procs} on {env.device.type}{threads}, {self.precision}; effective batch "
-                       f"{s.effective_batch} = {cfg.data.batch_size} per process x {env.world_size} x {self.accumulation} accumulation "
-                       f"step{'s' if self.accumulation > 1 else ''}")
+                       f"{s.effective_batch} = {cfg.data.batch_size} per process x {env.world_size} x "
+                       f"{self.accumulation} accumulation step{'s' if self.accumulation > 1 else ''}")
         sched = (f"cosine to {s.min_lr:.3g}" if cfg.schedule.name == "cosine" else
                  f"x{cfg.schedule.gamma} at epochs {list(cfg.schedule.milestones)}")
         self.log.print(f"lr {s.lr:.4g} (base {cfg.optim.lr:g} x {s.effective_batch}/{cfg.optim.lr_batch}), warmup "
@@ -195,6 +230,10 @@ class Run:
     # -- training -------------------------------------------------------------------------------------
 
     def fit(self) -> RunResult:
+        with stop_requests(self):
+            return self._fit()
+
+    def _fit(self) -> RunResult:
         cfg = self.cfg
         self.describe()
         if self.env.is_main:
@@ -238,19 +277,22 @@ class Run:
             step_loss += loss.detach().float()
             if not last_micro:
                 continue
-            lr, grad_norm = self.optimizer_step(step_loss / accumulation, epoch)
+            lr, grad_norm, stop = self.optimizer_step(step_loss / accumulation, epoch)
             step_loss = torch.zeros((), device=device)
             self.pos = Position(epoch, micro + 1, self.pos.step + 1)
             end_of_epoch = micro + 1 == self.sampler.batches
-            if self.pos.step % self.cfg.runtime.log_every == 0 or end_of_epoch:
+            if self.pos.step % self.cfg.runtime.log_every == 0 or end_of_epoch or stop:
                 self.report_progress(epoch, progress, lr, grad_norm)
+            if stop:
+                self.stop(epoch)
             every = self.cfg.checkpoint.every_steps
             if every and self.pos.step % every == 0 and not end_of_epoch:  # the epoch's end saves after evaluating
                 self.save()
 
-    def optimizer_step(self, loss: torch.Tensor, epoch: int) -> tuple[float, torch.Tensor]:
+    def optimizer_step(self, loss: torch.Tensor, epoch: int) -> tuple[float, torch.Tensor, bool]:
         """Clips and applies the accumulated gradients, unless the loss (on any rank) or, without a
-        loss scaler, the gradient norm is not finite: then the step is skipped and counted."""
+        loss scaler, the gradient norm is not finite: then the step is skipped and counted. Also
+        returns whether any rank was asked to stop (agreed in the same reduction, so all stop together)."""
         lr = self.schedule.apply(self.optimizer, self.pos.step)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -259,15 +301,17 @@ class Run:
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else \
             torch.nn.utils.get_total_norm([p.grad for p in params])
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
-        bad = all_reduce_sum((~torch.isfinite(loss)).float(), self.env) > 0
-        if self.scaler is None:  # with a scaler, inf/nan gradients are its business (fp16 overflow)
-            bad |= ~torch.isfinite(norm)
-        if bad.item():  # the one host-device sync per step: whether to step at all
+        # with a scaler, inf/nan gradients are its business (fp16 overflow)
+        bad_norm = (~torch.isfinite(norm)).float() if self.scaler is None else torch.zeros((), device=norm.device)
+        stop = torch.tensor(float(self.stop_signal is not None), device=loss.device)
+        flags = all_reduce_sum(torch.stack([(~torch.isfinite(loss)).float(), bad_norm.to(loss.device), stop]), self.env)
+        bad_loss, bad_norm, stop = (flags > 0).tolist()  # the one host-device sync per step
+        if bad_loss or bad_norm:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.update()
             self.skip_step(epoch)
-            return lr, norm
+            return lr, norm, stop
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -276,7 +320,16 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_in_a_row = 0
         self.loss_sum += torch.stack([loss.detach(), torch.ones_like(loss)])
-        return lr, norm
+        return lr, norm, stop
+
+    def stop(self, epoch: int) -> None:
+        """Ends an interrupted run: a checkpoint of this very step, then RunInterrupted."""
+        self.save()
+        self.write_skipped_files()
+        signum = self.stop_signal or signal.SIGTERM  # another rank may have been the one signalled
+        where = f"epoch {epoch + 1}, step {self.pos.step}"
+        raise RunInterrupted(f"stopped by {signal.Signals(signum).name} at {where}; checkpoint "
+                             f"{self.last_checkpoint}; continue with --resume auto --out {self.run_dir}", signum)
 
     def skip_step(self, epoch: int) -> None:
         self.bad_steps += 1
