@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv system-deps
+.PHONY: demo study test lint venv system-deps
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ system-deps:
 
 demo: venv system-deps
 	$(VENV)/bin/simmim demo --out report
+
+# about an hour on a 2-core CPU; resumable (runs/study/results.jsonl)
+study: venv system-deps
+	$(VENV)/bin/simmim study --out docs/results
 
 test: venv system-deps
 	$(PY) -m pytest tests

@@ -25,3 +25,21 @@ def test_demo_writes_a_report_with_both_classifiers(tmp_path, capsys):
     assert f"| from scratch | {summary['scratch']['top1']:.2f} |" in text
     assert "Held-out reconstruction loss" in text and "![reconstructions](reconstruction.png)" in text
     assert "== 3/3" in capsys.readouterr().out
+
+
+def test_study_writes_summary_tables_and_plots_and_resumes(tmp_path):
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = ["study", "--quick", "--out", str(out), "--work", str(work), "--set", "data.num_workers=0"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"1%"}
+    for budget in summary.values():
+        for run in ("scratch", "simmim"):
+            assert set(budget[run]) == {"mean", "std", "seeds"} and len(budget[run]["seeds"]) == 2
+    text = (out / "README.md").read_text()
+    assert "| 1% |" in text and "| mask ratio 0.6 (paper) |" in text and "| mask ratio 0.9 |" in text
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG" and (out / "ablations.png").stat().st_size
+    runs = len((work / "results.jsonl").read_text().splitlines())
+    assert runs == 2 * (1 + 2) + 2 * 2  # per seed: a pretraining and two fine-tunings; two ablations
+    assert main(argv) == 0  # everything is in results.jsonl: nothing runs again
+    assert len((work / "results.jsonl").read_text().splitlines()) == runs

@@ -31,6 +31,15 @@ def _demo(args: argparse.Namespace) -> None:
                           args.finetune_epochs, args.precision, tuple(args.set)))
 
 
+def _study(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .study import ABLATIONS, StudySettings, quick, run_study
+
+    settings = StudySettings(Path(args.out), Path(args.work), ablations=ABLATIONS, extra=tuple(args.set))
+    run_study(quick(settings) if args.quick else settings)
+
+
 def _load(args: argparse.Namespace):
     from pathlib import Path
 
@@ -129,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for all three runs")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("study", help="the demo over 3 seeds and 2 label budgets, plus ablations -> docs/results")
+    p.add_argument("--out", default="docs/results")
+    p.add_argument("--work", default="runs/study", help="run folders and results.jsonl (resumable)")
+    p.add_argument("--quick", action="store_true", help="a smoke-sized study on a few images")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    p.set_defaults(func=_study)
 
     p = sub.add_parser("predict", help="classify images")
     p.add_argument("model", help="zoo name or exported directory")

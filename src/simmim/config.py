@@ -68,6 +68,11 @@ class ModelConfig(_Section):
     """Stochastic depth of the last block; None keeps the zoo model's."""
     num_classes: int | None = None
     """Classifier outputs; None takes the number of classes of the training data."""
+    decoder: str = "linear"
+    """Pretraining head: 'linear' (the paper's 1x1 conv + PixelShuffle) or 'mlp' (a hidden 1x1 conv layer
+    first, the paper's head ablation)."""
+    loss: str = "l1"
+    """Pretraining loss on the masked pixels: 'l1' (the paper's) or 'l2'."""
     pretrained: str | None = None
     """Fine-tuning: checkpoint whose encoder initializes the model (a pretraining run's or any
     supported checkpoint); ignored when resuming."""
@@ -84,6 +89,8 @@ class ModelConfig(_Section):
         self.require(self.drop_path_rate is None or 0 <= self.drop_path_rate < 1, "drop_path_rate",
                      "a rate in [0, 1) or none")
         self.require(self.num_classes is None or self.num_classes > 0, "num_classes", "a positive count or none")
+        self.choice("decoder", ("linear", "mlp"))
+        self.choice("loss", ("l1", "l2"))
 
 
 @dataclass

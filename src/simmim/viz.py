@@ -73,3 +73,34 @@ def save_curves(curves: dict[str, Sequence[float]], path: str | Path, xlabel: st
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def save_bars(groups: dict[str, dict[str, tuple[float, float]]], path: str | Path, ylabel: str = "",
+              title: str = "") -> Path:
+    """Grouped bar chart with error bars: {group: {bar: (value, spread)}} as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = list(dict.fromkeys(b for group in groups.values() for b in group))
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(bars) * len(groups)), 4), dpi=100)
+    for i, bar in enumerate(bars):
+        values = [groups[g].get(bar, (np.nan, 0.0)) for g in groups]
+        ax.bar(np.arange(len(groups)) + i * width, [v for v, _ in values], width, yerr=[e for _, e in values],
+               capsize=3, label=bar)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(bars) - 1) / 2, list(groups))
+    lows = [v - e for group in groups.values() for v, e in group.values()]
+    ax.set_ylim(max(0.0, min(lows) - 5), None)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

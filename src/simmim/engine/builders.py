@@ -43,7 +43,8 @@ def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module
     if cfg.runtime.activation_checkpointing:
         overrides["use_checkpoint"] = True
     if cfg.task == "pretrain":
-        overrides.update(mask_patch_size=cfg.mask.patch_size, mask_ratio=cfg.mask.ratio)
+        overrides.update(mask_patch_size=cfg.mask.patch_size, mask_ratio=cfg.mask.ratio, decoder=m.decoder,
+                         loss=m.loss)
     else:
         overrides["num_classes"] = num_classes
     try:
