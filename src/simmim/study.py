@@ -112,7 +112,8 @@ def write_results(s: StudySettings, main: dict, ablations: dict[str, float]) -> 
     save_bars({label: {run: (v["mean"], v["std"]) for run, v in row.items()} for label, row in summary.items()},
               s.out / "accuracy.png", ylabel="test top-1 (%)", title="Fashion-MNIST: from scratch vs SimMIM")
     bars = {name: (acc, 0.0) for name, acc in ablations.items()}
-    save_bars({f"{s.budgets[0][0]} labels": bars}, s.out / "ablations.png", ylabel="test top-1 (%)", title=f"Ablations ({s.ablation_pretrain_epochs}-epoch pretraining)")
+    save_bars({f"{s.budgets[0][0]} labels": bars}, s.out / "ablations.png", ylabel="test top-1 (%)",
+              title=f"Ablations ({s.ablation_pretrain_epochs}-epoch pretraining)")
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " \
         f"torch {torch.__version__}"
