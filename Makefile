@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo study test lint venv system-deps
+.PHONY: demo study bench test lint venv system-deps
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: venv system-deps
 # about an hour on a 2-core CPU; resumable (runs/study/results.jsonl)
 study: venv system-deps
 	$(VENV)/bin/simmim study --out docs/results
+
+# our SimMIM step against HF transformers' on the same input; writes docs/benchmark.{md,json}
+bench: venv system-deps
+	$(VENV)/bin/simmim bench
 
 test: venv system-deps
 	$(PY) -m pytest tests

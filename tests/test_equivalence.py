@@ -1,5 +1,7 @@
 """Our encoders and SimMIM against independent implementations (HF transformers, timm) on the same
-random weights, in float32 on the CPU."""
+random weights, in float32 on the CPU (or the device SIMMIM_TEST_DEVICE names, e.g. cuda)."""
+
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 
 TOL = 1e-4
+DEVICE = torch.device(os.environ.get("SIMMIM_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":  # TF32 matmuls and convolutions differ from float32 by ~1e-3
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 def hf_checkpoint(model, tmp_path) -> dict:
@@ -35,7 +40,7 @@ SMALL = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
 
 def _images_and_mask(model: SimMIM, size: int, batch: int = 2):
     images = torch.randn(batch, 3, size, size)
-    return images, model.random_mask(batch, np.random.default_rng(0))
+    return images.to(DEVICE), model.random_mask(batch, np.random.default_rng(0)).to(DEVICE)
 
 
 @pytest.mark.parametrize("case", ["192-w6", "224-w6-padded"])
@@ -48,6 +53,7 @@ def test_swin_simmim_matches_hf_masked_image_modeling(case, tmp_path):
     hf = randomize_(transformers.SwinForMaskedImageModeling(hf_cfg)).eval()
     ours = SimMIM(SwinTransformer(cfg), mask_patch_size=32).eval()
     ours.load_state_dict(HF_SWIN.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
+    hf, ours = hf.to(DEVICE), ours.to(DEVICE)
 
     images, mask = _images_and_mask(ours, cfg.img_size)
     with torch.no_grad():
@@ -81,7 +87,8 @@ def test_swin_encoder_matches_timm(case):
     # timm's own adapter for official-layout checkpoints reads our state dict
     filtered = timm.models.swin_transformer.checkpoint_filter_fn(ours.state_dict(), ref)
     ref.load_state_dict(filtered, strict=True)
-    images = torch.randn(2, 3, cfg.img_size, cfg.img_size)
+    ours, ref = ours.to(DEVICE), ref.to(DEVICE)
+    images = torch.randn(2, 3, cfg.img_size, cfg.img_size, device=DEVICE)
     with torch.no_grad():
         expected = ref.forward_features(images)  # (B, h, w, C) after the final norm
         got = ours(images).permute(0, 2, 3, 1)
@@ -106,7 +113,8 @@ def test_vit_pretraining_encoder_matches_timm_beit_with_shared_bias():
     ours = randomize_(VisionTransformer(cfg)).eval()
     ref = _timm_beit(cfg)
     ref.load_state_dict(ours.state_dict(), strict=True)
-    images = torch.randn(2, 3, 64, 64)
+    ours, ref = ours.to(DEVICE), ref.to(DEVICE)
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
         expected = ref.forward_features(images)[:, 1:]  # drop cls, as SimMIM does
         got = ours(images).flatten(2).transpose(1, 2)
@@ -119,7 +127,8 @@ def test_vit_classifier_matches_timm_beit_with_mean_pooling():
     ref = _timm_beit(cfg, num_classes=10)
     mapped = {k.removeprefix("encoder."): v for k, v in ours.state_dict().items()}
     ref.load_state_dict(mapped, strict=True)
-    images = torch.randn(2, 3, 64, 64)
+    ours, ref = ours.to(DEVICE), ref.to(DEVICE)
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
         assert (ours(images) - ref(images)).abs().max() < TOL
 
@@ -131,6 +140,7 @@ def test_swin_classifier_matches_hf_image_classification(tmp_path):
     hf = randomize_(transformers.SwinForImageClassification(hf_cfg)).eval()
     ours = Classifier(SwinTransformer(cfg), num_classes=7).eval()
     ours.load_state_dict(HF_SWIN.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
-    images = torch.randn(2, 3, 192, 192)
+    hf, ours = hf.to(DEVICE), ours.to(DEVICE)
+    images = torch.randn(2, 3, 192, 192, device=DEVICE)
     with torch.no_grad():
         assert (ours(images) - hf(pixel_values=images).logits).abs().max() < TOL

@@ -125,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=_models)
 
+    from .bench import add_command as add_bench_command
     from .engine import add_commands
 
     add_commands(sub)  # pretrain, finetune, evaluate
+    add_bench_command(sub)
 
     p = sub.add_parser("demo", help="the main job: SimMIM vs from-scratch on Fashion-MNIST, with a report")
     p.add_argument("--out", default="report", help="report folder")
@@ -186,8 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING_COMMANDS = ("demo", "study", "pretrain", "finetune")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in TRAINING_COMMANDS:
+        # glibc's malloc hands freed memory back and makes some CPU steps 6-10x slower; restarting
+        # the command under jemalloc (when installed) keeps them steady. Only for the real command
+        # line: a caller of main() in this process keeps its process.
+        from .runtime import maybe_reexec_with_jemalloc
+
+        maybe_reexec_with_jemalloc()
     status = 0
     try:
         status = args.func(args)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .fused import Linear, gelu_linear, norm_linear
 
 
 def trunc_normal(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
@@ -51,7 +54,8 @@ def apply_mask_token(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch
     if mask.numel() != b * length:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not cover the {length} patches of the image")
     w = mask.reshape(b, length, 1).to(tokens.dtype)
-    return tokens * (1 - w) + mask_token.to(tokens.dtype) * w
+    # one fused pass; lerp returns either end exactly for w in {0, 1}
+    return torch.lerp(tokens, mask_token.to(tokens.dtype), w)
 
 
 class DropPath(nn.Module):
@@ -77,10 +81,13 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """x: (..., dim), normalized by `norm` first when given (fused with fc1)."""
+        h = self.fc1(x) if norm is None else norm_linear(x, norm, self.fc1)
+        if self.training and self.drop.p > 0:  # a dropout between GELU and fc2 needs its output kept
+            return self.drop(self.fc2(self.drop(F.gelu(h))))
+        return self.drop(gelu_linear(h, self.fc2.weight, self.fc2.bias))

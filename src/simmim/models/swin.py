@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .fused import Linear, TokenGather, biased_attention, linear, norm_linear
 from .layers import (
     DropPath,
     Mlp,
@@ -63,8 +65,10 @@ class SwinConfig:
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
-        if self.window_size < 1:
-            raise ValueError(f"window_size={self.window_size} must be at least 1")
+        grid = self.img_size // self.patch_size
+        if not 1 <= self.window_size <= grid:
+            raise ValueError(f"window_size={self.window_size}: expected 1 to {grid}, the first stage's "
+                             f"{grid}x{grid} feature map at img_size={self.img_size}")
         for i, heads in enumerate(self.num_heads):
             if (self.embed_dim * 2**i) % heads:
                 raise ValueError(f"stage {i} width {self.embed_dim * 2**i} is not divisible by {heads} heads")
@@ -96,13 +100,6 @@ def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     return x.reshape(b, -1, window * window, c)
 
 
-def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
-    """(B, nW, window*window, C) -> (B, H, W, C)."""
-    b, _, _, c = windows.shape
-    x = windows.view(b, h // window, w // window, window, window, c).transpose(2, 3)
-    return x.reshape(b, h, w, c)
-
-
 @functools.lru_cache(maxsize=32)
 def shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
     """Additive mask (nW, N, N) that keeps windows of a cyclically shifted (padded) map from
@@ -116,17 +113,59 @@ def shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
     return torch.zeros(same.shape, device="cpu").masked_fill_(~same, SHIFT_MASK_VALUE)
 
 
+@functools.lru_cache(maxsize=32)
+def window_order(h: int, w: int, window: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices that cut an h x w map into windows and put it back, as the official code does with
+    zero padding to whole windows, a roll by -shift and a partition: `to_windows` (Hp*Wp,) gives the
+    raster index of each window position (h*w for a padding token), `to_map` (h*w,) is its inverse."""
+    hp, wp = h + -h % window, w + -w % window
+    positions = functools.partial(torch.arange, device="cpu")  # cached: never on the default device
+    rows, cols = (positions(hp) + shift) % hp, (positions(wp) + shift) % wp
+    raster = torch.where((rows < h)[:, None] & (cols < w), rows[:, None] * w + cols, h * w)
+    to_windows = window_partition(raster.view(1, hp, wp, 1), window).flatten()
+    real = to_windows < h * w
+    to_map = torch.empty(h * w, dtype=torch.long, device="cpu")
+    to_map[to_windows[real]] = positions(hp * wp)[real]
+    return to_windows, to_map
+
+
+class Windows(NamedTuple):
+    """How a block cuts its map into windows: the window side, the gather of raster tokens into
+    windows (the official padding and roll folded in), and the shift mask."""
+
+    size: int
+    gather: TokenGather
+    mask: torch.Tensor | None
+
+    @staticmethod
+    def build(h: int, w: int, window: int, shift: int, device: torch.device) -> Windows:
+        to_windows, to_map = (t.to(device) for t in window_order(h, w, window, shift))
+        hp, wp = h + -h % window, w + -w % window
+        mask = shift_mask(hp, wp, window, shift).to(device) if shift else None
+        return Windows(window, TokenGather(to_windows, (hp, wp) != (h, w), to_map, False), mask)
+
+    def reverse(self, windows: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B*nW, N, C) -> (B, L, C) raster tokens."""
+        return self.gather.inverted()(windows.view(batch, -1, windows.shape[-1]))
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patch projection followed by LayerNorm: (B,3,H,W) -> (B, H/p, W/p, C)."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm: bool = True):
         super().__init__()
         self.patch_size = patch_size
+        # a Conv2d for the checkpoints' layout (and the MAC counter's category); computed as a GEMM
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        # the strided convolution as one GEMM over the flattened patches (faster, and channels-last)
+        b, c, h, w = x.shape
+        p = self.patch_size
+        h, w = h // p, w // p  # the convolution's floor for sizes that are not a multiple of p
+        patches = x[:, :, : h * p, : w * p].reshape(b, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5)
+        return self.norm(linear(patches.reshape(b, h, w, -1), self.proj.weight.flatten(1), self.proj.bias))
 
 
 class WindowAttention(nn.Module):
@@ -139,9 +178,9 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         index = on_default_device(relative_position_index(window, window))
         self.register_buffer("relative_position_index", index, persistent=False)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal(self.relative_position_bias_table)
 
@@ -154,17 +193,13 @@ class WindowAttention(nn.Module):
         n = window * window
         return self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, nW, N, C); mask: (nW, N, N) additive shift mask or None."""
-        b, nw, n, c = x.shape
-        qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, c // self.num_heads).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.unbind(0)  # (B, nW, nH, N, d)
-        bias = self.relative_position_bias(window).to(q.dtype)
-        bias = bias if mask is None else bias + mask.to(q.dtype).unsqueeze(1)  # (nW|1, nH, N, N)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
-        return self.proj_drop(self.proj(x.transpose(2, 3).reshape(b, nw, n, c)))
+    def forward(self, qkv: torch.Tensor, window: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """qkv: (B*nW, N, 3C) = self.qkv(windows), which the block computes fused with its norm;
+        mask: (nW, N, N) additive shift mask or None."""
+        bias = self.relative_position_bias(window).unsqueeze(0)  # gathered once per forward
+        bias = bias if mask is None else bias + mask.unsqueeze(1)  # (nW|1, nH, N, N)
+        dropout = self.attn_drop if self.training else 0.0
+        return self.proj_drop(self.proj(biased_attention(qkv, bias, self.num_heads, self.scale, dropout)))
 
 
 class SwinBlock(nn.Module):
@@ -179,23 +214,12 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, window: int, shift: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, H, W, C)."""
-        b, h, w, c = x.shape
-        y = self.norm1(x)
-        pad_b, pad_r = -h % window, -w % window
-        if pad_b or pad_r:  # padded tokens are zeros after the norm, as in mmpretrain and HF
-            y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
-        hp, wp = h + pad_b, w + pad_r
-        if shift:
-            y = torch.roll(y, (-shift, -shift), (1, 2))
-        y = window_reverse(self.attn(window_partition(y, window), window, mask), window, hp, wp)
-        if shift:
-            y = torch.roll(y, (shift, shift), (1, 2))
-        if pad_b or pad_r:
-            y = y[:, :h, :w]
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, windows: Windows) -> torch.Tensor:
+        """x: (B, L, C) in raster order; padded tokens are zeros after the norm, as in mmpretrain and HF."""
+        qkv = norm_linear(x, self.norm1, self.attn.qkv, windows.gather)  # (B, nW*N, 3C)
+        y = self.attn(qkv.view(-1, windows.size**2, qkv.shape[-1]), windows.size, windows.mask)
+        x = x + self.drop_path(windows.reverse(y, x.shape[0]))
+        return x + self.drop_path(self.mlp(x, self.norm2))
 
 
 class PatchMerging(nn.Module):
@@ -204,13 +228,14 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, h, w, _ = x.shape
+        b, h, w, c = x.shape
         if h % 2 or w % 2:
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        # one copy: (B, H/2, row, W/2, col, C) -> (B, H/2, W/2, col, row, C) is the x00, x10, x01, x11 order
+        x = x.view(b, (h + 1) // 2, 2, (w + 1) // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
         return self.reduction(self.norm(x))
 
 
@@ -231,17 +256,19 @@ class SwinStage(nn.Module):
         self.downsample = PatchMerging(dim) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[1:3]
+        b, h, w, c = x.shape
         window, shift = window_and_shift((h, w), self.window, self.shift, self.pad_small_map)
-        mask = None
-        if shift:  # one mask per stage and forward, shared by its shifted blocks
-            mask = shift_mask(h + -h % window, w + -w % window, window, shift).to(x.device)
+        # built once per stage and forward, shared by its blocks
+        regular = Windows.build(h, w, window, 0, x.device)
+        shifted = Windows.build(h, w, window, shift, x.device) if shift else regular
+        x = x.view(b, h * w, c)
         for i, block in enumerate(self.blocks):
-            block_shift, block_mask = (shift, mask) if i % 2 else (0, None)
+            windows = shifted if i % 2 else regular
             if self.use_checkpoint and torch.is_grad_enabled():
-                x = checkpoint(block, x, window, block_shift, block_mask, use_reentrant=False)
+                x = checkpoint(block, x, windows, use_reentrant=False)
             else:
-                x = block(x, window, block_shift, block_mask)
+                x = block(x, windows)
+        x = x.view(b, h, w, c)
         return self.downsample(x) if self.downsample is not None else x
 
 

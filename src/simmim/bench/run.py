@@ -1,0 +1,217 @@
+"""The benchmark runs: the quick comparison, the full one (comparison, cost curve, data pipeline), and
+the `simmim bench` command."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..zoo import build_model, get_spec
+from ..zoo.flops import count_macs
+from . import measure, report
+from .pair import batch, compile_blocks, hf_loss, hf_twin, ours, ours_loss, training_step
+
+TINY, SMALL, BASE, LARGE = (
+    "simmim_swin-tiny-w6_in1k-192px", "simmim_swin-small-w6_in1k-192px",
+    "simmim_swin-base-w6_8xb256-amp-coslr-100e_in1k-192px", "simmim_swin-large-w12_16xb128-amp-coslr-800e_in1k-192px",
+)
+SHORT = {TINY: "Swin-T", SMALL: "Swin-S", BASE: "Swin-B", LARGE: "Swin-L"}
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of a full run on one kind of device."""
+
+    batch: int
+    """Batch of the comparison with HF."""
+    batches: tuple[int, ...]
+    """Batch sizes of the cost curve (Swin-T, 192 px)."""
+    image_batch: int
+    """Batch of the image-size points (Swin-T at 192/w6 and 224/w7)."""
+    model_batch: int
+    """Batch of the model-size points (T/S/B/L at 192 px)."""
+    gemm_size: int
+    warmup: int
+    repeats: int
+
+
+PLANS = {"cpu": Plan(8, (1, 2, 4, 8), 4, 2, 2048, 1, 5), "cuda": Plan(64, (16, 32, 64, 128), 64, 32, 8192, 2, 8)}
+METHOD = [
+    "- A step is one SimMIM pretraining step as training runs it: forward (under `torch.autocast` for bf16), "
+    "L1 loss on masked pixels, backward, fused AdamW; both sides in one process on the same seeded images, "
+    "masks and weights (ours written in HF's on-disk layout and read by `from_pretrained`), HF with "
+    "`attn_implementation=\"sdpa\"`, dropout and drop path 0 on both.",
+    "- Step time: median over steps timed alternately (ours, HF, ours, HF, ...) after untimed warm-up rounds, "
+    "so that other load on the machine slows both sides alike; both sides use the same torch threads "
+    "(`--threads`: on a CPU shared with other jobs one thread gives steadier times than OpenMP regions "
+    "that wait for a busy core).",
+    "- Peak memory: bytes allocated during one step on top of what was held before it (weights, optimizer "
+    "state): on CUDA `torch.cuda.max_memory_allocated`; on the CPU the same quantity from the profiler's "
+    "record of every tensor allocation and free with the running total (RSS would measure the malloc's "
+    "cache instead: jemalloc with decay off keeps every page it ever used).",
+    "- FLOP rate: 6 x forward multiply-adds x batch / step time, i.e. one MAC = 2 FLOPs and a training step = "
+    "3 forwards (the backward costs about two); MACs from simmim's counter (linear, conv and attention "
+    "matmuls on padded windows, as the published tables count them).",
+    "- Kernels: on the CPU our linear layers run their float32 GEMMs through oneDNN, HF's through torch's "
+    "default (MKL's sgemm, which takes its AVX2 path on AMD CPUs: compare the fp32 and fp32_onednn GEMM "
+    "rates below); in bf16 both sides' GEMMs are oneDNN's.",
+]
+
+
+def forward_macs(name: str, **overrides) -> int:
+    """Multiply-adds of one image's SimMIM forward (encoder and decoder), counted on the meta device."""
+    with torch.device("meta"):
+        model = build_model(get_spec(name), **overrides)
+        size = model.encoder.cfg.img_size
+        return count_macs(model, torch.zeros(1, 3, size, size), model.random_mask(1).to("meta")).total
+
+
+def _sides(name: str, batch_size: int, precision: str, device: torch.device, plan: Plan, reference: bool,
+           compile: str | None, **overrides) -> dict[str, dict]:
+    """Times and measures our model (and HF's twin if `reference`) on one configuration."""
+    model = ours(name, **overrides).to(device)
+    data = batch(model, batch_size, device)
+    models = {"ours": (model, ours_loss)}
+    if reference:
+        models["ref"] = (hf_twin(model), hf_loss)
+    if compile:
+        for m, _ in models.values():
+            compile_blocks(m, compile)
+    steps = {side: training_step(m, loss_fn, data, precision) for side, (m, loss_fn) in models.items()}
+    losses = {side: step() for side, step in steps.items()}  # first step: same weights on both sides
+    times = measure.alternate(steps, device, plan.warmup, plan.repeats)
+    flops = 6 * forward_macs(name, **overrides) * batch_size
+    out = {}
+    for side, step in steps.items():
+        models[side][0].zero_grad(set_to_none=True)  # memory measured on top of weights and optimizer state
+        seconds = measure.median(times[side])
+        out[side] = {"step_s": seconds, "images_per_s": batch_size / seconds, "tflops": flops / seconds / 1e12,
+                     "peak_mb": measure.peak_memory(step, device) / MB, "loss": losses[side], "times": times[side]}
+    return out
+
+
+def compare(name: str, batch_size: int, precision: str, device: torch.device, plan: Plan,
+            compile: str | None = None, **overrides) -> dict:
+    """One row of the comparison with HF: our and HF's figures side by side, with their ratios."""
+    sides = _sides(name, batch_size, precision, device, plan, reference=True, compile=compile, **overrides)
+    cfg = {**get_spec(name).encoder, **overrides}
+    row = {"model": SHORT.get(name, name), "name": name, "img_size": cfg["img_size"], "window": cfg["window_size"],
+           "batch": batch_size, "precision": precision, "device": device.type, "compile": compile}
+    for side, figures in sides.items():
+        row.update({f"{side}_{key}": value for key, value in figures.items()})
+    row["speedup"] = row["ref_step_s"] / row["ours_step_s"]
+    row["memory_ratio"] = row["ours_peak_mb"] / row["ref_peak_mb"] if row["ref_peak_mb"] else None
+    return row
+
+
+def cost_point(name: str, batch_size: int, precision: str, device: torch.device, plan: Plan,
+               **overrides) -> dict:
+    """One point of our cost curve."""
+    figures = _sides(name, batch_size, precision, device, plan, reference=False, compile=None, **overrides)["ours"]
+    cfg = {**get_spec(name).encoder, **overrides}
+    return {"model": SHORT.get(name, name), "img_size": cfg["img_size"], "window": cfg["window_size"],
+            "batch": batch_size, "precision": precision, **figures}
+
+
+def cost_curve(precision: str, device: torch.device, plan: Plan) -> list[dict]:
+    """Step time and memory against batch size, image size and model size."""
+    points = [(TINY, b, ()) for b in plan.batches]
+    points += [(TINY, plan.image_batch, ()), (TINY, plan.image_batch, (("img_size", 224), ("window_size", 7)))]
+    points += [(name, plan.model_batch, ()) for name in (TINY, SMALL, BASE, LARGE)]
+    return [cost_point(name, b, precision, device, plan, **dict(overrides))
+            for name, b, overrides in dict.fromkeys(points)]  # each point once, in order
+
+
+def quick(device: torch.device, precision: str = "fp32", name: str = TINY, batch_size: int = 8,
+          warmup: int = 1, repeats: int = 3, compile: str | None = None, **overrides) -> dict:
+    """Ours against HF on one configuration (Swin-T 192/w6, batch 8 by default) in about a minute;
+    overrides change the zoo model's encoder (e.g. img_size)."""
+    plan = Plan(batch_size, (), 0, 0, 0, warmup, repeats)
+    row = compare(name, batch_size, precision, device, plan, compile, **overrides)
+    return {"environment": report.environment(device), **row}
+
+
+def full(device: torch.device, precisions: list[str], compile: str | None = None) -> dict:
+    """Comparison (Swin-T and Swin-B in every precision), cost curve and data pipeline."""
+    plan = PLANS["cuda" if device.type == "cuda" else "cpu"]
+    results = {"environment": report.environment(device), "method": METHOD, "plan": plan.__dict__}
+    print("measuring the dense-GEMM rate", flush=True)
+    results["gemm_tflops"] = {k: v / 1e12 for k, v in measure.gemm_rates(device, plan.gemm_size).items()}
+    results["comparison"] = []
+    for name in (TINY, BASE):
+        for precision in precisions:
+            print(f"ours against HF: {SHORT[name]} batch {plan.batch} {precision}", flush=True)
+            results["comparison"].append(compare(name, plan.batch, precision, device, plan, compile))
+    print("cost curve", flush=True)
+    results["cost_curve"] = cost_curve(precisions[0], device, plan)
+    print("data pipeline", flush=True)
+    consumer = next(r for r in results["comparison"] if r["name"] == BASE and r["precision"] == precisions[0])
+    results["pipeline"] = data_pipeline(plan.batch, f"Swin-B {precisions[0]} batch {plan.batch}",
+                                        consumer["ours_images_per_s"])
+    return results
+
+
+def data_pipeline(batch_size: int, consumer: str, consumer_images_per_s: float) -> dict:
+    """The input pipeline's throughput beside a step's consumption (skipped without scikit-image,
+    whose photographs it reads)."""
+    try:
+        from . import pipeline
+    except ImportError as err:
+        return {"skipped": f"{err}"}
+    pipe = pipeline.throughput(size=get_spec(BASE).img_size, batch_size=batch_size)
+    pipe.update(consumer=consumer, consumer_images_per_s=consumer_images_per_s)
+    pipe["keeps_up"] = pipe["loader_images_per_s"] > consumer_images_per_s
+    return pipe
+
+
+def _print_rows(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    print("\n".join(report.table(rows, columns)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `simmim bench` / `python -m simmim.bench`."""
+    parser.add_argument("--quick", action="store_true", help="ours against HF on Swin-T 192/w6, batch 8, only")
+    parser.add_argument("--json", help="write the results here (default with the full run: docs/benchmark.json)")
+    parser.add_argument("--markdown", help="full run: write the tables here (default docs/benchmark.md)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when there is one)")
+    parser.add_argument("--precision", help="fp32, bf16 or both comma-separated (default: fp32 with --quick, "
+                                            "fp32,bf16 otherwise)")
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                        help="torch.compile every block, ours and HF's (backend: inductor)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--model", default=TINY, help="--quick: the zoo model to compare")
+    parser.add_argument("--batch", type=int, default=8, help="--quick: the batch size")
+    parser.add_argument("--img-size", type=int, help="--quick: the input size (default: the model's)")
+    parser.add_argument("--repeats", type=int, default=3, help="--quick: timed steps per side")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Runs the benchmark an argument namespace describes, prints it and writes its files."""
+    from ..runtime import allocator_description
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    precisions = (args.precision or ("fp32" if args.quick else "fp32,bf16")).split(",")
+    print(f"simmim bench on {device.type}, {torch.get_num_threads()} threads, allocator {allocator_description()}",
+          flush=True)
+    if args.quick:
+        overrides = {"img_size": args.img_size} if args.img_size else {}
+        results = quick(device, precisions[0], args.model, args.batch, repeats=args.repeats, compile=args.compile,
+                        **overrides)
+        _print_rows([results], report.COMPARISON)
+        if args.json:
+            report.write_json(results, args.json)
+        return results
+    results = full(device, precisions, args.compile)
+    _print_rows(results["comparison"], report.COMPARISON)
+    _print_rows(results["cost_curve"], report.CURVE)
+    json_path = report.write_json(results, args.json or "docs/benchmark.json")
+    markdown_path = Path(args.markdown or "docs/benchmark.md")
+    markdown_path.write_text(report.markdown(results))
+    print(f"wrote {json_path} and {markdown_path}")
+    return results

@@ -1,0 +1,116 @@
+"""The benchmark at test size: its JSON, that both sides compute the same numbers (loss and gradients of
+a training step, so the comparison is apples to apples), its memory measure, and the allocator helper."""
+
+import json
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from simmim import runtime
+from simmim.bench import main
+from simmim.bench.measure import peak_memory
+from simmim.bench.pair import batch, hf_loss, hf_twin, ours, ours_loss, training_step
+from simmim.checkpoint.formats import HF
+
+pytest.importorskip("transformers")
+
+NANO = "simmim_swin-nano_test-64px"
+CPU = torch.device("cpu")
+
+
+def test_quick_benchmark_writes_the_comparison(tmp_path, monkeypatch):
+    monkeypatch.setenv(runtime.OPT_OUT, "1")  # no re-exec of pytest under jemalloc
+    out = tmp_path / "quick.json"
+    # 128 px: at 64 px the nano model's last map is smaller than its window, where HF's table differs
+    main(["--quick", "--model", NANO, "--img-size", "128", "--batch", "2", "--repeats", "2", "--json", str(out)])
+    row = json.loads(out.read_text())
+    for key in ("ours_step_s", "ref_step_s", "ours_peak_mb", "ref_peak_mb"):
+        assert 0 < row[key] < 1e4, key
+    assert row["speedup"] == pytest.approx(row["ref_step_s"] / row["ours_step_s"])
+    assert row["ours_loss"] == pytest.approx(row["ref_loss"], abs=1e-5)
+    assert row["environment"]["allocator"] and row["environment"]["torch"] == torch.__version__
+
+
+def _hf_grads_in_our_layout(hf: torch.nn.Module, tmp_path) -> dict[str, torch.Tensor]:
+    """HF's gradients renamed to our keys: written through save_pretrained as if they were weights."""
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.grad)
+    hf.save_pretrained(tmp_path)
+    return HF.to_ours(safetensors.torch.load_file(tmp_path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("size", [128, 224])  # at 224 the last two maps are padded to whole windows
+def test_both_sides_compute_the_same_training_step(size, tmp_path):
+    model = ours(NANO, img_size=size)
+    hf = hf_twin(model)
+    data = batch(model, 2, CPU)
+    losses = [loss_fn(m, data) for m, loss_fn in ((model, ours_loss), (hf, hf_loss))]
+    for loss in losses:
+        loss.backward()
+    assert losses[0].item() == pytest.approx(losses[1].item(), abs=1e-5)
+    expected = _hf_grads_in_our_layout(hf, tmp_path)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[name], atol=1e-5, rtol=1e-3), name
+
+
+def test_bf16_step_stays_near_fp32():
+    model = ours(NANO, img_size=128)
+    data = batch(model, 2, CPU)
+    with torch.no_grad():
+        fp32 = ours_loss(model, data).item()
+    assert training_step(model, ours_loss, data, "bf16")() == pytest.approx(fp32, rel=0.02)
+
+
+def test_dropout_paths_train():
+    model = ours(NANO, img_size=128, drop_rate=0.1, attn_drop_rate=0.1)
+    data = batch(model, 2, CPU)
+    assert np.isfinite(training_step(model, ours_loss, data, "fp32")())
+
+
+def test_peak_memory_counts_what_a_step_allocates():
+    def step():
+        a = torch.ones(2**20)  # 4 MiB, freed before b
+        del a
+        b = torch.ones(2**21)  # 8 MiB
+        return b.sum()
+
+    assert peak_memory(step, CPU) == pytest.approx(8 * 2**20, rel=0.01)
+
+
+def test_allocator_is_read_from_the_mapped_libraries(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n")
+    assert runtime.loaded_allocator(str(maps)) == "jemalloc"
+    maps.write_text("7f00 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert runtime.loaded_allocator(str(maps)) == "glibc malloc"
+    assert runtime.loaded_allocator(str(tmp_path / "missing")) == "glibc malloc"
+
+
+class _Exec(Exception):
+    pass
+
+
+def _fake_execve(path, argv, env):
+    raise _Exec(argv, env)
+
+
+def test_reexec_preloads_jemalloc_once(monkeypatch):
+    monkeypatch.setattr(runtime.os, "execve", _fake_execve)
+    monkeypatch.setattr(runtime, "find_jemalloc", lambda: "/lib/libjemalloc.so.2")
+    monkeypatch.setattr(runtime, "loaded_allocator", lambda: "glibc malloc")
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    for var in (runtime.OPT_OUT, "SIMMIM_REEXEC", "LD_PRELOAD", "MALLOC_CONF"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(_Exec) as call:
+        runtime.maybe_reexec_with_jemalloc()
+    argv, env = call.value.args
+    assert argv[1:] == runtime.sys.orig_argv[1:]
+    assert env["LD_PRELOAD"] == "/lib/libjemalloc.so.2" and env["MALLOC_CONF"] == runtime.JEMALLOC_CONF
+    monkeypatch.setenv("SIMMIM_REEXEC", "1")  # the re-executed process does not loop
+    runtime.maybe_reexec_with_jemalloc()
+    monkeypatch.delenv("SIMMIM_REEXEC")
+    monkeypatch.setenv(runtime.OPT_OUT, "1")
+    runtime.maybe_reexec_with_jemalloc()
