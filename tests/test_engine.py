@@ -352,25 +352,55 @@ def test_consecutive_non_finite_losses_stop_the_run_and_keep_the_last_good_check
     assert ckpt.load(out / "ckpt-00000002.pt")["step"] == 2
 
 
-def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(images, tmp_path):
-    out = tmp_path / "run"
-    overrides = settings("pretrain", images, out, "checkpoint.every_steps=1")
-    script = textwrap.dedent(f"""
-        import time, torch
-        from simmim.config import load_config
-        from simmim.engine import pretrain
-        real_save, calls = torch.save, []
-        def slow_save(obj, f, *args, **kwargs):
+# Where a SIGKILL lands in the second checkpoint's save: the hook hangs there until the kill.
+KILL_POINTS = {
+    # halfway through writing the temp file
+    "mid-write": """
+        real = torch.save
+        def hook(obj, f, *args, **kwargs):
             calls.append(1)
-            if len(calls) == 2:  # the second checkpoint: write part of it, then hang until killed
-                f.write(b"PK\\x03\\x04 a partial zip")
-                print("saving", flush=True)
-                time.sleep(120)
-            return real_save(obj, f, *args, **kwargs)
-        torch.save = slow_save
-        torch.set_num_threads(1)
-        pretrain(load_config("nano-pretrain", overrides={overrides!r}))
-    """)
+            if len(calls) == 2:
+                f.write(b"PK\\x03\\x04 a partial zip"); hang()
+            return real(obj, f, *args, **kwargs)
+        torch.save = hook
+    """,
+    # the temp file complete and fsynced, not yet renamed
+    "before-rename": """
+        import os
+        real = os.replace
+        def hook(src, dst):
+            if "ckpt-00000002" in str(dst): hang()
+            return real(src, dst)
+        os.replace = hook
+    """,
+    # renamed, the older checkpoint not yet deleted (keep=1)
+    "before-cleanup": """
+        import pathlib
+        real = pathlib.Path.unlink
+        def hook(self, *args, **kwargs):
+            if self.name == "ckpt-00000001.pt": hang()
+            return real(self, *args, **kwargs)
+        pathlib.Path.unlink = hook
+    """,
+}
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(images, tmp_path, point):
+    out = tmp_path / "run"
+    overrides = settings("pretrain", images, out, "checkpoint.every_steps=1", "checkpoint.keep=1")
+    script = "\n".join([
+        "import time, torch",
+        "from simmim.config import load_config",
+        "from simmim.engine import pretrain",
+        "calls = []",
+        "def hang():",
+        "    print('saving', flush=True)",
+        "    time.sleep(120)",
+        textwrap.dedent(KILL_POINTS[point]),
+        "torch.set_num_threads(1)",
+        f"pretrain(load_config('nano-pretrain', overrides={overrides!r}))",
+    ])
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             text=True)
@@ -382,10 +412,12 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(i
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-    assert any(p.name.endswith(".tmp") for p in out.iterdir())  # the interrupted write
-    assert [p.name for p in ckpt.list_checkpoints(out)] == ["ckpt-00000001.pt"]
-    assert ckpt.resume_path("auto", out) == out / "ckpt-00000001.pt"
-    assert ckpt.load(out / "ckpt-00000001.pt")["step"] == 1
+    newest = 2 if point == "before-cleanup" else 1
+    if point != "before-cleanup":
+        assert any(p.name.endswith(".tmp") for p in out.iterdir())  # the interrupted write
+    assert ckpt.list_checkpoints(out)[-1].name == f"ckpt-0000000{newest}.pt"
+    assert ckpt.resume_path("auto", out) == out / f"ckpt-0000000{newest}.pt"
+    assert ckpt.load(out / f"ckpt-0000000{newest}.pt")["step"] == newest
     resumed = pretrain(load_config("nano-pretrain", overrides=settings("pretrain", images, out, "schedule.epochs=1",
                                                                         "checkpoint.resume=auto")))
     assert resumed.steps == 4
