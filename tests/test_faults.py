@@ -103,6 +103,20 @@ def test_verify_data_names_every_unusable_file(tmp_path, capsys):
     assert main(["verify-data", str(root)]) == 0
 
 
+def test_images_smaller_than_the_crop_and_of_any_mode_train(tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.new("RGB", (3, 2), (200, 10, 10)).save(folder / "tiny.png")
+    Image.new("L", (90, 20), 128).save(folder / "gray.png")
+    Image.new("CMYK", (70, 70)).save(folder / "cmyk.jpg")
+    Image.new("P", (64, 64)).save(folder / "palette.gif")
+    Image.new("RGBA", (80, 64)).save(folder / "rgba.png")
+    Image.new("I;16", (66, 66)).save(folder / "sixteen.png")
+    result = pretrain(load_config("nano-pretrain", overrides=settings("pretrain", folder, tmp_path / "run",
+                                                                       "data.batch_size=2", "schedule.epochs=1")))
+    assert result.steps == 3 and not result.skipped_files
+
+
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     from simmim.data.datasets import UnreadableImage, load_rgb
 
