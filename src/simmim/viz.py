@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,57 +51,49 @@ def save_grid(panels: torch.Tensor, path: str | Path, titles: Sequence[str] = PA
     return path
 
 
-def save_curves(curves: dict[str, Sequence[float]], path: str | Path, xlabel: str = "step",
-                ylabel: str = "loss", title: str = "") -> Path:
-    """Line plot of named series as PNG (matplotlib, headless)."""
+@contextlib.contextmanager
+def _figure(path: str | Path, size: tuple[float, float], xlabel: str, ylabel: str, title: str):
+    """Yields the axes of a new headless matplotlib figure, then labels it and writes it as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for name, ys in curves.items():
-        ax.plot(np.arange(1, len(ys) + 1), ys, label=name)
+    fig, ax = plt.subplots(figsize=size, dpi=100)
+    yield ax
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-    return path
+
+
+def save_curves(curves: dict[str, Sequence[float]], path: str | Path, xlabel: str = "step",
+                ylabel: str = "loss", title: str = "") -> Path:
+    """Line plot of named series as PNG."""
+    with _figure(path, (6, 4), xlabel, ylabel, title) as ax:
+        for name, ys in curves.items():
+            ax.plot(np.arange(1, len(ys) + 1), ys, label=name)
+        ax.grid(alpha=0.3)
+    return Path(path)
 
 
 def save_bars(groups: dict[str, dict[str, tuple[float, float]]], path: str | Path, ylabel: str = "",
               title: str = "") -> Path:
-    """Grouped bar chart with error bars: {group: {bar: (value, spread)}} as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Grouped bar chart with error bars, {group: {bar: (value, spread)}}, as PNG."""
     bars = list(dict.fromkeys(b for group in groups.values() for b in group))
     width = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(bars) * len(groups)), 4), dpi=100)
-    for i, bar in enumerate(bars):
-        values = [groups[g].get(bar, (np.nan, 0.0)) for g in groups]
-        ax.bar(np.arange(len(groups)) + i * width, [v for v, _ in values], width, yerr=[e for _, e in values],
-               capsize=3, label=bar)
-    ax.set_xticks(np.arange(len(groups)) + width * (len(bars) - 1) / 2, list(groups))
-    lows = [v - e for group in groups.values() for v, e in group.values()]
-    ax.set_ylim(max(0.0, min(lows) - 5), None)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    with _figure(path, (max(6, 1.2 * len(bars) * len(groups)), 4), "", ylabel, title) as ax:
+        for i, bar in enumerate(bars):
+            values = [groups[g].get(bar, (np.nan, 0.0)) for g in groups]
+            ax.bar(np.arange(len(groups)) + i * width, [v for v, _ in values], width,
+                   yerr=[e for _, e in values], capsize=3, label=bar)
+        ax.set_xticks(np.arange(len(groups)) + width * (len(bars) - 1) / 2, list(groups))
+        lows = [v - e for group in groups.values() for v, e in group.values()]
+        ax.set_ylim(max(0.0, min(lows) - 5), None)
+        ax.grid(axis="y", alpha=0.3)
+    return Path(path)
