@@ -36,7 +36,8 @@ def _study(args: argparse.Namespace) -> None:
 
     from .study import ABLATIONS, StudySettings, quick, run_study
 
-    settings = StudySettings(Path(args.out), Path(args.work), ablations=ABLATIONS, extra=tuple(args.set))
+    settings = StudySettings(Path(args.out), Path(args.work), ablations=ABLATIONS, extra=tuple(args.set),
+                             only=args.only)
     run_study(quick(settings) if args.quick else settings)
 
 
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/results")
     p.add_argument("--work", default="runs/study", help="run folders and results.jsonl (resumable)")
     p.add_argument("--quick", action="store_true", help="a smoke-sized study on a few images")
+    p.add_argument("--only", choices=["main", "ablations"], help="run one part (e.g. in two processes); no report")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.set_defaults(func=_study)
 

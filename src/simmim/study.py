@@ -32,6 +32,9 @@ class StudySettings:
     ablations: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """(table row, overrides of the pretraining); see ABLATIONS."""
     extra: tuple[str, ...] = ()
+    only: str | None = None
+    """'main' or 'ablations' runs just that part and writes no report (two processes or machines can
+    share the work and results.jsonl); None runs what is missing of both and writes the report."""
 
 
 # the paper's ablations at 48 px
@@ -48,6 +51,7 @@ ABLATIONS = (
 
 
 def _done(results: Path) -> dict[str, dict]:
+    """The finished runs recorded in results.jsonl, by key."""
     if not results.is_file():
         return {}
     return {r["key"]: r for r in map(json.loads, results.read_text().splitlines())}
@@ -85,18 +89,18 @@ def run_study(s: StudySettings) -> dict:
         return done[key]["top1"]
 
     main: dict[str, dict[str, list[float]]] = {}
-    for seed in s.seeds:
+    for seed in s.seeds if s.only != "ablations" else ():
         checkpoint = pretrained(seed, "full", None, ())
         for budget in s.budgets:
             row = main.setdefault(budget[0], {"scratch": [], "simmim": []})
             row["scratch"].append(tuned(seed, "scratch", budget, None))
             row["simmim"].append(tuned(seed, "simmim", budget, checkpoint))
     ablations = {}
-    for name, overrides in s.ablations:
+    for name, overrides in s.ablations if s.only != "main" else ():
         slug = name.split(" (")[0].replace(" ", "-")
         checkpoint = pretrained(0, f"ablation-{slug}", s.ablation_pretrain_epochs, overrides)
         ablations[name] = tuned(0, f"ablation-{slug}", s.budgets[0], checkpoint)
-    return write_results(s, main, ablations)
+    return write_results(s, main, ablations) if s.only is None else {}
 
 
 def _stats(values: list[float]) -> dict:
