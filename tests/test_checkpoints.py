@@ -194,6 +194,7 @@ class Payload:
         return (os.system, ("touch PWNED_MARKER",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the bare pickle below is meant to be odd
 def test_checkpoint_carrying_a_callable_is_refused_without_running_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"model": {"x": Payload()}}, tmp_path / "evil.pth")
