@@ -8,7 +8,7 @@ where it stopped; the report is rebuilt from that file.
 from __future__ import annotations
 
 import json
-import platform
+import os
 import statistics
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .bench.report import cpu_model
 from .demo import DemoSettings, finetune_run, pretrain_run
 from .viz import save_bars
 
@@ -119,10 +120,10 @@ def write_results(s: StudySettings, main: dict, ablations: dict[str, float]) -> 
     save_bars({f"{s.budgets[0][0]} labels": bars}, s.out / "ablations.png", ylabel="test top-1 (%)",
               title=f"Ablations ({s.ablation_pretrain_epochs}-epoch pretraining)")
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " \
-        f"torch {torch.__version__}"
+    machine = f"{cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__}"
+    command = " ".join(["simmim study", *(f"--set {o}" for o in s.extra)])
     lines = ["# Study: SimMIM pretraining on Fashion-MNIST", "",
-             f"Produced by `make study` (`simmim study`) on {date}, {machine}. Test top-1 on the 10,000 "
+             f"Produced by `{command}` (report written {date}) on {machine}. Test top-1 on the 10,000 "
              f"Fashion-MNIST test images after the last fine-tuning epoch, mean ± standard deviation over seeds "
              f"{', '.join(map(str, s.seeds))} (each seed draws its own labelled subset, weights and pretraining).",
              "", "| labels | from scratch | SimMIM-pretrained | difference |", "|---|---|---|---|"]
