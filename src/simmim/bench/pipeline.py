@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from ..config import AugmentConfig
 from ..data.datasets import ImageFiles, MaskCollate, SeededSamples, derive_seed, loader_settings
 from ..data.masking import MaskGenerator
 from ..data.photos import PHOTOS, load_photo
-from ..data.transforms import pretrain_transform
+from ..engine.builders import train_transform
 
 
 def write_jpegs(folder: Path, quality: int = 90) -> list[Path]:
@@ -27,7 +28,8 @@ def write_jpegs(folder: Path, quality: int = 90) -> list[Path]:
 def _dataset(paths: list[Path], images: int, size: int) -> tuple[SeededSamples, list[tuple[int, int]]]:
     files = ImageFiles([(str(paths[i % len(paths)]), 0) for i in range(images)])
     keys = [(i, derive_seed(0, i)) for i in range(images)]
-    return SeededSamples(files, pretrain_transform(size)), keys
+    # the transform pretraining runs build (the augment defaults are the official pretraining recipe)
+    return SeededSamples(files, train_transform(AugmentConfig(), size)), keys
 
 
 def throughput(images: int = 128, size: int = 192, batch_size: int = 8, workers: int | None = None) -> dict:

@@ -9,16 +9,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def pretrain_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
-    """The official pretraining augmentation: RandomResizedCrop(0.67-1, 3/4-4/3), flip, normalize."""
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
-
-
 def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
     """Test transform: bicubic resize of the short side to size*256/224, center crop, normalize."""
     return T.Compose([
