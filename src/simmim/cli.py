@@ -41,18 +41,10 @@ def _study(args: argparse.Namespace) -> None:
     run_study(quick(settings) if args.quick else settings)
 
 
-def _load(args: argparse.Namespace):
-    from pathlib import Path
-
-    from .zoo.hub import get_model
-
-    return get_model(args.model, pretrained=args.weights or not Path(args.model).is_dir())
-
-
 def _predict(args: argparse.Namespace) -> None:
-    from .inference import class_names, inference_model
+    from .inference import class_names, inference_model, load_model
 
-    model = _load(args)
+    model = load_model(args.model, args.weights)
     if not hasattr(model, "num_classes"):
         raise ValueError(f"{args.model} is a pretraining model: use `simmim reconstruct` for it")
     names = class_names(model)
@@ -67,10 +59,10 @@ def _reconstruct(args: argparse.Namespace) -> None:
     import torch
     from torchvision.transforms.functional import to_tensor
 
-    from .inference import inference_model
+    from .inference import inference_model, load_model
     from .viz import save_grid
 
-    model = _load(args)
+    model = load_model(args.model, args.weights)
     if hasattr(model, "num_classes"):
         raise ValueError(f"{args.model} is a classifier: reconstructions need a pretraining model")
     result = inference_model(model, args.image, seed=args.seed)

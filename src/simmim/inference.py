@@ -59,6 +59,11 @@ def _to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray((t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
 
 
+def load_model(model: str | Path, weights: str | Path | None = None) -> nn.Module:
+    """A zoo name with its published weights (or `weights`), or an exported directory."""
+    return get_model(model, pretrained=weights or not Path(model).is_dir())
+
+
 @torch.no_grad()
 def inference_model(model: str | Path | nn.Module, images: ImageLike | Sequence[ImageLike],
                     weights: str | Path | None = None, device: str | torch.device = "cpu",
@@ -71,7 +76,7 @@ def inference_model(model: str | Path | nn.Module, images: ImageLike | Sequence[
     pretraining models: loss, mask (h x w, 1 = masked) and PIL images original / masked /
     reconstruction / pasted (reconstruction inside the masked patches, the original elsewhere)."""
     if not isinstance(model, nn.Module):
-        model = get_model(model, pretrained=weights or not Path(model).is_dir())
+        model = load_model(model, weights)
     model = model.to(device).eval()
     single = not isinstance(images, list | tuple)
     pil = [load_image(img) for img in ([images] if single else images)]
