@@ -94,7 +94,8 @@ def _export(args: argparse.Namespace) -> None:
 def _export_dataset(args: argparse.Namespace) -> None:
     from .data.export import export_dataset
 
-    counts = export_dataset(args.name, args.out_dir, limit_per_class=args.limit_per_class, verbose=True)
+    counts = export_dataset(args.name, args.out_dir, limit_per_class=args.limit_per_class, verbose=True,
+                            format=args.format, shard_size=args.shard_size)
     print(f"wrote {args.out_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
@@ -174,10 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="data folder (searched recursively) or list file")
     p.set_defaults(func=_verify_data)
 
-    p = sub.add_parser("export-dataset", help="write a built-in dataset as an ImageFolder tree")
-    p.add_argument("name", choices=["fashion-mnist", "photos"])
+    p = sub.add_parser("export-dataset", help="write a built-in dataset as an ImageFolder tree or WebDataset shards")
+    p.add_argument("name", help="fashion-mnist, photos, or (for --format webdataset) an image folder")
     p.add_argument("out_dir")
     p.add_argument("--limit-per-class", type=int)
+    p.add_argument("--format", choices=["folder", "webdataset"], default="folder")
+    p.add_argument("--shard-size", type=int, default=10_000, help="samples per tar shard (webdataset)")
     p.set_defaults(func=_export_dataset)
     return parser
 

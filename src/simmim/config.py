@@ -99,7 +99,9 @@ class DataConfig(_Section):
 
     path: str = ""
     """A folder (train/ and val/ with one subfolder per class; for pretraining also any folder of
-    images, searched recursively), a text file with one image path per line, or 'fashion-mnist'."""
+    images, searched recursively), a text file with one image path per line, 'fashion-mnist', or
+    WebDataset shards: a .tar, a brace pattern (train-{000000..000099}.tar) or a folder of .tar files
+    (also as DIR/train and DIR/val)."""
     batch_size: int = 128
     """Images per process and micro-step; the effective batch is this x processes x accumulation."""
     num_workers: int | None = None
@@ -113,10 +115,14 @@ class DataConfig(_Section):
     heldout_images: int = 256
     """Pretraining: held-out images (Fashion-MNIST's test split, or DIR/val) whose masked-pixel loss is
     measured after every epoch with fixed masks, and shown in the reconstruction grids; 0 turns it off."""
+    shuffle_buffer: int = 4096
+    """WebDataset shards: samples mixed at a time after the shard order is shuffled; larger mixes more,
+    smaller keeps reading closer to sequential."""
 
     def check(self) -> None:
         self.require(self.batch_size > 0, "batch_size", "a positive count")
         self.require(self.heldout_images >= 0, "heldout_images", "a count >= 0")
+        self.require(self.shuffle_buffer >= 1, "shuffle_buffer", "a positive count")
         self.require(self.max_images is None or self.max_images > 0, "max_images", "a positive count or none")
         self.require(self.num_workers is None or self.num_workers >= 0, "num_workers", "a count >= 0 or none")
         self.require(self.labels_per_class is None or self.labels_per_class > 0, "labels_per_class",

@@ -14,7 +14,7 @@ import random
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -53,8 +53,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decodes an image file as RGB, raising UnreadableImage for anything PIL cannot read."""
+def load_rgb(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """Decodes an image file (or an open binary file, e.g. a tar member's bytes) as RGB, raising
+    UnreadableImage, under `name` if given, for anything PIL cannot read."""
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; such a file is refused all the same
@@ -66,7 +67,7 @@ def load_rgb(path: str | Path) -> Image.Image:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         if isinstance(err, Image.DecompressionBombWarning | Image.DecompressionBombError):
             reason = f"decompression bomb refused ({reason})"
-        raise UnreadableImage(str(path), reason) from err
+        raise UnreadableImage(name or str(path), reason) from err
 
 
 class ImageFiles(Dataset):

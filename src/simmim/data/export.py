@@ -1,17 +1,23 @@
-"""Write the embedded datasets to disk as PNG folders that `torchvision.datasets.ImageFolder` reads."""
+"""Write the embedded datasets to disk as PNG folders that `torchvision.datasets.ImageFolder` reads, or
+them or an image folder as WebDataset tar shards."""
 
 from __future__ import annotations
 
+import io
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from simmim.data.datasets import IMAGE_SUFFIXES, ImageFiles, image_files, image_folder
 from simmim.data.fashion_mnist import CLASSES, load_fashion_mnist
 from simmim.data.photos import PHOTOS, load_photo
+from simmim.data.webdataset import write_shards
 
 DATASETS = ("fashion-mnist", "photos")
+FORMATS = ("folder", "webdataset")
 
 # ImageFolder numbers classes by sorted folder name; the plain names ("ankle_boot", "bag", ...) would
 # sort out of label order, so the two-digit label prefix makes folder index i equal label i.
@@ -66,22 +72,94 @@ def _export_photos(out_dir: Path, limit: int | None, verbose: bool) -> dict[str,
     return {"unlabeled": len(names)}
 
 
+Sample = tuple[str, dict[str, bytes]]
+
+
+def _png(pixels: np.ndarray | Image.Image) -> bytes:
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **_PNG_OPTIONS)
+    return buffer.getvalue()
+
+
+def _numbered(members: Iterator[dict[str, bytes]]) -> Iterator[Sample]:
+    """Samples keyed 0000000, 0000001, ... in order."""
+    return ((f"{n:07d}", sample) for n, sample in enumerate(members))
+
+
+def _fashion_mnist_splits(limit: int | None) -> dict[str, tuple[Iterator[Sample], list[str]]]:
+    splits = {}
+    for split, source in (("train", "train"), ("val", "test")):
+        images, labels = load_fashion_mnist(source)
+        members = ({"png": _png(images[i]), "cls": str(int(labels[i])).encode()}
+                   for i in _first_per_class(labels, limit))
+        splits[split] = _numbered(members), list(CLASSES)
+    return splits
+
+
+def _folder_samples(files: ImageFiles, labelled: bool) -> Iterator[Sample]:
+    """The files' bytes as they are (no re-encoding), with their class as .cls if labelled."""
+    for path, target in files.samples:
+        sample = {Path(path).suffix.lower().lstrip("."): Path(path).read_bytes()}
+        if labelled:
+            sample["cls"] = str(target).encode()
+        yield sample
+
+
+def _folder_splits(root: Path) -> dict[str, tuple[Iterator[Sample], list[str]]]:
+    """ROOT/train and ROOT/val if there are, else ROOT as train; a split whose images all sit in
+    subfolders is labelled by subfolder (ImageFolder), any other is unlabelled."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: expected fashion-mnist, photos or an image folder")
+    splits = {}
+    for split, folder in ({s: root / s for s in ("train", "val") if (root / s).is_dir()} or {"train": root}).items():
+        entries = list(folder.iterdir())
+        labelled = any(p.is_dir() for p in entries) and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in entries)
+        files = image_folder(folder) if labelled else image_files(folder)
+        splits[split] = _numbered(_folder_samples(files, labelled)), files.classes
+    return splits
+
+
+def export_shards(name: str, out_dir: str | Path, shard_size: int, limit_per_class: int | None = None,
+                  verbose: bool = False) -> dict[str, int]:
+    """Write fashion-mnist, photos or an image folder as WebDataset shards: `out_dir/<split>/<split>-000000.tar`
+    ... with `shardindex.json` (sample counts, class names) per split; returns the samples per split."""
+    if name == "fashion-mnist":
+        splits = _fashion_mnist_splits(limit_per_class)
+    elif name == "photos":
+        names = PHOTOS if limit_per_class is None else PHOTOS[:limit_per_class]
+        splits = {"train": (_numbered({"png": _png(load_photo(n))} for n in names), [])}
+    elif limit_per_class is not None:
+        raise ValueError("limit_per_class: only for fashion-mnist and photos")
+    else:
+        splits = _folder_splits(Path(name))
+    return {split: sum(write_shards(samples, Path(out_dir) / split, split, shard_size, classes, verbose))
+            for split, (samples, classes) in splits.items()}
+
+
 def export_dataset(
-    name: str, out_dir: str | Path, limit_per_class: int | None = None, verbose: bool = False
+    name: str, out_dir: str | Path, limit_per_class: int | None = None, verbose: bool = False,
+    format: str = "folder", shard_size: int = 10_000,
 ) -> dict[str, int]:
     """Write dataset `name` under `out_dir` and return the number of images per split.
 
     "fashion-mnist": `out_dir/{train,val}/<NN_class>/00001.png`, val being the official test split.
     "photos": `out_dir/<photo>.png`, one flat unlabeled folder (the photos count as a single class
-    for `limit_per_class`). `out_dir` must be absent or empty so no stale images from an earlier
-    export get mixed in."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    for `limit_per_class`). `format="webdataset"`: tar shards of `shard_size` samples instead (see
+    `export_shards`; `name` may then also be an image folder). `out_dir` must be absent or empty so
+    no stale images from an earlier export get mixed in."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+    if name not in DATASETS and format == "folder":
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} (or an image folder "
+                         "with --format webdataset)")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; remove it or choose another folder")
     if limit_per_class is not None and limit_per_class < 1:
         raise ValueError(f"limit_per_class={limit_per_class} must be at least 1")
+    if format == "webdataset":
+        return export_shards(name, out_dir, shard_size, limit_per_class, verbose)
     if name == "fashion-mnist":
         return _export_fashion_mnist(out_dir, limit_per_class, verbose)
     return _export_photos(out_dir, limit_per_class, verbose)

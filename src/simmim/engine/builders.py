@@ -15,6 +15,7 @@ from ..config import AugmentConfig, TrainConfig
 from ..data.datasets import EpochSampler, SeededSamples, image_files, image_folder, loader_settings
 from ..data.fashion_mnist import FashionMNIST, balanced_subset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, patch_posterize
+from ..data.webdataset import INDEX_NAME, ShardedImages, ShardSampler, looks_like_shards, sharded_images
 from ..zoo import build_model, get_spec
 from .distributed import DistEnv
 
@@ -25,6 +26,8 @@ def first(dataset: Dataset | None, count: int | None) -> Dataset | None:
     """The first `count` items of a dataset (all of it for None)."""
     if dataset is None or count is None or count >= len(dataset):
         return dataset
+    if isinstance(dataset, ShardedImages):  # stays sharded, so the sampler can keep reading shard by shard
+        return dataset.first(count)
     subset = Subset(dataset, range(count))
     if hasattr(dataset, "classes"):  # the label names survive the cut
         subset.classes = dataset.classes
@@ -64,11 +67,13 @@ def train_transform(aug: AugmentConfig, size: int) -> Callable:
 
 def unlabelled_source(path: str) -> Dataset:
     """Pretraining images: Fashion-MNIST's train split, DIR/train if there is one, else every image
-    below DIR, or the images of a list file."""
+    below DIR, or the images of a list file; WebDataset shards (a .tar, a brace pattern, a folder of
+    .tar files) where the path or DIR/train names them."""
     if path == FASHION_MNIST:
         return FashionMNIST("train")
     root = Path(path)
-    return image_files(root / "train" if (root / "train").is_dir() else root)
+    root = root / "train" if (root / "train").is_dir() else root
+    return sharded_images(str(root)) if looks_like_shards(root) else image_files(root)
 
 
 def heldout_source(path: str) -> Dataset | None:
@@ -77,7 +82,9 @@ def heldout_source(path: str) -> Dataset | None:
     if path == FASHION_MNIST:
         return FashionMNIST("test")
     val = Path(path) / "val"
-    return image_files(val) if val.is_dir() else None
+    if not val.is_dir():
+        return None
+    return sharded_images(val) if looks_like_shards(val) else image_files(val)
 
 
 def labelled_source(path: str, split: str, labels_per_class: int | None = None, seed: int = 0) -> Dataset:
@@ -93,6 +100,11 @@ def labelled_source(path: str, split: str, labels_per_class: int | None = None, 
     if not root.is_dir():
         raise FileNotFoundError(f"data.path: {root} not found; expected {path}/{split}/<class>/<images> "
                                 "(or --data fashion-mnist)")
+    if looks_like_shards(root):
+        if labels_per_class:
+            raise ValueError("data.labels_per_class: needs an image folder or fashion-mnist (WebDataset shards "
+                             "are read in shard order, not by class)")
+        return labelled_shards(root)
     dataset = image_folder(root)
     if labels_per_class:
         dataset = dataset.subset(balanced_subset(np.asarray(dataset.targets), labels_per_class, seed).tolist())
@@ -104,14 +116,28 @@ def eval_source(path: str) -> Dataset:
     if path == FASHION_MNIST:
         return FashionMNIST("test")
     root = Path(path)
-    return image_folder(root / "val" if (root / "val").is_dir() else root)
+    root = root / "val" if (root / "val").is_dir() else root
+    return labelled_shards(root) if looks_like_shards(root) else image_folder(root)
+
+
+def labelled_shards(root: Path) -> ShardedImages:
+    """Shards of labelled samples (.cls or .json labels) whose shard index names the classes."""
+    dataset = sharded_images(root)
+    if not dataset.classes:
+        raise ValueError(f"{root}: the shards name no classes ('classes' in {INDEX_NAME}, as simmim "
+                         "export-dataset writes it); classification needs them")
+    return dataset
 
 
 def train_loader(dataset: SeededSamples, collate: Callable, cfg: TrainConfig, env: DistEnv
                  ) -> tuple[DataLoader, EpochSampler]:
     """This rank's training loader; the sampler decides order, shards, resume position and seeds."""
-    sampler = EpochSampler(len(dataset), cfg.data.batch_size, env.rank, env.world_size, cfg.runtime.seed,
-                           shuffle=True, batch_multiple=cfg.optim.accumulation_steps)
+    if isinstance(dataset.source, ShardedImages):  # read shard by shard, mixed within a bounded buffer
+        sampler: EpochSampler = ShardSampler(dataset.source.counts, cfg.data.batch_size, env.rank, env.world_size,
+                                             cfg.runtime.seed, cfg.optim.accumulation_steps, cfg.data.shuffle_buffer)
+    else:
+        sampler = EpochSampler(len(dataset), cfg.data.batch_size, env.rank, env.world_size, cfg.runtime.seed,
+                               shuffle=True, batch_multiple=cfg.optim.accumulation_steps)
     if sampler.batches == 0:
         need = cfg.data.batch_size * env.world_size * cfg.optim.accumulation_steps
         raise ValueError(f"data.path: {len(dataset)} images are fewer than one step of {need} "
