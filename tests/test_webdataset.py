@@ -221,7 +221,7 @@ def test_export_writes_shards_that_webdataset_reads(tmp_path):
     index = json.loads((folder / shards.INDEX_NAME).read_text())
     assert [e["nsamples"] for e in index["shardlist"]] == [4, 2] and index["classes"] == ["cat", "dog"]
     ours = shards.sharded_images(folder)
-    theirs = list(wds.WebDataset([str(p) for p in ours.paths], shardshuffle=False, empty_check=False))
+    theirs = list(wds.WebDataset([str(p) for p in ours.paths], shardshuffle=False))
     assert [s["__key__"] for s in theirs] == [ours.read(i)[0] for i in range(6)] == [f"{i:07d}" for i in range(6)]
     files = sorted((tmp_path / "folder" / "train").rglob("*.png"))
     assert [s["png"] for s in theirs] == [p.read_bytes() for p in files]  # the files' bytes as they were
@@ -284,3 +284,17 @@ def test_finetuning_reads_exported_shards(tmp_path):
     with pytest.raises(ValueError, match="data.labels_per_class: needs an image folder"):
         finetune(load_config("nano-finetune", overrides=engine_settings(
             "finetune", str(tmp_path / "fm"), tmp_path / "run2", "data.labels_per_class=1")))
+
+
+def test_two_processes_with_loader_workers_stream_uneven_shards_in_lockstep(tmp_path):
+    from test_distributed import torchrun
+
+    tar_shards(tmp_path / "data", [5, 1, 8, 5], size=72)  # 19 samples: 10 and 9 a rank, 4 steps of 2
+    sets = [arg for s in ("data.num_workers=2", "runtime.tensorboard=false", "runtime.vis_every=0",
+                          "schedule.epochs=2", "data.shuffle_buffer=4") for arg in ("--set", s)]
+    run = torchrun(tmp_path, 2, "pretrain", "--preset", "nano-pretrain", "--data", str(tmp_path / "data"),
+                   "--batch-size", "2", "--out", str(tmp_path / "run"), *sets)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes (ddp) on cpu" in run.stdout and "threads, 2 loader workers)" in run.stdout
+    assert "4 steps/epoch x 2 epochs" in run.stdout and "epoch 2/2  step 4/4" in run.stdout
+    assert ckpt.load(tmp_path / "run" / "ckpt-00000008.pt")["world_size"] == 2
