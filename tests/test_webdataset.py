@@ -117,6 +117,8 @@ def test_counts_come_from_the_index_or_a_cached_scan(tmp_path, monkeypatch):
     (tmp_path / "s" / shards.INDEX_NAME).write_text(json.dumps(index))
     images = shards.sharded_images(tmp_path / "s")
     assert images.counts == [2, 5]
+    head = images.first(4)  # data.max_images
+    assert head.counts == [2, 2] and len(head) == 4 and head.read(3)[0] == "s00004"
     with pytest.raises(ValueError, match="part-000.tar: 3 samples, but its count says 2 \\(a stale shardindex.json"):
         images.read(0)
 
@@ -274,9 +276,14 @@ def test_pretraining_streams_shards_and_resumes_mid_epoch_bit_identically(tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_finetuning_reads_exported_shards(tmp_path):
+def test_exported_shards_pretrain_with_held_out_images_and_fine_tune(tmp_path):
     cli.main(["export-dataset", "fashion-mnist", str(tmp_path / "fm"), "--format", "webdataset",
               "--limit-per-class", "1", "--shard-size", "3"])
+    pretrain(load_config("nano-pretrain", overrides=engine_settings(
+        "pretrain", str(tmp_path / "fm"), tmp_path / "pre", "schedule.epochs=1", "data.heldout_images=6")))
+    records = [json.loads(line) for line in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records].count("train") == 2  # fm/train: 10 images; fm/val held out
+    assert [r for r in records if r["kind"] == "eval"][0]["heldout_loss"] > 0
     result = finetune(load_config("nano-finetune", overrides=engine_settings(
         "finetune", str(tmp_path / "fm"), tmp_path / "run", "schedule.epochs=1")))
     assert result.steps == 2  # 10 training images in batches of 4
