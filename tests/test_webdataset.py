@@ -121,6 +121,9 @@ def test_counts_come_from_the_index_or_a_cached_scan(tmp_path, monkeypatch):
     assert head.counts == [2, 2] and len(head) == 4 and head.read(3)[0] == "s00004"
     with pytest.raises(ValueError, match="part-000.tar: 3 samples, but its count says 2 \\(a stale shardindex.json"):
         images.read(0)
+    (tmp_path / "s" / shards.INDEX_NAME).write_text('{"shardlist": [{"url": "part-000.tar"}]}')
+    with pytest.raises(ValueError, match='shardindex.json: not a shard index \\(expected {"shardlist": \\[{"url"'):
+        shards.sharded_images(tmp_path / "s")
 
 
 # -- splitting, order and resume -----------------------------------------------------------------------

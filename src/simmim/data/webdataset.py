@@ -140,17 +140,19 @@ def scan_shard(path: str | Path) -> tuple[list[tuple[str, Members]], str | None]
     return samples, None
 
 
-def _index_entries(folder: Path) -> dict[str, dict[str, Any]]:
-    """The shardlist of `folder/shardindex.json` by shard file name ({} when there is none)."""
+def read_index(folder: Path) -> dict[str, Any]:
+    """`folder/shardindex.json` ({} when there is none)."""
     index = folder / INDEX_NAME
     if not index.is_file():
         return {}
     try:
-        entries = json.loads(index.read_text())["shardlist"]
-        return {Path(entry["url"]).name: entry for entry in entries}
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{index}: not a shard index (expected {{'shardlist': [{{'url', 'nsamples'}}, ...]}}; "
-                         f"{type(err).__name__}: {err})") from None
+        content = json.loads(index.read_text())
+        if all(isinstance(e, dict) and {"url", "nsamples"} <= e.keys() for e in content["shardlist"]):
+            return content
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise ValueError(f"{index}: not a shard index "
+                     '(expected {"shardlist": [{"url": ..., "nsamples": ...}, ...]})')
 
 
 def _cache_file() -> Path:
@@ -171,7 +173,7 @@ def shard_counts(paths: Sequence[Path]) -> list[int]:
         stat = path.stat()
         folder = path.parent
         if folder not in indexes:
-            indexes[folder] = _index_entries(folder)
+            indexes[folder] = {Path(e["url"]).name: e for e in read_index(folder).get("shardlist", [])}
         entry = indexes[folder].get(path.name)
         if entry is not None and entry.get("filesize", stat.st_size) == stat.st_size:
             counts.append(int(entry["nsamples"]))
@@ -256,26 +258,32 @@ class ShardedImages(Dataset):
             os.close(self._open.popitem(last=False)[1][0])
         return self._open[shard]
 
-    def read(self, index: int) -> tuple[str, dict[str, bytes]]:
-        """Sample `index` undecoded: its key and the bytes of each member by extension."""
+    def _sample(self, index: int) -> tuple[str, str, Members, int]:
+        """Sample `index` as (name SHARD:KEY, key, its members, the shard's open file)."""
         shard, position = self.locate(index)
         fd, samples, damage = self._shard(shard)
         if position >= len(samples):
             raise UnreadableImage(f"{self.paths[shard]}#{position}", damage or "sample missing")
         key, members = samples[position]
+        return f"{self.paths[shard]}:{key}", key, members, fd
+
+    def read(self, index: int) -> tuple[str, dict[str, bytes]]:
+        """Sample `index` undecoded: its key and the bytes of each member by extension."""
+        _, key, members, fd = self._sample(index)
         return key, {ext: os.pread(fd, size, offset) for ext, (offset, size) in members.items()}
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        key, members = self.read(index)
-        name = f"{self.paths[self.locate(index)[0]]}:{key}"
-        ext = next((e for e in members if e in IMAGE_EXTENSIONS), None)
-        if ext is None:
+        name, _, members, fd = self._sample(index)
+        image = next((ext for ext in members if ext in IMAGE_EXTENSIONS), None)
+        if image is None:
             raise UnreadableImage(name, f"no image member (extensions: {', '.join(sorted(members)) or 'none'})")
+        # only the image and the label are read: other members (captions, features) may be large
+        data = {ext: os.pread(fd, members[ext][1], members[ext][0]) for ext in (image, "cls", "json") if ext in members}
         try:
-            label = label_of(members)
+            label = label_of(data)
         except (ValueError, UnicodeDecodeError) as err:
             raise UnreadableImage(name, f"unreadable label ({err})") from None
-        return load_rgb(io.BytesIO(members[ext]), name=f"{name}.{ext}"), 0 if label is None else label
+        return load_rgb(io.BytesIO(data[image]), name=f"{name}.{image}"), 0 if label is None else label
 
     def __getstate__(self) -> dict[str, Any]:  # open files do not travel to spawned workers
         return {**self.__dict__, "_open": OrderedDict()}
@@ -291,11 +299,7 @@ def sharded_images(spec: str | Path | Sequence[str | Path]) -> ShardedImages:
     """ShardedImages of a .tar, a brace pattern, a folder of shards or a list; class names from the
     shard index when it has them."""
     paths = shard_paths(spec)
-    classes: list[str] = []
-    index = paths[0].parent / INDEX_NAME
-    if index.is_file():
-        classes = list(json.loads(index.read_text()).get("classes", []))
-    return ShardedImages(paths, shard_counts(paths), classes)
+    return ShardedImages(paths, shard_counts(paths), read_index(paths[0].parent).get("classes", []))
 
 
 # -- the order of an epoch -----------------------------------------------------------------------------
