@@ -19,6 +19,7 @@ from simmim import cli
 from simmim.config import load_config
 from simmim.data import webdataset as shards
 from simmim.data.datasets import SeededSamples
+from simmim.data.verify import verify_images
 from simmim.data.webdataset import ShardedImages, ShardSampler, buffer_shuffle, expand_braces, shard_paths
 from simmim.engine import checkpointing as ckpt
 from simmim.engine import evaluate, finetune, pretrain
@@ -208,6 +209,9 @@ def test_damaged_samples_are_skipped_and_named(tmp_path):
         images[2]
     with pytest.raises(shards.UnreadableImage, match="damaged tar after 3 samples \\(unexpected end of data"):
         images[7]
+    report = verify_images(folder, progress_every=0)  # simmim verify-data
+    assert report.checked == 8 and [name for name, _ in report.bad] == [
+        f"{a}:bad.png", f"{a}:text", f"{b}:bad.png", f"{b}:text", f"{b}#3"]
 
 
 # -- writer and the webdataset package ------------------------------------------------------------------

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("verify-data", help="decode every image of a dataset; name the unusable ones and why")
-    p.add_argument("path", help="data folder (searched recursively) or list file")
+    p.add_argument("path", help="data folder (searched recursively), list file or WebDataset shards")
     p.set_defaults(func=_verify_data)
 
     p = sub.add_parser("export-dataset", help="write a built-in dataset as an ImageFolder tree or WebDataset shards")
