@@ -1,5 +1,5 @@
 """Write the embedded datasets to disk as PNG folders that `torchvision.datasets.ImageFolder` reads, or
-them or an image folder as WebDataset tar shards."""
+them (or any image folder) as WebDataset tar shards."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from simmim.data.webdataset import write_shards
 
 DATASETS = ("fashion-mnist", "photos")
 FORMATS = ("folder", "webdataset")
+Sample = tuple[str, dict[str, bytes]]  # a WebDataset sample: key, {extension: bytes}
 
 # ImageFolder numbers classes by sorted folder name; the plain names ("ankle_boot", "bag", ...) would
 # sort out of label order, so the two-digit label prefix makes folder index i equal label i.
@@ -70,9 +71,6 @@ def _export_photos(out_dir: Path, limit: int | None, verbose: bool) -> dict[str,
     if verbose:
         print(f"photos: {len(names)} images written to {out_dir}", flush=True)
     return {"unlabeled": len(names)}
-
-
-Sample = tuple[str, dict[str, bytes]]
 
 
 def _png(pixels: np.ndarray | Image.Image) -> bytes:

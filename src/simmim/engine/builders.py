@@ -73,7 +73,7 @@ def unlabelled_source(path: str) -> Dataset:
         return FashionMNIST("train")
     root = Path(path)
     root = root / "train" if (root / "train").is_dir() else root
-    return sharded_images(str(root)) if looks_like_shards(root) else image_files(root)
+    return sharded_images(root) if looks_like_shards(root) else image_files(root)
 
 
 def heldout_source(path: str) -> Dataset | None:
