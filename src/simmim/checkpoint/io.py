@@ -109,6 +109,10 @@ class _ErrorRecordingWriter:
         """Flush the wrapped file (torch.save calls this when it finishes)."""
         self._file.flush()
 
+    def tell(self) -> int:
+        """The wrapped file's position (tarfile asks for it)."""
+        return self._file.tell()
+
 
 def _fsync_directory(directory: Path) -> None:
     """fsync a directory so a rename inside it survives a power loss (POSIX only)."""
@@ -123,8 +127,9 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: PathLike, write: Callable[[_ErrorRecordingWriter], None]) -> None:
-    """Write via `write` to a temp file next to `path`, fsync it, then rename it onto `path`."""
+def atomic_write(path: PathLike, write: Callable[[_ErrorRecordingWriter], None], what: str = "checkpoint") -> None:
+    """Write via `write` to a temp file next to `path`, fsync it, then rename it onto `path`: readers see
+    the old file or the whole new one. Failures are one line, "could not save <what> <path>: ..."."""
     target = Path(path)
     # Same directory, so os.replace is an atomic rename on one filesystem; a random name, so concurrent
     # writers never share a temp file; "x" mode so the file mode follows the umask like a plain open.
@@ -144,11 +149,11 @@ def _atomic_write(path: PathLike, write: Callable[[_ErrorRecordingWriter], None]
             os.unlink(tmp)
         if isinstance(exc, OSError):
             reason = exc.strerror or str(exc)
-            raise OSError(exc.errno, f"could not save checkpoint {target}: {reason}") from exc
+            raise OSError(exc.errno, f"could not save {what} {target}: {reason}") from exc
         if isinstance(exc, Exception):
             first_line = (str(exc).splitlines() or [""])[0]
             raise RuntimeError(
-                f"could not save checkpoint {target}: {type(exc).__name__}: {first_line}"
+                f"could not save {what} {target}: {type(exc).__name__}: {first_line}"
             ) from exc
         raise  # KeyboardInterrupt and friends: cleaned up, passed on unchanged
     _fsync_directory(target.parent)
@@ -156,14 +161,14 @@ def _atomic_write(path: PathLike, write: Callable[[_ErrorRecordingWriter], None]
 
 def atomic_save(obj: Any, path: PathLike) -> None:
     """torch.save `obj` to `path` atomically: readers see the old file or the whole new one, never a mix."""
-    _atomic_write(path, lambda writer: torch.save(obj, writer))
+    atomic_write(path, lambda writer: torch.save(obj, writer))
 
 
 def atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], path: PathLike, metadata: dict[str, str] | None = None
 ) -> None:
     """Save `tensors` (and string `metadata`) as a safetensors file at `path` atomically."""
-    _atomic_write(path, lambda writer: writer.write(safetensors.torch.save(tensors, metadata=metadata)))
+    atomic_write(path, lambda writer: writer.write(safetensors.torch.save(tensors, metadata=metadata)))
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:

@@ -31,7 +31,7 @@ import os
 import re
 import tarfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..checkpoint.io import atomic_write
 from .datasets import EpochSampler, UnreadableImage, derive_seed, load_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "pnm", "bmp", "gif", "tif", "tiff")
@@ -191,7 +192,7 @@ def shard_counts(paths: Sequence[Path]) -> list[int]:
         with contextlib.suppress(OSError):  # only a cache: a read-only home just means scanning again
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps(cache)
-            write_atomically(cache_path, lambda file: file.write(text.encode()))
+            atomic_write(cache_path, lambda file: file.write(text.encode()), "shard count cache")
     return counts
 
 
@@ -347,21 +348,6 @@ class ShardSampler(EpochSampler):
 
 # -- writing -------------------------------------------------------------------------------------------
 
-def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Writes a file through `write` into a temporary file beside it, then fsync and rename: readers
-    never see half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def write_tar(file: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
     """An uncompressed tar of samples (key, {extension: bytes}); times fixed, so equal input gives equal bytes."""
     with tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -386,7 +372,7 @@ def write_shards(samples: Iterable[tuple[str, dict[str, bytes]]], folder: str | 
     samples = iter(samples)
     while batch := list(itertools.islice(samples, shard_size)):
         path = folder / f"{prefix}-{len(entries):06d}.tar"
-        write_atomically(path, lambda file, batch=batch: write_tar(file, batch))
+        atomic_write(path, lambda file, batch=batch: write_tar(file, batch), "shard")
         entries.append({"url": path.name, "nsamples": len(batch), "filesize": path.stat().st_size})
         if verbose:
             print(f"{path}: {len(batch)} samples", flush=True)
@@ -394,5 +380,5 @@ def write_shards(samples: Iterable[tuple[str, dict[str, bytes]]], folder: str | 
     if classes:
         index["classes"] = list(classes)
     text = json.dumps(index, indent=1) + "\n"
-    write_atomically(folder / INDEX_NAME, lambda file: file.write(text.encode()))
+    atomic_write(folder / INDEX_NAME, lambda file: file.write(text.encode()), "shard index")
     return [entry["nsamples"] for entry in entries]
