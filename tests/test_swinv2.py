@@ -9,15 +9,20 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import randomize_
+from test_engine import NO_AUGMENT, make_image_folder, settings
 
 from simmim.checkpoint.convert import convert
 from simmim.checkpoint.formats import HF, OFFICIAL
 from simmim.checkpoint.transfer import load_weights, read_checkpoint
+from simmim.config import load_config
+from simmim.engine import checkpointing as ckpt
+from simmim.engine import finetune, pretrain
 from simmim.engine.optim import layer_id, param_groups
 from simmim.models import Classifier, SimMIM, SwinTransformerV2, SwinV2Config
 from simmim.models.swin import Windows
 from simmim.models.swinv2 import log_spaced_coords
 from simmim.zoo import SPECS, build_model, get_spec, measure
+from simmim.zoo.hub import export, load_directory
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -208,3 +213,30 @@ def test_parameter_groups_follow_the_official_swinv2_recipe():
     assert layer_id("encoder.layers.2.blocks.1.attn.cpb_mlp.0.weight", model.encoder) == 2 + 1 + 1
     assert layer_id("encoder.layers.1.downsample.norm.weight", model.encoder) == 2
     assert math.isclose(next(g["lr_scale"] for g in groups if g["layer"] == 0), 0.9 ** 6)
+
+
+def test_engine_pretrains_swinv2_and_fine_tunes_from_it(tmp_path):
+    data = make_image_folder(tmp_path / "images", train_per_class=4, val_per_class=1, size=64)
+    overrides = ("schedule.epochs=1", *NO_AUGMENT)
+    cfg = load_config("nano-pretrain", overrides=settings(
+        "pretrain", data, tmp_path / "p", "model.name=simmim_swinv2-nano_test-64px", *overrides))
+    result = pretrain(cfg)  # 8 images, batch 4
+    assert result.steps == 2 and result.skipped_steps == 0
+    cfg = load_config("nano-finetune", overrides=settings(
+        "finetune", data, tmp_path / "f", "model.name=swinv2-nano_test-64px", f"model.pretrained={result.checkpoint}",
+        "augment.mixup=0", "augment.cutmix=0", *overrides))
+    assert finetune(cfg).steps == 2
+    key = "encoder.layers.2.blocks.1.attn.cpb_mlp.0.weight"
+    pretrained, tuned = ckpt.load(result.checkpoint)["model"][key], ckpt.load(tmp_path / "f" / "ckpt-00000002.pt")
+    assert pretrained.shape == tuned["model"][key].shape and not torch.equal(pretrained, tuned["model"][key])
+
+
+def test_an_exported_swinv2_outside_the_zoo_rebuilds_from_its_config(tmp_path):
+    encoder = SwinTransformerV2(SwinV2Config(**SMALL, img_size=64, window_size=4, pretrained_window_sizes=(8, 4, 2, 1),
+                                             extra_norm_period=2))
+    model = randomize_(Classifier(encoder, num_classes=3)).eval()
+    loaded = load_directory(export(model, tmp_path / "model"))
+    assert isinstance(loaded.encoder, SwinTransformerV2) and loaded.encoder.cfg == encoder.cfg
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
