@@ -224,8 +224,9 @@ def test_engine_pretrains_swinv2_and_fine_tunes_from_it(tmp_path):
     assert result.steps == 2 and result.skipped_steps == 0
     cfg = load_config("nano-finetune", overrides=settings(
         "finetune", data, tmp_path / "f", "model.name=swinv2-nano_test-64px", f"model.pretrained={result.checkpoint}",
-        "augment.mixup=0", "augment.cutmix=0", *overrides))
-    assert finetune(cfg).steps == 2
+        "model.window_size=8", "model.pretrained_window_sizes=4,4,4,2", "augment.mixup=0", "augment.cutmix=0",
+        *overrides))
+    assert finetune(cfg).steps == 2  # at window 8 from window-4 weights
     key = "encoder.layers.2.blocks.1.attn.cpb_mlp.0.weight"
     pretrained, tuned = ckpt.load(result.checkpoint)["model"][key], ckpt.load(tmp_path / "f" / "ckpt-00000002.pt")
     assert pretrained.shape == tuned["model"][key].shape and not torch.equal(pretrained, tuned["model"][key])
