@@ -241,3 +241,14 @@ def test_an_exported_swinv2_outside_the_zoo_rebuilds_from_its_config(tmp_path):
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(0)
+        cfg = SwinV2Config(**SMALL, img_size=64, window_size=4, use_mask_token=True, use_checkpoint=use_checkpoint)
+        model = randomize_(SimMIM(SwinTransformerV2(cfg))).train()
+        model(torch.ones(2, 3, 64, 64), model.random_mask(2, np.random.default_rng(0))).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
