@@ -64,6 +64,9 @@ class ModelConfig(_Section):
     """Input resolution; None keeps the zoo model's."""
     window_size: int | None = None
     """Swin window; None keeps the zoo model's."""
+    pretrained_window_sizes: tuple[int, ...] | None = None
+    """SwinV2: per stage, the windows of the pretraining whose weights fine-tune at `window_size`
+    (e.g. 12,12,12,6); None keeps the zoo model's."""
     drop_path_rate: float | None = None
     """Stochastic depth of the last block; None keeps the zoo model's."""
     num_classes: int | None = None

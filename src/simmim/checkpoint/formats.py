@@ -79,8 +79,12 @@ class Format:
 _CLASSIFIER_OWN = re.compile(r"^(head|fc_norm)\.")
 
 
+# some released SimMIM SwinV2 weights name the bias MLP `rpe_mlp` (microsoft/Swin-Transformer#271, #273)
+_RPE_MLP = re.compile(r"\.attn\.rpe_mlp\.")
+
+
 def _official_to_ours(state: StateDict) -> StateDict:
-    state = {k: v for k, v in state.items() if not DROPPED_KEYS.search(k)}
+    state = {_RPE_MLP.sub(".attn.cpb_mlp.", k): v for k, v in state.items() if not DROPPED_KEYS.search(k)}
     if any(k.startswith("encoder.") for k in state):
         return state
     return {(k if _CLASSIFIER_OWN.match(k) else "encoder." + k): v for k, v in state.items()}
@@ -128,33 +132,59 @@ def _split_qkv(state: StateDict) -> StateDict:
 
 
 _BLOCK = r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
-_HF_BLOCK = r"swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\."
 _WB = r"(weight|bias)"
-HF_RENAMES = (
-    Rename(r"encoder\.mask_token", r"swin\.embeddings\.mask_token"),
-    Rename(r"encoder\.patch_embed\.proj\." + _WB, r"swin\.embeddings\.patch_embeddings\.projection\." + _WB),
-    Rename(r"encoder\.patch_embed\.norm\." + _WB, r"swin\.embeddings\.norm\." + _WB),
-    Rename(r"encoder\.absolute_pos_embed", r"swin\.embeddings\.position_embeddings"),
-    Rename(_BLOCK + r"norm1\." + _WB, _HF_BLOCK + r"layernorm_before\." + _WB),
-    Rename(_BLOCK + r"norm2\." + _WB, _HF_BLOCK + r"layernorm_after\." + _WB),
-    Rename(_BLOCK + r"attn\.relative_position_bias_table",
-           _HF_BLOCK + r"attention\.self\.relative_position_bias_table"),
-    Rename(_BLOCK + r"attn\.(query|key|value)\." + _WB, _HF_BLOCK + r"attention\.self\.(query|key|value)\." + _WB),
-    Rename(_BLOCK + r"attn\.proj\." + _WB, _HF_BLOCK + r"attention\.output\.dense\." + _WB),
-    Rename(_BLOCK + r"mlp\.fc1\." + _WB, _HF_BLOCK + r"intermediate\.dense\." + _WB),
-    Rename(_BLOCK + r"mlp\.fc2\." + _WB, _HF_BLOCK + r"output\.dense\." + _WB),
-    Rename(r"encoder\.layers\.(\d+)\.downsample\.(reduction|norm)\." + _WB,
-           r"swin\.encoder\.layers\.(\d+)\.downsample\.(reduction|norm)\." + _WB),
-    Rename(r"encoder\.norm\." + _WB, r"swin\.layernorm\." + _WB),
-    Rename(r"decoder\.0\." + _WB, r"decoder\.0\." + _WB),
-    Rename(r"head\." + _WB, r"classifier\." + _WB),
-)
-HF = Format(
-    "hf",
-    lambda s: any(k.startswith("swin.") for k in s),
-    lambda s: _merge_qkv(_rename(s, HF_RENAMES, True, "hf")),
-    lambda s: _rename(_split_qkv(s), HF_RENAMES, False, "hf"),
-)
+
+
+def _hf_renames(model: str, attention: tuple[tuple[str, str], ...]) -> tuple[Rename, ...]:
+    """HF's layout under its model prefix (`swin`, `swinv2`): the renames both generations share
+    and the attention's own, given as (ours, theirs) suffixes of a block's keys."""
+    p = model + r"\."
+    hf_block = p + r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
+    return (
+        *(Rename(_BLOCK + ours, hf_block + theirs) for ours, theirs in attention),
+        Rename(r"encoder\.mask_token", p + r"embeddings\.mask_token"),
+        Rename(r"encoder\.patch_embed\.proj\." + _WB, p + r"embeddings\.patch_embeddings\.projection\." + _WB),
+        Rename(r"encoder\.patch_embed\.norm\." + _WB, p + r"embeddings\.norm\." + _WB),
+        Rename(r"encoder\.absolute_pos_embed", p + r"embeddings\.position_embeddings"),
+        Rename(_BLOCK + r"norm1\." + _WB, hf_block + r"layernorm_before\." + _WB),
+        Rename(_BLOCK + r"norm2\." + _WB, hf_block + r"layernorm_after\." + _WB),
+        Rename(_BLOCK + r"attn\.(query|key|value)\." + _WB, hf_block + r"attention\.self\.(query|key|value)\." + _WB),
+        Rename(_BLOCK + r"attn\.proj\." + _WB, hf_block + r"attention\.output\.dense\." + _WB),
+        Rename(_BLOCK + r"mlp\.fc1\." + _WB, hf_block + r"intermediate\.dense\." + _WB),
+        Rename(_BLOCK + r"mlp\.fc2\." + _WB, hf_block + r"output\.dense\." + _WB),
+        Rename(r"encoder\.layers\.(\d+)\.downsample\.(reduction|norm)\." + _WB,
+               p + r"encoder\.layers\.(\d+)\.downsample\.(reduction|norm)\." + _WB),
+        Rename(r"encoder\.norm\." + _WB, p + r"layernorm\." + _WB),
+        Rename(r"decoder\.0\." + _WB, r"decoder\.0\." + _WB),
+        Rename(r"head\." + _WB, r"classifier\." + _WB),
+    )
+
+
+HF_SWIN_RENAMES = _hf_renames("swin", (
+    (r"attn\.relative_position_bias_table", r"attention\.self\.relative_position_bias_table"),
+))
+# V2: HF's query/value biases are the official q_bias/v_bias (there is no key bias); these come first,
+# before the generic query/key/value rename whose qkv merge needs all three
+HF_SWINV2_RENAMES = _hf_renames("swinv2", (
+    (r"attn\.q_bias", r"attention\.self\.query\.bias"),
+    (r"attn\.v_bias", r"attention\.self\.value\.bias"),
+    (r"attn\.logit_scale", r"attention\.self\.logit_scale"),
+    (r"attn\.cpb_mlp\.(\d+)\." + _WB, r"attention\.self\.continuous_position_bias_mlp\.(\d+)\." + _WB),
+))
+
+
+def _hf_to_ours(state: StateDict) -> StateDict:
+    v2 = any(k.startswith("swinv2.") for k in state)
+    return _merge_qkv(_rename(state, HF_SWINV2_RENAMES if v2 else HF_SWIN_RENAMES, True, "hf"))
+
+
+def _hf_from_ours(state: StateDict) -> StateDict:
+    v2 = any(".attn.cpb_mlp." in k for k in state)
+    return _rename(_split_qkv(state), HF_SWINV2_RENAMES if v2 else HF_SWIN_RENAMES, False, "hf")
+
+
+# one HF format for both Swin generations: the model prefix (`swin.` / `swinv2.`) tells them apart
+HF = Format("hf", lambda s: any(k.startswith(("swin.", "swinv2.")) for k in s), _hf_to_ours, _hf_from_ours)
 
 
 # ---- mmpretrain (backbone./neck./head.; PatchMerging channels in nn.Unfold order)
@@ -220,4 +250,4 @@ def detect_format(state: StateDict) -> Format:
         if fmt.detect(state):
             return fmt
     raise ValueError(f"unrecognised checkpoint layout (first keys: {', '.join(list(state)[:5])}); expected official "
-                     "SimMIM (encoder.*), mmpretrain (backbone.*) or HF transformers (swin.*) keys")
+                     "SimMIM (encoder.*), mmpretrain (backbone.*) or HF transformers (swin.*, swinv2.*) keys")

@@ -42,6 +42,7 @@ def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module
     """The pure model of a run (SimMIM or Classifier) with random weights."""
     m = cfg.model
     overrides = {k: v for k, v in (("img_size", m.img_size), ("window_size", m.window_size),
+                                   ("pretrained_window_sizes", m.pretrained_window_sizes),
                                    ("drop_path_rate", m.drop_path_rate)) if v is not None}
     if cfg.runtime.activation_checkpointing:
         overrides["use_checkpoint"] = True

@@ -3,7 +3,8 @@
 from .classifier import Classifier
 from .simmim import SimMIM, SimMIMOutput, masked_reconstruction_loss
 from .swin import SwinConfig, SwinTransformer
+from .swinv2 import SwinTransformerV2, SwinV2Config
 from .vit import VisionTransformer, ViTConfig
 
-__all__ = ["Classifier", "SimMIM", "SimMIMOutput", "SwinConfig", "SwinTransformer", "ViTConfig",
-           "VisionTransformer", "masked_reconstruction_loss"]
+__all__ = ["Classifier", "SimMIM", "SimMIMOutput", "SwinConfig", "SwinTransformer", "SwinTransformerV2",
+           "SwinV2Config", "ViTConfig", "VisionTransformer", "masked_reconstruction_loss"]

@@ -222,8 +222,18 @@ class SwinBlock(nn.Module):
         return x + self.drop_path(self.mlp(x, self.norm2))
 
 
+def merge_neighbours(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H/2, W/2, 4C): each 2x2 neighbourhood concatenated in the official order
+    x00, x10, x01, x11, an odd map zero-padded first."""
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+    # one copy: (B, H/2, row, W/2, col, C) -> (B, H/2, W/2, col, row, C) is the x00, x10, x01, x11 order
+    return x.view(b, (h + 1) // 2, 2, (w + 1) // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+
+
 class PatchMerging(nn.Module):
-    """2x2 neighbourhood concatenation (official order x00, x10, x01, x11), LayerNorm, linear 4C -> 2C."""
+    """2x2 neighbourhood concatenation, LayerNorm, linear 4C -> 2C."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -231,16 +241,14 @@ class PatchMerging(nn.Module):
         self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
-        if h % 2 or w % 2:
-            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-        # one copy: (B, H/2, row, W/2, col, C) -> (B, H/2, W/2, col, row, C) is the x00, x10, x01, x11 order
-        x = x.view(b, (h + 1) // 2, 2, (w + 1) // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
-        return self.reduction(self.norm(x))
+        return self.reduction(self.norm(merge_neighbours(x)))
 
 
 class SwinStage(nn.Module):
-    """Blocks of one resolution, alternating regular and shifted windows, then optional merging."""
+    """Blocks of one resolution, alternating regular and shifted windows, then optional merging.
+    Subclasses (Swin V2) change the blocks and the merging through `make_block` and `merging`."""
+
+    merging: type[nn.Module] = PatchMerging
 
     def __init__(self, stage: int, cfg: SwinConfig, drop_paths: list[float], downsample: bool):
         super().__init__()
@@ -250,10 +258,15 @@ class SwinStage(nn.Module):
         self.window, self.shift, self.pad_small_map = window, shift, cfg.pad_small_map
         self.use_checkpoint = cfg.use_checkpoint
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, cfg.num_heads[stage], window, 0 if i % 2 == 0 else shift, cfg, drop_paths[i])
+            self.make_block(stage, i, window, 0 if i % 2 == 0 else shift, cfg, drop_paths[i])
             for i in range(cfg.depths[stage])
         )
-        self.downsample = PatchMerging(dim) if downsample else None
+        self.downsample = self.merging(dim) if downsample else None
+
+    def make_block(self, stage: int, index: int, window: int, shift: int, cfg: SwinConfig,
+                   drop_path: float) -> nn.Module:
+        """Block `index` of stage `stage`."""
+        return SwinBlock(cfg.embed_dim * 2**stage, cfg.num_heads[stage], window, shift, cfg, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
@@ -276,6 +289,8 @@ class SwinTransformer(nn.Module):
     """Swin V1 encoder: (B,3,H,W) [+ mask (B,H/p,W/p)] -> normalized feature map (B, C, H/s, W/s),
     with s = `encoder_stride` (32 for four stages)."""
 
+    stage: type[SwinStage] = SwinStage
+
     def __init__(self, cfg: SwinConfig):
         super().__init__()
         self.cfg = cfg
@@ -289,7 +304,7 @@ class SwinTransformer(nn.Module):
         rates = linear_rates(cfg.drop_path_rate, sum(cfg.depths))
         starts = [sum(cfg.depths[:i]) for i in range(len(cfg.depths))]
         self.layers = nn.ModuleList(
-            SwinStage(i, cfg, rates[starts[i]: starts[i] + d], downsample=i < len(cfg.depths) - 1)
+            self.stage(i, cfg, rates[starts[i]: starts[i] + d], downsample=i < len(cfg.depths) - 1)
             for i, d in enumerate(cfg.depths)
         )
         self.norm = nn.LayerNorm(cfg.num_features)

@@ -16,7 +16,7 @@ from torch import nn
 from ..checkpoint.io import atomic_save_safetensors, check_hash_in_name
 from ..checkpoint.transfer import load_weights
 from ..models import Classifier, SimMIM
-from .registry import SPECS, build_model, get_spec
+from .registry import SPECS, arch_of, build_model, get_spec
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -51,7 +51,7 @@ def model_config(model: nn.Module, name: str | None = None, classes: list[str] |
     if not isinstance(model, SimMIM | Classifier):
         raise TypeError(f"cannot describe a {type(model).__name__}; expected a SimMIM or Classifier model")
     encoder = dataclasses.asdict(model.encoder.cfg)
-    config = {"name": name, "arch": "swin" if "depths" in encoder else "vit", "encoder": encoder}
+    config = {"name": name, "arch": arch_of(model.encoder.cfg), "encoder": encoder}
     if isinstance(model, SimMIM):
         config.update(task="pretrain", mask_patch_size=model.mask_generator.mask_patch_size,
                       mask_ratio=model.mask_generator.mask_ratio, loss=model.loss_kind, decoder=model.decoder_kind)

@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..models import Classifier, SimMIM, SwinConfig, SwinTransformer, VisionTransformer, ViTConfig
+from ..models import (
+    Classifier,
+    SimMIM,
+    SwinConfig,
+    SwinTransformer,
+    SwinTransformerV2,
+    SwinV2Config,
+    VisionTransformer,
+    ViTConfig,
+)
 
 MMPRETRAIN_URL = "https://download.openmmlab.com/mmselfsup/1.x/simmim/"
 
@@ -21,6 +30,14 @@ SWIN_SIZES = {
     # test- and demo-sized; not published
     "micro": dict(embed_dim=48, depths=(2, 2, 2), num_heads=(2, 4, 8)),
     "nano": dict(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 6)),
+}
+# SwinV2 (Liu et al., 2022, Table 1; "On Data Scaling in MIM" for giant, the SimMIM release's 1.06B model);
+# SwinV2-G is the Swin V2 paper's 3B model, not released
+SWINV2_SIZES = {
+    **SWIN_SIZES,
+    "huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88)),
+    "giant": dict(embed_dim=448, depths=(2, 2, 18, 2), num_heads=(14, 28, 56, 112)),
+    "G": dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128)),
 }
 VIT_PRETRAIN = dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mean_pooling=False)
 VIT_FINETUNE = dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_mean_pooling=True)
@@ -39,9 +56,9 @@ class ModelSpec:
     task: str
     """"pretrain" (SimMIM: encoder + decoder) or "classification" (encoder + head)."""
     arch: str
-    """"swin" or "vit"."""
+    """A key of ARCHS: "swin", "swinv2" or "vit"."""
     encoder: dict
-    """Encoder config fields (SwinConfig / ViTConfig)."""
+    """Encoder config fields (SwinConfig / SwinV2Config / ViTConfig)."""
     num_classes: int = 1000
     test_size: int | None = None
     """Evaluation crop of a classifier; pretraining models have none."""
@@ -51,6 +68,8 @@ class ModelSpec:
     """Training preset that reproduces the model."""
     published_params: int | None = None
     published_flops: int | None = None
+    published_size: str | None = None
+    """Parameter count as a release rounds it ("655M", "1.06B") where no exact count is published."""
     top1: float | None = None
     weights: str | None = None
     """URL of the released weights, None where none is downloadable."""
@@ -71,6 +90,10 @@ class ModelSpec:
 
 def _swin(size: str, img: int, window: int, **extra) -> dict:
     return dict(SWIN_SIZES[size], img_size=img, window_size=window, **extra)
+
+
+def _swinv2(size: str, img: int, window: int, **extra) -> dict:
+    return dict(SWINV2_SIZES[size], img_size=img, window_size=window, **extra)
 
 
 def _vit(img: int = 224, **extra) -> dict:
@@ -169,6 +192,38 @@ SPECS: tuple[ModelSpec, ...] = (
               dict(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.1,
                    **VIT_FINETUNE), test_size=64, num_classes=10, source="simmim", notes="test-sized"),
 )
+# SimMIM SwinV2 releases of "On Data Scaling in Masked Image Modeling" (Swin-Transformer MODELHUB_simmim.md),
+# the 500k-iteration models on full ImageNet-1K/22K: (size, data, backbone size, validation loss, fine-tuned top-1)
+SWINV2_URL = "https://msravcghub.blob.core.windows.net/simmim-release/swinv2/pretrain/"
+SWINV2_RELEASES = (
+    ("small", "1k", "49M", 0.4641, 84.08), ("base", "1k", "87M", 0.4588, 85.04),
+    ("base", "22k", "87M", 0.4614, 85.11), ("large", "1k", "195M", 0.4507, 85.91),
+    ("large", "22k", "195M", 0.4536, 85.81), ("huge", "1k", "655M", 0.4416, 86.34),
+    ("huge", "22k", "655M", 0.4444, 86.27), ("giant", "1k", "1.06B", 0.4395, 86.46),
+    ("giant", "22k", "1.06B", 0.4416, 86.53),
+)
+SWINV2_NOTE = ("trained with SimMIM's normalized target (47 px windows), which simmim's loss does not implement; "
+               "192 px, window 12 and drop path 0.1 as the official SwinV2-B SimMIM config; Azure links may be down "
+               "(microsoft/Swin-Transformer#361)")
+SPECS += tuple(
+    ModelSpec(f"swinv2_{size}_{data}_500k", "pretrain", "swinv2", _swinv2(size, 192, 12, drop_path_rate=0.1),
+              published_size=params, weights=f"{SWINV2_URL}swinv2_{size}_{data}_500k.pth", source="official",
+              notes=f"ImageNet-{data.upper()}, 500k iterations: validation loss {loss}, fine-tuned top-1 {top1}; "
+                    + SWINV2_NOTE)
+    for size, data, params, loss, top1 in SWINV2_RELEASES
+) + (
+    # paper sizes without a SimMIM release
+    ModelSpec("simmim_swinv2-tiny-w12_in1k-192px", "pretrain", "swinv2", _swinv2("tiny", 192, 12, drop_path_rate=0.1),
+              source="simmim", notes="SwinV2-T with the SwinV2-B SimMIM recipe"),
+    ModelSpec("simmim_swinv2-G-w12_in22k-ext-192px", "pretrain", "swinv2",
+              _swinv2("G", 192, 12, drop_path_rate=0.2, extra_norm_period=6), published_size="3.0B",
+              source="paper", notes="the Swin V2 paper's 3B SwinV2-G (not released), with its extra LayerNorm on the "
+                                    "main branch every 6 blocks"),
+    ModelSpec("simmim_swinv2-nano_test-64px", "pretrain", "swinv2", _swinv2("nano", 64, 4, drop_path_rate=0.0),
+              source="simmim", notes="test-sized"),
+    ModelSpec("swinv2-nano_test-64px", "classification", "swinv2", _swinv2("nano", 64, 4, drop_path_rate=0.1),
+              test_size=64, num_classes=10, source="simmim", notes="test-sized"),
+)
 _BY_NAME = {spec.name.lower(): spec for spec in SPECS}
 
 
@@ -188,18 +243,37 @@ def get_spec(name: str) -> ModelSpec:
     return spec
 
 
+@dataclass(frozen=True)
+class Arch:
+    """An encoder architecture: its config class and its module."""
+
+    config: type
+    encoder: type[nn.Module]
+
+
+ARCHS = {
+    "swin": Arch(SwinConfig, SwinTransformer),
+    "swinv2": Arch(SwinV2Config, SwinTransformerV2),
+    "vit": Arch(ViTConfig, VisionTransformer),
+}
+
+
+def arch_of(cfg: object) -> str:
+    """The ARCHS key of an encoder config."""
+    return next(name for name, arch in ARCHS.items() if type(cfg) is arch.config)
+
+
 def encoder_config(spec: ModelSpec, **overrides) -> SwinConfig | ViTConfig:
-    cls = SwinConfig if spec.arch == "swin" else ViTConfig
-    return cls(**{**spec.encoder, "use_mask_token": spec.task == "pretrain", **overrides})
+    return ARCHS[spec.arch].config(**{**spec.encoder, "use_mask_token": spec.task == "pretrain", **overrides})
 
 
 def build_model(spec: ModelSpec, **overrides) -> nn.Module:
     """Builds the model of a spec with random weights. Overrides take the usual names: any encoder
     field (img_size, embed_dim, depths, num_heads, window_size, pad_small_map, drop_path_rate, ...),
     num_classes for classifiers, mask_patch_size / mask_ratio / loss / decoder for SimMIM."""
-    cls = SwinConfig if spec.arch == "swin" else ViTConfig
+    arch = ARCHS[spec.arch]
     head_keys = SIMMIM_KEYS if spec.task == "pretrain" else CLASSIFIER_KEYS
-    allowed = {f.name for f in dataclasses.fields(cls)} | set(head_keys)
+    allowed = {f.name for f in dataclasses.fields(arch.config)} | set(head_keys)
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         key = unknown[0]
@@ -207,8 +281,7 @@ def build_model(spec: ModelSpec, **overrides) -> nn.Module:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise TypeError(f"{spec.name}: unknown setting {key!r}{hint}")
     head = {k: overrides.pop(k) for k in head_keys if k in overrides}
-    encoder_cls = SwinTransformer if spec.arch == "swin" else VisionTransformer
-    encoder = encoder_cls(encoder_config(spec, **overrides))
+    encoder = arch.encoder(encoder_config(spec, **overrides))
     if spec.task == "pretrain":
         head.setdefault("mask_patch_size", spec.mask_patch_size)
         head.setdefault("mask_ratio", spec.mask_ratio)
