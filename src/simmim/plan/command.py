@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
 from .estimate import PlanConfig, plan, profile_model
@@ -59,7 +58,9 @@ def run_command(args: argparse.Namespace) -> None:
             from .validate import CASES, check
 
             checks = [check(*case) for case in CASES]
-        command = "simmim plan " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["plan"] else sys.argv[1:])
+        command = shlex.join(["simmim", "plan", *args.models, "--gpus", args.gpus, "--batch", str(args.batch),
+                              "--precision", args.precision, "--gpu", args.gpu, "--markdown", args.markdown]
+                             + (["--check"] if args.check else []))
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(markdown(sections, checks, command))
         print(f"wrote {args.markdown}")
