@@ -9,9 +9,9 @@ storage is charged to the residual block that first saved it, which gives what a
 checkpointing keeps without a second run.
 
 The backward cannot run on fake CUDA tensors without a GPU (autograd's device threads need a CUDA
-context), so the forward+backward is replayed on fake CPU tensors to find what lives on top of the
-saved activations at the step's peak: outputs, loss and backward temporaries, and the gradients
-produced by then.
+context), so the forward+backward is replayed on fake CPU tensors, without and with activation
+checkpointing, to find what lives on top of the saved activations at the step's peak: outputs, loss
+and backward temporaries, a checkpointed block's recomputation, and the gradients produced by then.
 """
 
 from __future__ import annotations
@@ -55,14 +55,23 @@ class SavedBytes:
 
 @dataclass(frozen=True)
 class StepMemory:
-    """The forward+backward's peak on top of parameters and optimizer state, in bytes (fake CPU replay)."""
+    """The forward+backward's peaks on top of parameters and optimizer state, in bytes (fake CPU replays,
+    without and with every block checkpointed)."""
 
-    saved: int
-    """Activations saved for the backward (as `SavedBytes.total`, on the CPU path)."""
+    saved: SavedBytes
+    """Activations saved for the backward on the CPU path."""
     peak: int
     """Highest total of everything allocated during forward and backward, gradients included."""
     peak_without_grads: int
     """The same without the parameters' gradients (what stays when they are sharded away at once)."""
+    peak_checkpointed: int
+    peak_checkpointed_without_grads: int
+
+    def extra(self, checkpointed: bool, grads: bool) -> int:
+        """What the peak holds on top of the saved activations."""
+        if checkpointed:
+            return (self.peak_checkpointed if grads else self.peak_checkpointed_without_grads) - self.saved.checkpointed
+        return (self.peak if grads else self.peak_without_grads) - self.saved.total
 
 
 @contextlib.contextmanager
@@ -211,10 +220,10 @@ def saved_bytes(spec: ModelSpec, batch: int, precision: str = "fp32", device: st
     return saved.result()
 
 
-def step_memory(spec: ModelSpec, batch: int, precision: str = "fp32", **overrides) -> StepMemory:
-    """Replays a training forward and backward of `spec`'s model at `batch` on fake CPU tensors and
-    returns its peak on top of what was held before (parameters, optimizer state, the input batch)."""
-    model = meta_model(spec, **overrides)
+def _replay(spec: ModelSpec, batch: int, precision: str, checkpointing: bool) -> tuple[SavedBytes, int, int]:
+    """(saved activations, peak, peak without gradients) of a forward and backward on fake CPU tensors,
+    on top of what was held before (parameters, buffers, the input batch)."""
+    model = meta_model(spec, use_checkpoint=checkpointing)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to_empty(device="cpu")
         saved = _SavedTensors(model)
@@ -228,4 +237,12 @@ def step_memory(spec: ModelSpec, batch: int, precision: str = "fp32", **override
                 loss = training_loss(model, spec, inputs)
             loss.backward()
             del loss
-    return StepMemory(saved.result().total, live.peak, live.peak_without_grads)
+    return saved.result(), live.peak, live.peak_without_grads
+
+
+def step_memory(spec: ModelSpec, batch: int, precision: str = "fp32") -> StepMemory:
+    """Replays a training forward and backward of `spec`'s model at `batch` on fake CPU tensors, without
+    and with activation checkpointing (whose saved tensors the hooks do not see: only its peaks count)."""
+    saved, peak, peak_without_grads = _replay(spec, batch, precision, False)
+    _, peak_checkpointed, peak_checkpointed_without_grads = _replay(spec, batch, precision, True)
+    return StepMemory(saved, peak, peak_without_grads, peak_checkpointed, peak_checkpointed_without_grads)

@@ -142,14 +142,13 @@ def strategy_memory(profile: ModelProfile, strategy: str, gpus: int, device: str
     """(params, grads, optimizer, activations, peak) bytes per GPU of a strategy: "ddp" or "fsdp", with
     "+ac" for activation checkpointing of every residual block. One GPU under "ddp" is a plain process."""
     p = profile.params
-    activations = profile.saved.checkpointed if strategy.endswith("+ac") else profile.saved.total
-    # measured on the CPU replay: what the forward+backward holds on top of its saved activations
-    transient = profile.step.peak_without_grads - profile.step.saved
+    checkpointed = strategy.endswith("+ac")
+    activations = profile.saved.checkpointed if checkpointed else profile.saved.total
     if strategy.startswith("ddp"):
         buckets = MASTER * p if gpus > 1 else 0  # DDP copies the gradients into its all-reduce buckets
         held = MASTER * p + profile.buffer_bytes + 2 * MASTER * p + buckets
-        # the replay's peak with gradients counts those produced by then, as they are
-        backward = activations + profile.step.peak - profile.step.saved
+        # on top of the saved activations, as the CPU replay found it, with the gradients produced by then
+        backward = activations + profile.step.extra(checkpointed, grads=True)
         step = MASTER * p + optimizer_temporaries(profile, device)
         return (MASTER * p + profile.buffer_bytes, MASTER * p + buckets, 2 * MASTER * p, activations,
                 held + max(backward, step))
@@ -157,7 +156,8 @@ def strategy_memory(profile: ModelProfile, strategy: str, gpus: int, device: str
     in_flight = profile.root_params + 2 * profile.largest_block  # the root stays gathered; one unit prefetched
     held = MASTER * shard + profile.buffer_bytes + 2 * MASTER * shard
     # gathered parameters and their unsharded gradients before the reduce-scatter, and the gradient shard
-    backward = activations + transient + (gather_bytes + MASTER) * in_flight + MASTER * shard
+    backward = activations + profile.step.extra(checkpointed, grads=False) + (gather_bytes + MASTER) * in_flight
+    backward += MASTER * shard
     step = MASTER * shard + optimizer_temporaries(profile, device, gpus)
     return (MASTER * shard + gather_bytes * in_flight + profile.buffer_bytes, MASTER * (shard + in_flight),
             2 * MASTER * shard, activations, held + max(backward, step))

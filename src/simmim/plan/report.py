@@ -19,7 +19,7 @@ ASSUMPTIONS = [
     "largest block plus one prefetched gathered at a time, with their unsharded gradients; AdamW's "
     "foreach step needs one more fp32 copy of the (local) parameters for a moment.",
     "Activation checkpointing (+ac) keeps what is saved outside the blocks, each block's input and "
-    "one block's recomputed activations, and costs one more forward.",
+    "one block's recomputed activations (its peak replayed with checkpointing), and costs one more forward.",
     "Estimates: step time = max(compute, communication), compute = 6 (8 with checkpointing) x forward "
     "MACs x batch / (peak dense FLOP/s x utilisation); communication = ring collectives at the link's "
     "peak one-way rate (NVLink within 8 GPUs, the node's NIC per GPU beyond), fully overlapped.",
@@ -29,8 +29,8 @@ LIMITS = [
     "Without a GPU, SDPA on fake CUDA tensors takes its math path, which keeps the attention "
     "probabilities next to the materialised bias; the memory-efficient kernel a GPU runs keeps the bias "
     "and a log-sum-exp instead, so the attention part of `activ` is an upper bound until checked on a GPU.",
-    "Checkpointing's backward peak reuses the transient measured without checkpointing; in the check "
-    "below the checkpointed configurations are off by up to 12%, the others by up to 7%.",
+    "The CPU replay runs under a dispatch mode, where our fp32 linear layers take torch's GEMM instead "
+    "of oneDNN's (the same saved tensors, other backward temporaries): the largest error below (-7%).",
     "FSDP figures are not checked against a sharded run: only one-process peaks are measured here.",
     "Step times assume the utilisation given and fully overlapped communication; they are estimates, "
     "not measurements.",
