@@ -95,3 +95,26 @@ def test_command_prints_the_table(capsys):
     assert main(["plan", NANO, "--gpus", "1,8", "--batch", "4"]) == 0
     out = capsys.readouterr().out
     assert "fsdp+ac" in out and out.count("ddp") == 2
+
+
+def test_cuda_attention_keeps_what_the_memory_efficient_kernel_keeps():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from simmim.plan.activations import _EfficientAttention
+
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with FakeTensorMode():
+        q, k, v = (torch.zeros(8, 4, 36, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
+        bias = torch.zeros(1, 4, 36, 36, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _EfficientAttention():
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.2)
+    assert out.shape == (8, 4, 36, 32)
+    qkvo = 4 * 8 * 4 * 36 * 32 * 2
+    padded_bias = 1 * 4 * 36 * 40 * 2  # SDPA pads the bias to a multiple of 8 and expands it (a view)
+    log_sum_exp = 8 * 4 * 64 * 4  # fp32, rows padded to a multiple of 32
+    assert sum(saved.values()) == qkvo + padded_bias + log_sum_exp + 2 * 8  # + the philox seed and offset

@@ -2,11 +2,11 @@
 
 The model runs on fake tensors (shapes, dtypes and devices, no data) of the device type it will train
 on, so that its code takes that device's path (the CPU attention keeps the probabilities, CUDA's goes
-through SDPA) and autocast applies as in training, at the batch asked for (fake tensors cost nothing
-per sample). `saved_tensors_hooks` sees every tensor autograd keeps for the backward; tensors sharing a
-storage count once and the parameters' own storages not at all (they are counted as parameters). Each
-storage is charged to the residual block that first saved it, which gives what activation
-checkpointing keeps without a second run.
+through SDPA's memory-efficient kernel) and autocast applies as in training, at the batch asked for
+(fake tensors cost nothing per sample). `saved_tensors_hooks` sees every tensor autograd keeps for
+the backward; tensors sharing a storage count once and the parameters' own storages not at all (they
+are counted as parameters). Each storage is charged to the residual block that first saved it, which
+gives what activation checkpointing keeps without a second run.
 
 The backward cannot run on fake CUDA tensors without a GPU (autograd's device threads need a CUDA
 context), so the forward+backward is replayed on fake CPU tensors, without and with activation
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..engine.parallelize import transformer_blocks
@@ -121,6 +122,29 @@ def meta_model(spec: ModelSpec, **overrides) -> nn.Module:
     return model
 
 
+class _EfficientAttention(TorchFunctionMode):
+    """SDPA as a GPU runs it for our models: its memory-efficient kernel (a float bias that needs a
+    gradient rules out flash attention). A CPU-only torch cannot select CUDA kernels and would take the
+    math path on fake CUDA tensors, keeping the probabilities too; this calls the kernel's op directly,
+    after SDPA's preprocessing of the bias (padded to a multiple of 8 elements, expanded)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("attn_mask", "dropout_p", "is_causal", "scale")
+        options = {**dict(zip(names, args[3:], strict=False)), **kwargs}
+        q, k, v = args[:3]
+        bias = options.get("attn_mask")
+        if bias is not None:
+            n = bias.shape[-1]
+            bias = nn.functional.pad(bias, (0, -n % 8))[..., :n] if n % 8 else bias
+            bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, options.get("dropout_p", 0.0), options.get("is_causal", False),
+            scale=options.get("scale"))[0]
+
+
 def _storage(t: torch.Tensor) -> tuple[int, int]:
     storage = t.untyped_storage()
     return storage._cdata, storage.nbytes()
@@ -215,7 +239,8 @@ def saved_bytes(spec: ModelSpec, batch: int, precision: str = "fp32", device: st
         model = model.to_empty(device=device)
         saved = _SavedTensors(model)
         inputs = example_inputs(model, spec, batch, device)
-        with saved.hooks(), forced_autocast(device, precision):
+        attention = _EfficientAttention() if device == "cuda" else contextlib.nullcontext()
+        with saved.hooks(), forced_autocast(device, precision), attention:
             training_loss(model, spec, inputs)
     return saved.result()
 

@@ -26,9 +26,9 @@ ASSUMPTIONS = [
 ]
 
 LIMITS = [
-    "Without a GPU, SDPA on fake CUDA tensors takes its math path, which keeps the attention "
-    "probabilities next to the materialised bias; the memory-efficient kernel a GPU runs keeps the bias "
-    "and a log-sum-exp instead, so the attention part of `activ` is an upper bound until checked on a GPU.",
+    "Without a GPU, SDPA's kernel choice is emulated: the CUDA path calls the memory-efficient "
+    "attention op directly (as a GPU picks it for a float bias that needs a gradient), with SDPA's "
+    "padding of the bias; not yet checked against a GPU's allocator.",
     "The CPU replay runs under a dispatch mode, where our fp32 linear layers take torch's GEMM instead "
     "of oneDNN's (the same saved tensors, other backward temporaries): the largest error below (-7%).",
     "FSDP figures are not checked against a sharded run: only one-process peaks are measured here.",
