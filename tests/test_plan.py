@@ -9,7 +9,7 @@ import torch
 from simmim.cli import main
 from simmim.plan import PlanConfig, plan, profile_model, strategy_memory
 from simmim.plan.activations import saved_bytes
-from simmim.plan.validate import check
+from simmim.plan.validate import check, sharded_check
 from simmim.zoo import get_spec
 
 NANO = "simmim_swin-nano_test-64px"
@@ -33,6 +33,11 @@ def test_predicted_peak_within_15_percent_of_measured(model, batch, precision, c
     assert abs(result.error) < 0.15, result
 
 
+def test_fsdp_peak_within_15_percent_of_two_processes():
+    result = sharded_check(NANO, 32, "fp32", processes=2)  # torchrun, gloo: about 15 s
+    assert abs(result.error) < 0.15, result
+
+
 @pytest.fixture(scope="module")
 def nano_profile():
     return profile_model(NANO, 8, "bf16")
@@ -46,7 +51,7 @@ def test_fsdp_shards_parameters_and_optimizer_state(nano_profile):
         shard = -(-p // gpus)
         assert optimizer == 8 * shard
         assert params - 4 * in_flight - nano_profile.buffer_bytes == 4 * shard
-        assert grads == 4 * (shard + in_flight)
+        assert grads == 4 * (shard + nano_profile.root_params + nano_profile.largest_block)
         assert abs(4 * shard - 4 * p / gpus) <= 4  # full / N up to rounding
     ddp = strategy_memory(nano_profile, "ddp", 4)
     assert ddp[0] == 4 * p + nano_profile.buffer_bytes and ddp[2] == 8 * p

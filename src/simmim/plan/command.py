@@ -35,7 +35,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--json", action="store_true", help="plain data instead of the table")
     p.add_argument("--markdown", metavar="PATH", help="write the plans as a Markdown page")
     p.add_argument("--check", action="store_true",
-                   help="with --markdown: also measure small models' peaks on this CPU against the planner")
+                   help="with --markdown: also check against small models' peaks measured here (1 and 2 processes)")
     p.set_defaults(func=run_command)
     return p
 
@@ -55,9 +55,9 @@ def run_command(args: argparse.Namespace) -> None:
     if args.markdown:
         checks = []
         if args.check:
-            from .validate import CASES, check
+            from .validate import CASES, SHARDED_CASES, check, sharded_check
 
-            checks = [check(*case) for case in CASES]
+            checks = [check(*case) for case in CASES] + [sharded_check(*case) for case in SHARDED_CASES]
         command = shlex.join(["simmim", "plan", *args.models, "--gpus", args.gpus, "--batch", str(args.batch),
                               "--precision", args.precision, "--gpu", args.gpu, "--markdown", args.markdown]
                              + (["--check"] if args.check else []))

@@ -131,10 +131,10 @@ def profile_model(name: str, batch: int, precision: str, device: str = "cuda") -
 
 def optimizer_temporaries(profile: ModelProfile, device: str, shards: int = 1) -> int:
     """Bytes AdamW's step allocates for a moment: its foreach kernels on CUDA one fp32 copy of the (local)
-    parameters; its per-tensor loop on the CPU two of the largest tensor."""
+    parameters; its per-tensor loop on the CPU two of the largest (local) tensor."""
     if device == "cuda":
         return MASTER * -(-profile.params // shards)
-    return 2 * MASTER * profile.largest_param
+    return 2 * MASTER * -(-profile.largest_param // shards)
 
 
 def strategy_memory(profile: ModelProfile, strategy: str, gpus: int, device: str = "cuda",
@@ -155,11 +155,14 @@ def strategy_memory(profile: ModelProfile, strategy: str, gpus: int, device: str
     shard = -(-p // gpus)
     in_flight = profile.root_params + 2 * profile.largest_block  # the root stays gathered; one unit prefetched
     held = MASTER * shard + profile.buffer_bytes + 2 * MASTER * shard
-    # gathered parameters and their unsharded gradients before the reduce-scatter, and the gradient shard
-    backward = activations + profile.step.extra(checkpointed, grads=False) + (gather_bytes + MASTER) * in_flight
-    backward += MASTER * shard
+    # early in the backward, with the activations still there: the gathered units, and the unsharded
+    # gradients of the root (reduced at the end) and of the block being differentiated; the gradient
+    # shard fills in as the activations are freed, as in the optimizer step
+    grads_in_flight = MASTER * (profile.root_params + profile.largest_block)
+    backward = activations + profile.step.extra(checkpointed, grads=False) + gather_bytes * in_flight
+    backward += grads_in_flight
     step = MASTER * shard + optimizer_temporaries(profile, device, gpus)
-    return (MASTER * shard + gather_bytes * in_flight + profile.buffer_bytes, MASTER * (shard + in_flight),
+    return (MASTER * shard + gather_bytes * in_flight + profile.buffer_bytes, MASTER * shard + grads_in_flight,
             2 * MASTER * shard, activations, held + max(backward, step))
 
 

@@ -24,6 +24,10 @@ CASES = (  # (model, batch, precision, activation checkpointing): seconds each o
     ("swin-nano_test-64px", 32, "bf16", False),
     ("simmim_swin-tiny-w6_in1k-192px", 2, "fp32", False),
 )
+SHARDED_CASES = (  # (model, batch, precision) in 2 processes under FSDP2: about 15 s each
+    ("simmim_swin-nano_test-64px", 32, "fp32"),
+    ("simmim_swin-micro-w6_fashion-mnist-48px", 32, "bf16"),
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,10 @@ class Check:
     precision: str
     checkpointing: bool
     measured: int
+    """The highest of the processes' peaks."""
     predicted: int
+    processes: int = 1
+    """1: one plain process; more: FSDP2 over that many processes."""
 
     @property
     def error(self) -> float:
@@ -73,6 +80,16 @@ def predicted_peak(name: str, batch: int, precision: str, checkpointing: bool) -
 
 
 def check(name: str, batch: int, precision: str, checkpointing: bool) -> Check:
-    """Measures and predicts one configuration."""
+    """Measures and predicts one configuration in one process."""
     return Check(name, batch, precision, checkpointing, measured_peak(name, batch, precision, checkpointing),
                  predicted_peak(name, batch, precision, checkpointing))
+
+
+def sharded_check(name: str, batch: int, precision: str, processes: int = 2) -> Check:
+    """Measures (torchrun, gloo) and predicts one configuration under FSDP2 on the CPU."""
+    from .sharded import sharded_peaks
+
+    profile = profile_model(name, batch, precision, device="cpu")
+    predicted = strategy_memory(profile, "fsdp", processes, device="cpu")[-1]
+    return Check(name, batch, precision, False, max(sharded_peaks(name, batch, precision, processes)), predicted,
+                 processes)
