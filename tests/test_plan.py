@@ -65,6 +65,8 @@ def test_checkpointing_keeps_less_and_costs_a_forward(nano_profile):
     fsdp, ac = plan(PlanConfig(NANO, gpus=8, batch=8), nano_profile).strategies[1:]
     assert ac.activations < fsdp.activations and ac.peak < fsdp.peak
     assert ac.compute_s == pytest.approx(fsdp.compute_s * 4 / 3)
+    with pytest.raises(ValueError, match="does not match the plan's"):
+        plan(PlanConfig(NANO, gpus=8, batch=16), nano_profile)
 
 
 def test_activations_scale_linearly_with_batch():

@@ -39,7 +39,7 @@ class PlanConfig:
     """Assumed fraction of the peak FLOP rate a step reaches."""
     fsdp_gather: str = "fp32"
     """dtype FSDP2 all-gathers the parameters in: fp32 as the engine's fully_shard does (no
-    MixedPrecisionPolicy), or bf16 (a policy with param_dtype=bf16)."""
+    MixedPrecisionPolicy), or bf16 (a policy with param_dtype=bf16 and reduce_dtype=fp32, torchtitan's)."""
 
     def __post_init__(self) -> None:
         if self.gpus < 1:
@@ -73,6 +73,7 @@ class ModelProfile:
     macs: int
     """Multiply-adds of one image's training forward."""
     batch: int
+    precision: str
     saved: SavedBytes
     """Activations kept for the backward, on the target device's code path."""
     step: StepMemory
@@ -126,7 +127,8 @@ def profile_model(name: str, batch: int, precision: str, device: str = "cuda") -
     blocks = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(model)]
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     return ModelProfile(spec.name, sum(params), buffers, max(params), sum(params) - sum(blocks), max(blocks, default=0),
-                        macs, batch, saved_bytes(spec, batch, precision, device), step_memory(spec, batch, precision))
+                        macs, batch, precision, saved_bytes(spec, batch, precision, device),
+                        step_memory(spec, batch, precision))
 
 
 def optimizer_temporaries(profile: ModelProfile, device: str, shards: int = 1) -> int:
@@ -178,6 +180,9 @@ def communication(profile: ModelProfile, strategy: str, gpus: int, gather_bytes:
 def plan(cfg: PlanConfig, profile: ModelProfile | None = None) -> Plan:
     """The per-GPU memory and step time of `cfg` under each strategy (measures the model if no profile)."""
     profile = profile or profile_model(cfg.model, cfg.batch, cfg.precision)
+    if (profile.name, profile.batch, profile.precision) != (get_spec(cfg.model).name, cfg.batch, cfg.precision):
+        raise ValueError(f"the profile of {profile.name} at batch {profile.batch} in {profile.precision} does not "
+                         f"match the plan's {cfg.model} at batch {cfg.batch} in {cfg.precision}")
     gpu = GPUS[cfg.gpu]
     gather = MASTER if cfg.fsdp_gather == "fp32" else 2
     bandwidth = gpu.nvlink if cfg.gpus <= gpu.per_node else gpu.network
