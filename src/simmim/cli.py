@@ -121,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import add_command as add_bench_command
     from .engine import add_commands
+    from .plan.command import add_command as add_plan_command
 
     add_commands(sub)  # pretrain, finetune, evaluate
     add_bench_command(sub)
+    add_plan_command(sub)
 
     p = sub.add_parser("demo", help="the main job: SimMIM vs from-scratch on Fashion-MNIST, with a report")
     p.add_argument("--out", default="report", help="report folder")

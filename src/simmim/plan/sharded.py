@@ -1,0 +1,81 @@
+"""The planner against a sharded run: per-process peak memory of FSDP2 training steps on the CPU (gloo).
+
+    python -m torch.distributed.run --nproc_per_node 2 -m simmim.plan.sharded MODEL BATCH PRECISION
+
+prints, on the first process, one JSON line with each process's peak in bytes. `sharded_peaks` runs
+that and returns the list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ..bench.measure import peak_memory
+from ..engine.distributed import gather_objects, setup, teardown
+from ..engine.parallelize import autocast, parallelize
+from ..zoo import build_model, get_spec
+from .activations import example_inputs, training_loss
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t  # FSDP2's parameters and their state are DTensors
+    return local.numel() * local.element_size()
+
+
+def measure(name: str, batch: int, precision: str) -> int:
+    """This process's peak bytes of a steady-state FSDP2 training step (the engine's wrapping), as
+    `validate.measured_peak` counts them."""
+    env = setup("cpu")
+    try:
+        spec = get_spec(name)
+        torch.manual_seed(0)
+        model = build_model(spec).train()
+        wrapped = parallelize(model, env, "fsdp")
+        optimizer = torch.optim.AdamW(model.parameters())
+        inputs = example_inputs(model, spec, batch, "cpu")
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(precision, env.device):
+                loss = training_loss(wrapped, spec, inputs)
+            loss.backward()
+            optimizer.step()
+
+        step()
+        state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        held = sum(_local_bytes(t) for t in [*model.parameters(), *model.buffers(), *state, *inputs])
+        peaks = gather_objects(held + peak_memory(step, env.device), env)
+        if env.is_main:
+            print(json.dumps(peaks))
+        return peaks[env.rank]
+    finally:
+        teardown(env)
+
+
+def sharded_peaks(name: str, batch: int, precision: str, processes: int = 2) -> list[int]:
+    """Runs `measure` in `processes` CPU processes under torchrun; -> each one's peak bytes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "-m", "simmim.plan.sharded", name, str(batch), precision]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    # the result line is what counts: now and then a process aborts at exit, after it, as gloo and the
+    # profiler's threads shut down ("terminate called without an active exception")
+    result = [line for line in run.stdout.splitlines() if line.startswith("[")]
+    if not result:
+        raise RuntimeError(f"the sharded measurement failed (exit status {run.returncode}):\n{run.stderr[-2000:]}")
+    return json.loads(result[0])
+
+
+if __name__ == "__main__":
+    measure(sys.argv[1], int(sys.argv[2]), sys.argv[3])
