@@ -239,6 +239,12 @@ def biased_attention(qkv: torch.Tensor, bias: torch.Tensor, heads: int, scale: f
     # and under torch.compile the compiler fuses SDPA's math
     g, n, width = qkv.shape
     q, k, v = qkv.view(g, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    mask = bias.to(q.dtype).expand(g // bias.shape[0], *bias.shape).reshape(g, *bias.shape[1:])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(bias, g, q.dtype), dropout_p=dropout,
+                                         scale=scale)
     return out.transpose(1, 2).reshape(g, n, width // 3)
+
+
+def window_mask(bias: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """SDPA's additive mask (G, nH, N, N) from a per-window bias (g, nH, N, N), group i using bias[i % g].
+    Four dimensions, as SDPA's fused GPU kernels require (they refuse a 5-D batch-broadcast form)."""
+    return bias.to(dtype).expand(groups // bias.shape[0], *bias.shape).reshape(groups, *bias.shape[1:])

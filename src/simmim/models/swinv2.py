@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import Linear, linear
+from .fused import Linear, linear, window_mask
 from .layers import DropPath, Mlp, on_default_device, relative_position_index
 from .swin import SwinConfig, SwinStage, SwinTransformer, Windows, merge_neighbours
 
@@ -113,11 +113,10 @@ class WindowAttentionV2(nn.Module):
         k = F.normalize(k, dim=-1)
         attn_bias = self.relative_position_bias(window).unsqueeze(0)
         attn_bias = attn_bias if mask is None else attn_bias + mask.unsqueeze(1)  # (nW|1, nH, N, N)
-        # (B, nW, nH, N, d): the per-window bias broadcasts over the batch instead of being copied B times
-        q, k, v = (t.unflatten(0, (-1, attn_bias.shape[0])) for t in (q, k, v))
         dropout = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=dropout, scale=1.0)
-        return self.proj_drop(self.proj(out.flatten(0, 1).transpose(1, 2).reshape(g, n, c)))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(attn_bias, g, q.dtype), dropout_p=dropout,
+                                             scale=1.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(g, n, c)))
 
 
 class SwinBlockV2(nn.Module):
