@@ -157,7 +157,9 @@ def norm_linear(x: torch.Tensor, norm: nn.LayerNorm, layer: nn.Linear, gather: T
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-    return t if t is None else t.to(dtype)
+    # contiguous like the parameters: AccumulateGrad copies a gradient whose layout differs from its
+    # parameter's (a transposed weight gradient), and here the cast makes that copy anyway
+    return t if t is None else t.to(dtype, memory_format=torch.contiguous_format)
 
 
 def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
