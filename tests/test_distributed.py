@@ -40,9 +40,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(tmp_path: Path, nproc: int, *argv: str) -> subprocess.CompletedProcess:
-    launcher = tmp_path / "launch.py"
-    launcher.write_text(LAUNCHER)
+def torchrun(tmp_path: Path, nproc: int, *argv: str, launcher: Path | None = None) -> subprocess.CompletedProcess:
+    """`nproc` processes of a script (by default the training commands' launcher) with `argv`."""
+    if launcher is None:
+        launcher = tmp_path / "launch.py"
+        launcher.write_text(LAUNCHER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(launcher), *argv]
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
