@@ -18,13 +18,14 @@ import torch
 from test_distributed import torchrun
 from test_engine import make_image_folder
 
+from simmim.checkpoint.transfer import load_weights
 from simmim.cli import main as cli
 from simmim.config import load_config
 from simmim.engine import checkpointing as ckpt
 from simmim.engine.distributed import setup
 from simmim.engine.loop import Run
 from simmim.engine.pretraining import PretrainTask
-from simmim.engine.sharded import consolidate
+from simmim.engine.sharded import consolidate, weights_source
 from simmim.zoo.hub import get_model
 
 MODEL = "simmim_swin-nano_test-64px"
@@ -56,8 +57,10 @@ def in_process_run(data: Path, out: Path, *extra: str) -> Run:
         cfg = load_config("nano-pretrain", overrides=[f"data.path={data}", f"out_dir={out}", *ONE, *extra])
         run = Run(cfg, setup("cpu"), PretrainTask)
         run.loaded = {k: v.clone() for k, v in run.model.state_dict().items()}  # what resuming loaded
-        run.fit()
-        run.log.close()
+        try:
+            run.fit()
+        finally:
+            run.log.close()
         return run
     finally:
         torch.set_num_threads(threads)
@@ -144,6 +147,10 @@ def test_consolidate_writes_one_safetensors_file_that_the_zoo_loads(one_process,
     assert cli(["export", str(whole.last_checkpoint), str(tmp_path / "exported")]) == 0  # a run's sharded checkpoint
     exported = get_model(tmp_path / "exported")
     assert all(torch.equal(v, expected[k]) for k, v in exported.state_dict().items())
+    classifier = get_model("swin-nano_test-64px")  # fine-tuning from a sharded pretraining checkpoint
+    report = load_weights(classifier, weights_source(whole.last_checkpoint), new_head=True)
+    assert report.loaded and all(torch.equal(v, expected[f"encoder.{k}"])
+                                      for k, v in classifier.encoder.state_dict().items())
 
 
 def test_consolidate_refuses_what_is_not_a_sharded_checkpoint(one_process, tmp_path, capsys):
@@ -197,3 +204,28 @@ def test_fsdp_bf16_gathers_bf16_parameters_and_reduces_fp32_gradients(tmp_path):
     for rank in (0, 1):  # all-gathers carry bf16 weights, reduce-scatters fp32 gradients; the forward sees bf16
         assert f"rank {rank}: all-gather torch.bfloat16, reduce-scatter torch.float32; forward in torch.bfloat16" \
             in run.stdout
+
+
+def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint(one_process, tmp_path, monkeypatch):
+    from simmim.engine import sharded
+
+    data, whole = one_process
+    real_save, calls = sharded.dcp.save, []
+
+    def dies_after_the_third_shards(*args, **kwargs):  # the shards are written, state.pt and the rename are not
+        calls.append(1)
+        real_save(*args, **kwargs)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sharded.dcp, "save", dies_after_the_third_shards)
+    with pytest.raises(KeyboardInterrupt):
+        in_process_run(data, tmp_path / "run")
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["ckpt-00000001", "ckpt-00000002"]
+    assert (tmp_path / "run" / ".ckpt-00000003.tmp" / ".metadata").is_file()
+    resumed = in_process_run(data, tmp_path / "run", "checkpoint.resume=auto", "checkpoint.keep=2")
+    assert resumed.pos.step == 4
+    assert sorted(p.name for p in (tmp_path / "run").glob("*ckpt-*")) == ["ckpt-00000003", "ckpt-00000004"]
+    expected = whole.model.state_dict()  # at the same world size, resuming is bit-exact
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.model.state_dict().items())

@@ -111,3 +111,9 @@ def consolidate(path: str | Path) -> dict[str, torch.Tensor]:
     with single_process_allowed():
         dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     return model
+
+
+def weights_source(path: str | Path) -> str | Path | dict[str, torch.Tensor]:
+    """What `checkpoint.transfer.load_weights` reads for `path`: a sharded checkpoint's consolidated
+    model weights, any other path as it is."""
+    return consolidate(path) if (Path(path) / METADATA).is_file() else path
