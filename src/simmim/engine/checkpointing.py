@@ -157,4 +157,3 @@ def load(path: str | Path) -> dict[str, Any]:
     if state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a simmim training checkpoint (no {FORMAT!r} format tag)")
     return state
-

@@ -174,7 +174,7 @@ class Run:
             torch.set_num_threads(compute_threads(cfg.runtime.threads, self.loader.num_workers, env.local_world_size))
         self.precision = resolve_precision(cfg.runtime.precision, env.device)
         self.wrapped = parallelize(self.model, env, cfg.runtime.parallel, cfg.runtime.compile, self.precision)
-        # the default gathers the full state into one file unless FSDP2 shards it, which is to avoid that
+        # by default sharded exactly when FSDP2 shards the model: gathering its full state is what FSDP avoids
         self.sharded = cfg.checkpoint.sharded if cfg.checkpoint.sharded is not None else \
             cfg.runtime.parallel == "fsdp" and env.distributed
         self.optimizer = build_optimizer(self.model, cfg.optim)
