@@ -9,6 +9,7 @@ samples seen (2 micro-batches of 2 in one process are 1 of 2 per rank in two).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from simmim.zoo.hub import get_model
 MODEL = "simmim_swin-nano_test-64px"
 SETTINGS = ["data.num_workers=0", "runtime.tensorboard=false", "runtime.vis_every=0", "runtime.log_every=1",
             "data.heldout_images=0", "schedule.epochs=2", "schedule.warmup_epochs=1", "checkpoint.every_steps=1",
-            "checkpoint.keep=10", "data.batch_size=2"]
+            "checkpoint.keep=10", "data.batch_size=2", "runtime.threads=1"]
 ONE = [*SETTINGS, "optim.accumulation_steps=2", "checkpoint.sharded=true"]  # 8 images: 2 steps an epoch
 # (not with runtime.activation_checkpointing: FSDP2 + checkpointing under gloo sometimes aborts at process
 # exit, after the run, since before this feature; the bf16 check below runs checkpointed blocks)
@@ -40,8 +41,6 @@ ATOL = 1e-5  # as test_distributed: 1 and 2 processes differ only in float summa
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    import json
-
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
@@ -52,7 +51,7 @@ def copy_checkpoint(src: Path, run_dir: Path) -> None:
 
 
 def in_process_run(data: Path, out: Path, *extra: str) -> Run:
-    """A Run of one process in this one (1 thread), fitted; the Run keeps its model for inspection."""
+    """A Run of one process in this one, fitted; the Run keeps its model for inspection."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
