@@ -2,7 +2,10 @@
 # The GPU checks of the performance work, in one go and under 5 minutes on one H100:
 #   1. the equivalence tests (ours against HF and timm) on the GPU,
 #   2. the benchmark at GPU sizes: ours against HF in fp32 and bf16 autocast, the cost curve, the loader,
-#   3. the torch.compile path (every block compiled, ours and HF's) in bf16.
+#   3. the torch.compile path (every block compiled, ours and HF's) in bf16,
+#   4. sharded training on the device (benchmarks/sharded_check.py): FSDP2's bf16 policy in a 1-rank
+#      process group and a bf16 run with sharded checkpoints, resumed and consolidated (the 2-rank
+#      FSDP2 and world-size changes are tests/test_sharded.py's, on the CPU with gloo).
 # It prints everything and writes docs/gpu_check_<date>.md (the benchmark's JSON beside it). It needs
 # what a machine with torch, transformers and timm has (pytest for step 1; scipy, which simmim's zoo
 # imports; scikit-image for the loader's photographs, else that part is skipped); simmim runs from src/.
@@ -73,6 +76,9 @@ if [ ${#BENCH[@]} -gt 0 ]; then  # the dry run's bench above was --quick in fp32
     section "bf16 autocast"
     run "$PYTHON" -m simmim.bench --device "$DEVICE" --quick "${QUICK[@]}" --precision bf16
 fi
+
+section "Sharded training: FSDP2 bf16 policy, DCP checkpoints"
+run "$PYTHON" benchmarks/sharded_check.py --device "$DEVICE"
 
 section "torch.compile per block, bf16"
 run timeout "$COMPILE_LIMIT" "$PYTHON" -m simmim.bench --device "$DEVICE" --quick "${QUICK[@]}" \

@@ -20,6 +20,7 @@ from test_engine import make_image_folder
 from simmim.config import load_config
 from simmim.engine import checkpointing as ckpt
 from simmim.engine import pretrain
+from simmim.engine.sharded import consolidate
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAUNCHER = """\
@@ -40,9 +41,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(tmp_path: Path, nproc: int, *argv: str) -> subprocess.CompletedProcess:
-    launcher = tmp_path / "launch.py"
-    launcher.write_text(LAUNCHER)
+def torchrun(tmp_path: Path, nproc: int, *argv: str, launcher: Path | None = None) -> subprocess.CompletedProcess:
+    """`nproc` processes of a script (by default the training commands' launcher) with `argv`."""
+    if launcher is None:
+        launcher = tmp_path / "launch.py"
+        launcher.write_text(LAUNCHER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(launcher), *argv]
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
@@ -78,9 +81,11 @@ def test_two_processes_match_one_process_with_the_same_total_batch(single_proces
     assert f"effective batch 8 = {batch} per process x 2 x {accumulation} accumulation" in run.stdout
     assert "Warning" not in run.stderr, run.stderr[-3000:]
     assert run.stdout.count("simmim pretrain:") == 1  # rank 0 alone prints
-    state = ckpt.load(tmp_path / "two" / "ckpt-00000004.pt")
+    # FSDP2 writes sharded checkpoints by default, DDP one file
+    path = tmp_path / "two" / ("ckpt-00000004" if parallel == "fsdp" else "ckpt-00000004.pt")
+    state = ckpt.load(path)
     assert len(state["rng"]) == 2 and state["world_size"] == 2
-    got = state["model"]
+    got = consolidate(path) if parallel == "fsdp" else state["model"]
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)

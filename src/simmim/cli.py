@@ -91,6 +91,15 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {export(model, args.out_dir, name=name)}")
 
 
+def _consolidate(args: argparse.Namespace) -> None:
+    from .checkpoint.io import atomic_save_safetensors
+    from .engine.sharded import consolidate
+
+    weights = consolidate(args.checkpoint)
+    atomic_save_safetensors({k: v.contiguous() for k, v in weights.items()}, args.out, metadata={"format": "simmim"})
+    print(f"wrote {args.out}: {len(weights)} tensors, {sum(v.numel() for v in weights.values()):,} values")
+
+
 def _export_dataset(args: argparse.Namespace) -> None:
     from .data.export import export_dataset
 
@@ -172,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("consolidate", help="one safetensors file of a sharded checkpoint's model weights")
+    p.add_argument("checkpoint", help="a sharded checkpoint directory RUN_DIR/ckpt-<step>")
+    p.add_argument("out", help="the .safetensors file to write")
+    p.set_defaults(func=_consolidate)
 
     p = sub.add_parser("verify-data", help="decode every image of a dataset; name the unusable ones and why")
     p.add_argument("path", help="data folder (searched recursively), list file or WebDataset shards")

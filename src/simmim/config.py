@@ -317,7 +317,11 @@ class CheckpointConfig(_Section):
     keep: int = 3
     """Newest checkpoints kept in the run folder; older ones are deleted."""
     resume: str | None = None
-    """'auto' (the newest checkpoint in the run folder, if any) or a checkpoint file to continue from."""
+    """'auto' (the newest checkpoint in the run folder, if any) or a checkpoint file or sharded
+    checkpoint directory to continue from."""
+    sharded: bool | None = None
+    """Save every rank's shards with torch.distributed.checkpoint into a directory ckpt-<step>/ instead
+    of gathering the full state into one file; None: sharded under FSDP with several processes."""
 
     def check(self) -> None:
         self.require(self.every_epochs >= 1, "every_epochs", "a count >= 1")

@@ -1,16 +1,20 @@
 """Training checkpoints: everything needed to continue exactly where a run stopped.
 
-A checkpoint holds the model and optimizer (full, unsharded state dicts keyed by parameter name, so
-DDP, FSDP2 and single-process runs read each other's files), the grad scaler, the position (epoch,
-next micro-batch, optimizer step), every rank's RNG states (torch, CUDA, numpy, python), counters
-and the resolved config, all as plain data that weights-only loading accepts. Files are written
-atomically (`checkpoint.io.atomic_save`): a process killed while saving leaves the previous files.
+A checkpoint holds the model and optimizer, the grad scaler, the position (epoch, next micro-batch,
+optimizer step), every rank's RNG states (torch, CUDA, numpy, python), counters and the resolved
+config, all as plain data that weights-only loading accepts. It is either one file `ckpt-<step>.pt`
+with full, unsharded state dicts keyed by parameter name, or a directory `ckpt-<step>/` in which every
+rank wrote its shards with torch.distributed.checkpoint (`sharded.py`) beside `state.pt`, the rest.
+Either kind is read by DDP, FSDP2 and single-process runs of any world size, and written atomically:
+a process killed while saving leaves the previous checkpoints, and no partial one under a final name.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +32,64 @@ from torch.distributed.checkpoint.state_dict import (
 from ..checkpoint.io import atomic_save, load_checkpoint_file
 
 FORMAT = "simmim-train-v1"
-NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+NAME = re.compile(r"^ckpt-(\d+)(\.pt)?$")
+STATE_FILE = "state.pt"
+"""The non-tensor part of a sharded checkpoint, written last: a directory without it is incomplete."""
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / f"ckpt-{step:08d}.pt"
+def checkpoint_path(run_dir: str | Path, step: int, sharded: bool = False) -> Path:
+    """RUN_DIR/ckpt-<step>.pt, or the directory RUN_DIR/ckpt-<step> of a sharded checkpoint."""
+    return Path(run_dir) / f"ckpt-{step:08d}{'' if sharded else '.pt'}"
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint directory whose save finished."""
+    return path.is_file() or (path / STATE_FILE).is_file()
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The run's checkpoints, oldest first (temporary files of interrupted saves are not matched)."""
+    """The run's complete checkpoints (files and directories), oldest first; the temporary names of
+    interrupted saves are not matched."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m[1]), p) for p in run_dir.iterdir() if (m := NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = [(int(m[1]), p.name, p) for p in run_dir.iterdir() if (m := NAME.match(p.name)) and is_complete(p)]
+    return [p for *_, p in sorted(found)]
 
 
 def resume_path(resume: str | None, run_dir: str | Path) -> Path | None:
-    """'auto' -> the newest checkpoint of the run folder (None if there is none); a path -> that file."""
+    """'auto' -> the newest checkpoint of the run folder (None if there is none); a path -> that
+    file or sharded checkpoint directory."""
     if resume is None:
         return None
     if resume == "auto":
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+    if not is_complete(path):
+        raise ValueError(f"{path} is not a complete sharded checkpoint: no {STATE_FILE} (an interrupted save?)")
     return path
+
+
+def resume_batch(state: dict[str, Any], batch_size: int, world_size: int, accumulation: int) -> int:
+    """The next micro-batch of this run in the checkpoint's epoch. Checkpoints are taken at optimizer
+    steps, so the samples consumed by all ranks together are a whole number of effective batches; with
+    the same effective batch they are the same number of this run's micro-batches at any world size
+    (the sampler's k-th micro-batches of all ranks are the k-th slice of the epoch's permutation)."""
+    saved = state["config"]
+    per_rank, world, steps = saved["data"]["batch_size"], state["world_size"], saved["optim"]["accumulation_steps"]
+    before, now = per_rank * world * steps, batch_size * world_size * accumulation
+    if before != now:
+        hint = (f"; --batch-size {before // (world_size * accumulation)} keeps it"
+                if before % (world_size * accumulation) == 0 else "")
+        raise ValueError(f"checkpoint.resume: the checkpoint was trained with an effective batch of {before} "
+                         f"({per_rank} per process x {world} x {steps} accumulation steps), this run has {now} "
+                         f"({batch_size} x {world_size} x {accumulation}): resuming needs the same (it sets the "
+                         f"learning rate, the schedule and the data order){hint}")
+    return state["batch"] * per_rank * world // (batch_size * world_size)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -97,18 +131,29 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def save(state: dict[str, Any], run_dir: str | Path, step: int, keep: int) -> Path:
-    """Writes `state` atomically as ckpt-<step>.pt and then deletes all but the newest `keep`."""
-    path = checkpoint_path(run_dir, step)
+def save(state: dict[str, Any], path: str | Path) -> None:
+    """Writes `state` atomically to `path` (a checkpoint file, or a sharded checkpoint's STATE_FILE)."""
     atomic_save({"format": FORMAT, **state}, path)
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Deletes all but the newest `keep` checkpoints; a directory is first renamed out of resume's
+    sight, so a deletion cut short never leaves a partial checkpoint under a final name."""
     for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
-    return path
+        if old.is_dir():
+            trash = old.with_name(f".{old.name}.deleting")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(old, trash)
+            shutil.rmtree(trash)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint, loaded weights-only; other files are refused with a one-line error."""
-    state = load_checkpoint_file(path)
+    """A training checkpoint, loaded weights-only (of a sharded one: all but the model and optimizer);
+    other files are refused with a one-line error."""
+    path = Path(path)
+    state = load_checkpoint_file(path / STATE_FILE if path.is_dir() else path)
     if state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a simmim training checkpoint (no {FORMAT!r} format tag)")
     return state

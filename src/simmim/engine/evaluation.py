@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from ..config import TrainConfig
 from ..data.datasets import EpochSampler, SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
-from . import checkpointing
+from . import checkpointing, sharded
 from .builders import build_network, eval_loader, eval_source
 from .distributed import DistEnv, all_reduce_sum, setup, teardown
 from .parallelize import autocast, resolve_precision
@@ -44,12 +44,14 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, sampler: EpochSampler,
 
 
 def load_run_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
-    """The model of a simmim training checkpoint (pretraining or fine-tuning), and its run's config."""
+    """The model of a simmim training checkpoint (pretraining or fine-tuning; a file or a sharded
+    checkpoint directory), and its run's config."""
     state = checkpointing.load(path)
     cfg = TrainConfig.from_dict(state["config"])
-    num_classes = state["model"]["head.weight"].shape[0] if cfg.task == "finetune" else None
+    weights = sharded.consolidate(path) if Path(path).is_dir() else state["model"]
+    num_classes = weights["head.weight"].shape[0] if cfg.task == "finetune" else None
     model = build_network(cfg, num_classes=num_classes)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(weights)
     return model, cfg
 
 

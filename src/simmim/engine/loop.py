@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from ..config import TrainConfig
 from ..data.datasets import compute_threads, derive_seed
-from . import checkpointing
+from . import checkpointing, sharded
 from .builders import train_loader
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, setup, teardown
 from .logging import Progress, RunLogger, format_duration
@@ -173,7 +173,10 @@ class Run:
         if env.device.type == "cpu":
             torch.set_num_threads(compute_threads(cfg.runtime.threads, self.loader.num_workers, env.local_world_size))
         self.precision = resolve_precision(cfg.runtime.precision, env.device)
-        self.wrapped = parallelize(self.model, env, cfg.runtime.parallel, cfg.runtime.compile)
+        self.wrapped = parallelize(self.model, env, cfg.runtime.parallel, cfg.runtime.compile, self.precision)
+        # by default sharded exactly when FSDP2 shards the model: gathering its full state is what FSDP avoids
+        self.sharded = cfg.checkpoint.sharded if cfg.checkpoint.sharded is not None else \
+            cfg.runtime.parallel == "fsdp" and env.distributed
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scaler = grad_scaler(self.precision, env.device, sharded=cfg.runtime.parallel == "fsdp")
         self.accumulation = cfg.optim.accumulation_steps
@@ -353,28 +356,40 @@ class Run:
         if self.bad_in_a_row:
             self.log.print(f"step {self.pos.step}: no checkpoint while the loss is not finite")
             return
-        model = checkpointing.model_state(self.model)
-        optimizer = checkpointing.optimizer_state(self.model, self.optimizer)
         rng = gather_objects(checkpointing.capture_rng(), self.env)
         skipped = sorted(set().union(*gather_objects(self.skipped_files, self.env)))
+        state = dict(schedule=dataclasses.asdict(self.schedule),
+                     scaler=self.scaler.state_dict() if self.scaler else None, epoch=self.pos.epoch,
+                     batch=self.pos.batch, step=self.pos.step, rng=rng,
+                     world_size=self.env.world_size, bad_steps=self.bad_steps, skipped_files=skipped,
+                     task=self.task.state_dict(), config=self.cfg.to_dict())
+        path = checkpointing.checkpoint_path(self.run_dir, self.pos.step, self.sharded)
+        if self.sharded:
+            sharded.save(self.model, self.optimizer, state, path, self.env)
+        else:
+            model = checkpointing.model_state(self.model)
+            optimizer = checkpointing.optimizer_state(self.model, self.optimizer)
+            if self.env.is_main:
+                checkpointing.save(dict(model=model, optimizer=optimizer, **state), path)
         if self.env.is_main:
-            state = dict(model=model, optimizer=optimizer, schedule=dataclasses.asdict(self.schedule),
-                         scaler=self.scaler.state_dict() if self.scaler else None,
-                         epoch=self.pos.epoch, batch=self.pos.batch, step=self.pos.step, rng=rng,
-                         world_size=self.env.world_size, bad_steps=self.bad_steps, skipped_files=skipped,
-                         task=self.task.state_dict(), config=self.cfg.to_dict())
-            checkpointing.save(state, self.run_dir, self.pos.step, self.cfg.checkpoint.keep)
-        self.last_checkpoint = checkpointing.checkpoint_path(self.run_dir, self.pos.step)
+            checkpointing.prune(self.run_dir, self.cfg.checkpoint.keep)
+        self.last_checkpoint = path
         barrier(self.env)
 
     def load(self, path: Path) -> None:
-        """Continues from a checkpoint: weights, optimizer, scaler, position, counters, RNG streams."""
+        """Continues from a checkpoint of either kind written at any world size: weights, optimizer,
+        scaler, position (kept as samples seen, so that no sample is repeated or skipped), counters,
+        and the RNG streams when the world size is the same."""
         state = checkpointing.load(path)
-        checkpointing.load_model_state(self.model, state["model"])
-        checkpointing.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        batch = checkpointing.resume_batch(state, self.cfg.data.batch_size, self.env.world_size, self.accumulation)
+        if path.is_dir():
+            sharded.load(path, self.model, self.optimizer)
+        else:
+            checkpointing.load_model_state(self.model, state["model"])
+            checkpointing.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        self.pos = Position(state["epoch"], state["batch"], state["step"])
+        self.pos = Position(state["epoch"], batch, state["step"])
         self.bad_steps, self.skipped_files = state["bad_steps"], set(state["skipped_files"])
         self.task.load_state_dict(state["task"])
         self.last_checkpoint = Path(path)
