@@ -27,6 +27,7 @@ def one_thread():
     (NANO, 32, "fp32", False),
     ("simmim_swin-micro-w6_fashion-mnist-48px", 32, "bf16", False),
     ("simmim_vit-nano_test-64px", 32, "bf16", True),
+    ("simmim_swinv2-nano_test-64px", 32, "bf16", True),
 ])
 def test_predicted_peak_within_15_percent_of_measured(model, batch, precision, checkpointing):
     result = check(model, batch, precision, checkpointing)
@@ -34,7 +35,7 @@ def test_predicted_peak_within_15_percent_of_measured(model, batch, precision, c
 
 
 def test_fsdp_peak_within_15_percent_of_two_processes():
-    result = sharded_check(NANO, 32, "fp32", processes=2)  # torchrun, gloo: about 15 s
+    result = sharded_check(NANO, 32, "bf16", processes=2)  # torchrun, gloo, bf16 gathers: about 15 s
     assert abs(result.error) < 0.15, result
 
 
@@ -50,7 +51,7 @@ def test_fsdp_shards_parameters_and_optimizer_state(nano_profile):
         in_flight = nano_profile.root_params + 2 * nano_profile.largest_block
         shard = -(-p // gpus)
         assert optimizer == 8 * shard
-        assert params - 4 * in_flight - nano_profile.buffer_bytes == 4 * shard
+        assert params - 2 * in_flight - nano_profile.buffer_bytes == 4 * shard  # gathered in bf16 under bf16
         assert grads == 4 * (shard + nano_profile.root_params + nano_profile.largest_block)
         assert abs(4 * shard - 4 * p / gpus) <= 4  # full / N up to rounding
     ddp = strategy_memory(nano_profile, "ddp", 4)
@@ -80,7 +81,7 @@ def test_communication_and_step_time():
     profile = profile_model(NANO, 4, "bf16")
     ddp, fsdp, _ = plan(PlanConfig(NANO, gpus=16, batch=4), profile).strategies
     assert ddp.comm_bytes == round(2 * 15 / 16 * 4 * profile.params)
-    assert fsdp.comm_bytes == round(15 / 16 * profile.params * 12)  # 2 fp32 all-gathers + reduce-scatter
+    assert fsdp.comm_bytes == round(15 / 16 * profile.params * 8)  # 2 bf16 all-gathers + an fp32 reduce-scatter
     assert ddp.compute_s == pytest.approx(6 * profile.macs * 4 / (989e12 * 0.4))
     assert ddp.images_per_s == pytest.approx(16 * 4 / max(ddp.compute_s, ddp.comm_s))
 

@@ -30,8 +30,6 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--gpu", default="h100", choices=sorted(GPUS))
     p.add_argument("--utilization", type=float, default=0.4, help="assumed fraction of the peak FLOP rate")
-    p.add_argument("--fsdp-gather", default="fp32", choices=["fp32", "bf16"],
-                   help="dtype FSDP2 gathers parameters in (the engine's: fp32)")
     p.add_argument("--json", action="store_true", help="plain data instead of the table")
     p.add_argument("--markdown", metavar="PATH", help="write the plans as a Markdown page")
     p.add_argument("--check", action="store_true",
@@ -44,7 +42,7 @@ def run_command(args: argparse.Namespace) -> None:
     counts = gpu_counts(args.gpus)
     sections = []
     for model in args.models:
-        configs = [PlanConfig(model, n, args.batch, args.precision, args.gpu, args.utilization, args.fsdp_gather)
+        configs = [PlanConfig(model, n, args.batch, args.precision, args.gpu, args.utilization)
                    for n in counts]  # validates every input before the measurement
         profile = profile_model(configs[0].model, args.batch, args.precision)
         sections.append([plan(cfg, profile) for cfg in configs])

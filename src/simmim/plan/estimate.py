@@ -37,10 +37,6 @@ class PlanConfig:
     """A key of `hardware.GPUS`."""
     utilization: float = 0.4
     """Assumed fraction of the peak FLOP rate a step reaches."""
-    fsdp_gather: str = "fp32"
-    """dtype FSDP2 all-gathers the parameters in: fp32 as the engine's fully_shard does (no
-    MixedPrecisionPolicy), or bf16 (a policy with param_dtype=bf16 and reduce_dtype=fp32, torchtitan's)."""
-
     def __post_init__(self) -> None:
         if self.gpus < 1:
             raise ValueError(f"gpus={self.gpus}: expected at least 1")
@@ -52,8 +48,6 @@ class PlanConfig:
             raise ValueError(f"gpu {self.gpu!r}: expected one of {', '.join(GPUS)}")
         if not 0 < self.utilization <= 1:
             raise ValueError(f"utilization={self.utilization}: expected a fraction in (0, 1]")
-        if self.fsdp_gather not in ("fp32", "bf16"):
-            raise ValueError(f"fsdp_gather {self.fsdp_gather!r}: expected fp32 or bf16")
         get_spec(self.model)  # an unknown name fails here, with the closest ones
 
 
@@ -139,8 +133,14 @@ def optimizer_temporaries(profile: ModelProfile, device: str, shards: int = 1) -
     return 2 * MASTER * -(-profile.largest_param // shards)
 
 
-def strategy_memory(profile: ModelProfile, strategy: str, gpus: int, device: str = "cuda",
-                    gather_bytes: int = MASTER) -> tuple[int, int, int, int, int]:
+def gather_bytes(precision: str) -> int:
+    """Bytes per parameter FSDP2 gathers, as the engine shards (`engine.parallelize.shard`): bf16 under
+    bf16 autocast (its MixedPrecisionPolicy), else the fp32 parameters themselves."""
+    return 2 if precision == "bf16" else MASTER
+
+
+def strategy_memory(profile: ModelProfile, strategy: str, gpus: int, device: str = "cuda"
+                    ) -> tuple[int, int, int, int, int]:
     """(params, grads, optimizer, activations, peak) bytes per GPU of a strategy: "ddp" or "fsdp", with
     "+ac" for activation checkpointing of every residual block. One GPU under "ddp" is a plain process."""
     p = profile.params
@@ -154,27 +154,27 @@ def strategy_memory(profile: ModelProfile, strategy: str, gpus: int, device: str
         step = MASTER * p + optimizer_temporaries(profile, device)
         return (MASTER * p + profile.buffer_bytes, MASTER * p + buckets, 2 * MASTER * p, activations,
                 held + max(backward, step))
-    shard = -(-p // gpus)
+    shard, gathered = -(-p // gpus), gather_bytes(profile.precision)
     in_flight = profile.root_params + 2 * profile.largest_block  # the root stays gathered; one unit prefetched
     held = MASTER * shard + profile.buffer_bytes + 2 * MASTER * shard
     # early in the backward, with the activations still there: the gathered units, and the unsharded
     # gradients of the root (reduced at the end) and of the block being differentiated; the gradient
     # shard fills in as the activations are freed, as in the optimizer step
     grads_in_flight = MASTER * (profile.root_params + profile.largest_block)
-    backward = activations + profile.step.extra(checkpointed, grads=False) + gather_bytes * in_flight
+    backward = activations + profile.step.extra(checkpointed, grads=False) + gathered * in_flight
     backward += grads_in_flight
     step = MASTER * shard + optimizer_temporaries(profile, device, gpus)
-    return (MASTER * shard + gather_bytes * in_flight + profile.buffer_bytes, MASTER * shard + grads_in_flight,
+    return (MASTER * shard + gathered * in_flight + profile.buffer_bytes, MASTER * shard + grads_in_flight,
             2 * MASTER * shard, activations, held + max(backward, step))
 
 
-def communication(profile: ModelProfile, strategy: str, gpus: int, gather_bytes: int) -> int:
+def communication(profile: ModelProfile, strategy: str, gpus: int, gathered: int) -> int:
     """Bytes each GPU sends per step: a ring all-reduce of the fp32 gradients (DDP), or all-gathers of
     the parameters in forward and backward and a reduce-scatter of the gradients (FSDP2)."""
     ring = (gpus - 1) / gpus
     if strategy == "ddp":
         return round(2 * ring * MASTER * profile.params)
-    return round(ring * profile.params * (2 * gather_bytes + MASTER))
+    return round(ring * profile.params * (2 * gathered + MASTER))
 
 
 def plan(cfg: PlanConfig, profile: ModelProfile | None = None) -> Plan:
@@ -184,11 +184,11 @@ def plan(cfg: PlanConfig, profile: ModelProfile | None = None) -> Plan:
         raise ValueError(f"the profile of {profile.name} at batch {profile.batch} in {profile.precision} does not "
                          f"match the plan's {cfg.model} at batch {cfg.batch} in {cfg.precision}")
     gpu = GPUS[cfg.gpu]
-    gather = MASTER if cfg.fsdp_gather == "fp32" else 2
+    gather = gather_bytes(cfg.precision)
     bandwidth = gpu.nvlink if cfg.gpus <= gpu.per_node else gpu.network
     rows = []
     for strategy in STRATEGIES:
-        params, grads, optimizer, activations, peak = strategy_memory(profile, strategy, cfg.gpus, "cuda", gather)
+        params, grads, optimizer, activations, peak = strategy_memory(profile, strategy, cfg.gpus, "cuda")
         forwards = 4 if strategy == "fsdp+ac" else 3  # the backward costs two forwards, checkpointing one more
         compute = 2 * forwards * profile.macs * cfg.batch / (gpu.flops(cfg.precision) * cfg.utilization)
         comm = communication(profile, strategy, cfg.gpus, gather)

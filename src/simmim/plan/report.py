@@ -60,7 +60,7 @@ def header(plan: Plan) -> str:
     return (f"{p.name}: {p.params:,} parameters, {p.macs / 1e9:.2f} GMACs per image (training forward); "
             f"{c.batch} images per GPU, {c.precision}, AdamW; {g.name} ({g.memory / GIB:.1f} GiB, "
             f"{g.flops(c.precision) / 1e12:.0f} TFLOP/s peak at {c.precision}, utilisation {c.utilization:.0%} "
-            f"assumed); FSDP gathers in {c.fsdp_gather}.")
+            f"assumed); FSDP gathers in {'bf16' if c.precision == 'bf16' else 'fp32'}.")
 
 
 def text(plans: Sequence[Plan]) -> str:
@@ -110,7 +110,7 @@ def markdown(sections: Sequence[Sequence[Plan]], checks: Sequence[Check], comman
                   "of it (the profiler's allocation records, `bench.measure.peak_memory`), the highest over "
                   "the processes; the prediction is the planner's figure for the same model, batch and "
                   "precision on the CPU path: one plain process, or FSDP2 as the engine wraps the model "
-                  "(each block and the root, fp32 gathers) over 2 processes under torchrun with gloo.", ""]
+                  "(each block and the root; bf16 gathers under bf16) over 2 processes under torchrun with gloo.", ""]
         lines += validation_section(checks) + [""]
     return "\n".join(lines)
 

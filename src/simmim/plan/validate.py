@@ -23,6 +23,8 @@ CASES = (  # (model, batch, precision, activation checkpointing): seconds each o
     ("simmim_swin-micro-w6_fashion-mnist-48px", 2, "fp32", False),
     ("swin-nano_test-64px", 32, "bf16", False),
     ("simmim_swin-tiny-w6_in1k-192px", 2, "fp32", False),
+    ("simmim_swinv2-nano_test-64px", 32, "fp32", False),
+    ("simmim_swinv2-nano_test-64px", 32, "bf16", True),
 )
 SHARDED_CASES = (  # (model, batch, precision) in 2 processes under FSDP2: about 15 s each
     ("simmim_swin-nano_test-64px", 32, "fp32"),
