@@ -24,12 +24,9 @@ from simmim.engine.sharded import consolidate
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAUNCHER = """\
-import argparse
-from simmim.engine import add_commands
-parser = argparse.ArgumentParser()
-add_commands(parser.add_subparsers(dest="command", required=True))
-args = parser.parse_args()
-args.func(args)
+import sys
+from simmim.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 SETTINGS = ["data.num_workers=0", "runtime.tensorboard=false", "runtime.vis_every=0", "runtime.log_every=1",
             "schedule.epochs=2", "schedule.warmup_epochs=1", "checkpoint.keep=1"]

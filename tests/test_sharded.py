@@ -171,6 +171,7 @@ import torch, torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from simmim.engine.distributed import setup
 from simmim.engine.parallelize import parallelize
+from simmim.runtime import exit_worker
 from simmim.zoo import build_model, get_spec
 
 env = setup("cpu")
@@ -194,6 +195,7 @@ assert all(p.grad.dtype == torch.float32 for p in model.parameters())
 assert {s.dtype for st in optimizer.state.values() for s in st.values() if s.dim()} == {torch.float32}
 print(f"rank {env.rank}: {', '.join(sorted(seen))}; forward in {', '.join(map(str, forward))}")
 dist.destroy_process_group()
+exit_worker(0)
 """
 
 

@@ -213,18 +213,27 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime import maybe_reexec_with_jemalloc
 
         maybe_reexec_with_jemalloc()
-    status = 0
+    status = run_command(args)
+    from .runtime import exit_worker, is_torchrun_worker
+
+    if is_torchrun_worker():
+        exit_worker(status)
+    return status
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Runs a parsed command: its exit status, 2 with a one-line message for a bad input."""
     try:
-        status = args.func(args)
+        return args.func(args) or 0
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()
+        return 0
     except (ValueError, KeyError, TypeError, OSError) as err:
         if args.debug:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"simmim: error: {message}", file=sys.stderr)
         return 2
-    return status or 0
 
 
 if __name__ == "__main__":

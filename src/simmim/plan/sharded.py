@@ -20,6 +20,7 @@ import torch
 from ..bench.measure import peak_memory
 from ..engine.distributed import gather_objects, setup, teardown
 from ..engine.parallelize import autocast, parallelize
+from ..runtime import exit_worker
 from ..zoo import build_model, get_spec
 from .activations import example_inputs, training_loss
 
@@ -37,7 +38,7 @@ def measure(name: str, batch: int, precision: str) -> int:
         spec = get_spec(name)
         torch.manual_seed(0)
         model = build_model(spec).train()
-        wrapped = parallelize(model, env, "fsdp")
+        wrapped = parallelize(model, env, "fsdp", precision=precision)
         optimizer = torch.optim.AdamW(model.parameters())
         inputs = example_inputs(model, spec, batch, "cpu")
 
@@ -69,13 +70,12 @@ def sharded_peaks(name: str, batch: int, precision: str, processes: int = 2) -> 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
            "127.0.0.1", "--master_port", str(port), "-m", "simmim.plan.sharded", name, str(batch), precision]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    # the result line is what counts: now and then a process aborts at exit, after it, as gloo and the
-    # profiler's threads shut down ("terminate called without an active exception")
     result = [line for line in run.stdout.splitlines() if line.startswith("[")]
-    if not result:
+    if run.returncode or not result:
         raise RuntimeError(f"the sharded measurement failed (exit status {run.returncode}):\n{run.stderr[-2000:]}")
     return json.loads(result[0])
 
 
 if __name__ == "__main__":
     measure(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    exit_worker(0)
