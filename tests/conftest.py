@@ -11,6 +11,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: other jobs share this machine's cores, and one thread per
+    process is steadier than two (modules that train use it for every test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize_(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
     """Fills every parameter with noise (norm scales around 1) so that zero-initialised tables, biases
     and tokens all matter in a comparison."""

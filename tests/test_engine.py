@@ -36,13 +36,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 NO_AUGMENT = ["augment.crop_scale=1,1", "augment.crop_ratio=1,1", "augment.hflip=0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # other jobs share this machine's cores: one thread per process is steadier than two
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_image_folder(root: Path, train_per_class: int = 8, val_per_class: int = 3, size: int = 72) -> Path:

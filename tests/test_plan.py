@@ -15,12 +15,7 @@ from simmim.zoo import get_spec
 NANO = "simmim_swin-nano_test-64px"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("model, batch, precision, checkpointing", [

@@ -25,13 +25,12 @@ from simmim.engine import checkpointing as ckpt
 from simmim.engine import evaluate, finetune, pretrain
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def _one_thread_and_own_cache(tmp_path, monkeypatch):
+def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the count cache of these tests only
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def png(seed: int, size: int = 8) -> bytes:
