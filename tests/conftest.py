@@ -5,6 +5,11 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+DEVICE = torch.device(os.environ.get("SIMMIM_TEST_DEVICE", "cpu"))
+"""Where the comparisons against the reference implementations run (benchmarks/gpu_check.sh: cuda)."""
+if DEVICE.type == "cuda":  # TF32 matmuls and convolutions differ from float32 by ~1e-3
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,13 +1,12 @@
 """Our encoders and SimMIM against independent implementations (HF transformers, timm) on the same
 random weights, in float32 on the CPU (or the device SIMMIM_TEST_DEVICE names, e.g. cuda)."""
 
-import os
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import randomize_
+from conftest import DEVICE, randomize_
 
 from simmim.checkpoint.formats import HF as HF_SWIN
 from simmim.models import Classifier, SimMIM, SwinConfig, SwinTransformer, VisionTransformer, ViTConfig
@@ -16,9 +15,6 @@ transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 
 TOL = 1e-4
-DEVICE = torch.device(os.environ.get("SIMMIM_TEST_DEVICE", "cpu"))
-if DEVICE.type == "cuda":  # TF32 matmuls and convolutions differ from float32 by ~1e-3
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 def hf_checkpoint(model, tmp_path) -> dict:

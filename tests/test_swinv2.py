@@ -1,6 +1,7 @@
 """SwinV2 with SimMIM against HF transformers (Swinv2ForMaskedImageModeling) and timm (swinv2) on the same
-random weights in float32, the official and HF key layouts, window transfer without table resampling,
-the zoo's published sizes, and the training engine's parameter groups."""
+random weights in float32 (on the CPU, or the device SIMMIM_TEST_DEVICE names), the official and HF key
+layouts, window transfer without table resampling, the zoo's published sizes, and the training engine's
+parameter groups."""
 
 import math
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import randomize_
+from conftest import DEVICE, randomize_
 from test_engine import NO_AUGMENT, make_image_folder, settings
 
 from simmim.checkpoint.convert import convert
@@ -57,8 +58,9 @@ def test_simmim_swinv2_matches_hf_masked_image_modeling(case, tmp_path):
     hf = randomize_(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
     ours = SimMIM(SwinTransformerV2(cfg), mask_patch_size=32).eval()
     ours.load_state_dict(HF.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
-    images = torch.randn(2, 3, cfg.img_size, cfg.img_size)
-    mask = ours.random_mask(2, np.random.default_rng(0))
+    hf, ours = hf.to(DEVICE), ours.to(DEVICE)
+    images = torch.randn(2, 3, cfg.img_size, cfg.img_size, device=DEVICE)
+    mask = ours.random_mask(2, np.random.default_rng(0)).to(DEVICE)
     with torch.no_grad():
         ref = hf(pixel_values=images, bool_masked_pos=mask.flatten(1).bool())
         out = ours(images, mask)
@@ -74,7 +76,9 @@ def test_odd_maps_are_padded_for_merging_as_hf_does(tmp_path):
     hf = randomize_(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
     ours = SimMIM(SwinTransformerV2(cfg), mask_patch_size=8).eval()
     ours.load_state_dict(HF.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
-    images, mask = torch.randn(2, 3, 72, 72), ours.random_mask(2, np.random.default_rng(1))
+    hf, ours = hf.to(DEVICE), ours.to(DEVICE)
+    images = torch.randn(2, 3, 72, 72, device=DEVICE)
+    mask = ours.random_mask(2, np.random.default_rng(1)).to(DEVICE)
     with torch.no_grad():
         expected = hf.swinv2(pixel_values=images, bool_masked_pos=mask.flatten(1).bool()).last_hidden_state
         got = ours.encoder(images, mask)
@@ -97,7 +101,8 @@ def test_encoder_and_classifier_match_timm():
     official = {k.removeprefix("encoder."): v for k, v in ours.state_dict().items()}
     # timm's own adapter for official-layout checkpoints reads ours
     ref.load_state_dict(timm.models.swin_transformer_v2.checkpoint_filter_fn(official, ref), strict=True)
-    images = torch.randn(2, 3, 128, 128)
+    ours, ref = ours.to(DEVICE), ref.to(DEVICE)
+    images = torch.randn(2, 3, 128, 128, device=DEVICE)
     with torch.no_grad():
         features = ours.encoder(images).permute(0, 2, 3, 1)
         assert (features - ref.forward_features(images)).abs().max() < TOL

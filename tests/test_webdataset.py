@@ -24,7 +24,6 @@ from simmim.data.webdataset import ShardedImages, ShardSampler, buffer_shuffle, 
 from simmim.engine import checkpointing as ckpt
 from simmim.engine import evaluate, finetune, pretrain
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
