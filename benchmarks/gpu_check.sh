@@ -5,7 +5,8 @@
 #   3. the torch.compile path (every block compiled, ours and HF's) in bf16,
 #   4. sharded training on the device (benchmarks/sharded_check.py): FSDP2's bf16 policy in a 1-rank
 #      process group and a bf16 run with sharded checkpoints, resumed and consolidated (the 2-rank
-#      FSDP2 and world-size changes are tests/test_sharded.py's, on the CPU with gloo).
+#      FSDP2 and world-size changes are tests/test_sharded.py's, on the CPU with gloo),
+#   5. the memory planner against the allocator's measured peaks of single-GPU training steps.
 # It prints everything and writes docs/gpu_check_<date>.md (the benchmark's JSON beside it). It needs
 # what a machine with torch, transformers and timm has (pytest for step 1; scipy, which simmim's zoo
 # imports; scikit-image for the loader's photographs, else that part is skipped); simmim runs from src/.
@@ -80,6 +81,9 @@ fi
 
 section "Sharded training: FSDP2 bf16 policy, DCP checkpoints"
 run "$PYTHON" benchmarks/sharded_check.py --device "$DEVICE"
+
+section "Planner against measured peaks on $DEVICE"
+run "$PYTHON" -m simmim.plan.validate "$DEVICE"
 
 section "torch.compile per block, bf16"
 run timeout "$COMPILE_LIMIT" "$PYTHON" -m simmim.bench --device "$DEVICE" --quick "${QUICK[@]}" \

@@ -1,7 +1,9 @@
-"""The planner against measurement: the peak memory of real training steps of small models on the CPU."""
+"""The planner against measurement: the peak memory of real training steps of small models on the CPU
+(and of larger ones on a GPU: `python -m simmim.plan.validate cuda`, run by benchmarks/gpu_check.sh)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -52,19 +54,19 @@ class Check:
         return self.predicted / self.measured - 1
 
 
-def measured_peak(name: str, batch: int, precision: str, checkpointing: bool) -> int:
-    """Peak bytes of a steady-state training step (forward, backward, AdamW) in this process on the CPU:
-    what it holds before (parameters, buffers, AdamW's state, the batch) plus what the step allocates."""
+def measured_peak(name: str, batch: int, precision: str, checkpointing: bool, device: str = "cpu") -> int:
+    """Peak bytes of a steady-state training step (forward, backward, AdamW) in this process: what it
+    holds before (parameters, buffers, AdamW's state) plus what the step allocates."""
     spec = get_spec(name)
     torch.manual_seed(0)
-    model = build_model(spec, use_checkpoint=checkpointing).train()
+    where = torch.device(device)
+    model = build_model(spec, use_checkpoint=checkpointing).train().to(where)
     optimizer = torch.optim.AdamW(model.parameters())
-    inputs = example_inputs(model, spec, batch, "cpu")
-    cpu = torch.device("cpu")
+    inputs = example_inputs(model, spec, batch, where)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(precision, cpu):
+        with autocast(precision, where):
             loss = training_loss(model, spec, inputs)
         loss.backward()
         optimizer.step()
@@ -72,19 +74,20 @@ def measured_peak(name: str, batch: int, precision: str, checkpointing: bool) ->
     step()  # AdamW creates its state in the first step
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(), *state])
-    return held + peak_memory(step, cpu)
+    return held + peak_memory(step, where)
 
 
-def predicted_peak(name: str, batch: int, precision: str, checkpointing: bool) -> int:
-    """The planner's peak for the same step: one CPU process, no DDP."""
-    profile = profile_model(name, batch, precision, device="cpu")
-    return strategy_memory(profile, "ddp+ac" if checkpointing else "ddp", 1, device="cpu")[-1]
+def predicted_peak(name: str, batch: int, precision: str, checkpointing: bool, device: str = "cpu") -> int:
+    """The planner's peak for the same step: one process, no DDP, on the device's code path."""
+    path = "cuda" if device.startswith("cuda") else "cpu"
+    profile = profile_model(name, batch, precision, device=path)
+    return strategy_memory(profile, "ddp+ac" if checkpointing else "ddp", 1, device=path)[-1]
 
 
-def check(name: str, batch: int, precision: str, checkpointing: bool) -> Check:
+def check(name: str, batch: int, precision: str, checkpointing: bool, device: str = "cpu") -> Check:
     """Measures and predicts one configuration in one process."""
-    return Check(name, batch, precision, checkpointing, measured_peak(name, batch, precision, checkpointing),
-                 predicted_peak(name, batch, precision, checkpointing))
+    return Check(name, batch, precision, checkpointing, measured_peak(name, batch, precision, checkpointing, device),
+                 predicted_peak(name, batch, precision, checkpointing, device))
 
 
 def sharded_check(name: str, batch: int, precision: str, processes: int = 2) -> Check:
@@ -95,3 +98,21 @@ def sharded_check(name: str, batch: int, precision: str, processes: int = 2) -> 
     predicted = strategy_memory(profile, "fsdp", processes, device="cpu")[-1]
     return Check(name, batch, precision, False, max(sharded_peaks(name, batch, precision, processes)), predicted,
                  processes)
+
+
+GPU_CASES = (  # (model, batch, precision, activation checkpointing): GPU-sized steps, seconds each
+    ("simmim_swin-base-w6_8xb256-amp-coslr-100e_in1k-192px", 64, "bf16", False),
+    ("simmim_swin-base-w6_8xb256-amp-coslr-100e_in1k-192px", 64, "bf16", True),
+    ("simmim_swinv2-tiny-w12_in1k-192px", 64, "bf16", False),
+    ("simmim_swin-large-w12_16xb128-amp-coslr-800e_in1k-192px", 32, "bf16", False),
+)
+
+if __name__ == "__main__":
+    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    cases = GPU_CASES if device.startswith("cuda") else CASES[:2]
+    print(f"planner against measured peaks on {device} (one process, one training step)")
+    for case in cases:
+        result = check(*case, device=device)
+        print(f"{result.model} batch {result.batch} {result.precision}{' +ac' if result.checkpointing else ''}: "
+              f"measured {result.measured / 2**20:,.0f} MiB, predicted {result.predicted / 2**20:,.0f} MiB, "
+              f"error {result.error:+.1%}")
