@@ -212,6 +212,15 @@ def test_damaged_samples_are_skipped_and_named(tmp_path):
         f"{a}:bad.png", f"{a}:text", f"{b}:bad.png", f"{b}:text", f"{b}#3"]
 
 
+def test_a_label_outside_the_indexed_classes_is_a_skipped_sample(tmp_path):
+    paths = tar_shards(tmp_path / "s", [3])  # classes 0, 1, 2
+    images = ShardedImages(paths, [3], classes=["a", "b"])
+    assert images[1][1] == 1
+    with pytest.raises(shards.UnreadableImage, match="label 2 outside the 2 classes of the index"):
+        images[2]
+    assert ShardedImages(paths, [3])[2][1] == 2  # no class names: nothing to check against
+
+
 # -- writer and the webdataset package ------------------------------------------------------------------
 
 def test_export_writes_shards_that_webdataset_reads(tmp_path):

@@ -284,6 +284,9 @@ class ShardedImages(Dataset):
             label = label_of(data)
         except (ValueError, UnicodeDecodeError) as err:
             raise UnreadableImage(name, f"unreadable label ({err})") from None
+        if label is not None and self.classes and not 0 <= label < len(self.classes):
+            # skipped and counted like a bad image, rather than an index error in the loss
+            raise UnreadableImage(name, f"label {label} outside the {len(self.classes)} classes of the index")
         return load_rgb(io.BytesIO(data[image]), name=f"{name}.{image}"), 0 if label is None else label
 
     def __getstate__(self) -> dict[str, Any]:  # open files do not travel to spawned workers
