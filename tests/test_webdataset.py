@@ -212,6 +212,14 @@ def test_damaged_samples_are_skipped_and_named(tmp_path):
         f"{a}:bad.png", f"{a}:text", f"{b}:bad.png", f"{b}:text", f"{b}#3"]
 
 
+def test_a_folder_of_shards_and_images_is_refused(tmp_path):
+    folder = tmp_path / "mixed"
+    tar_shards(folder, [2])
+    (folder / "stray.png").write_bytes(png(0))
+    with pytest.raises(ValueError, match="holds both .tar shards and image files; expected one kind"):
+        shards.looks_like_shards(folder)
+
+
 def test_a_label_outside_the_indexed_classes_is_a_skipped_sample(tmp_path):
     paths = tar_shards(tmp_path / "s", [3])  # classes 0, 1, 2
     images = ShardedImages(paths, [3], classes=["a", "b"])

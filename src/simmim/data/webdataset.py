@@ -82,7 +82,13 @@ def looks_like_shards(path: str | Path) -> bool:
     if text.endswith(".tar") or _BRACES.search(text):
         return True
     folder = Path(path)
-    return folder.is_dir() and any(p.suffix == ".tar" for p in folder.iterdir())
+    if not folder.is_dir():
+        return False
+    suffixes = {p.suffix.lower().lstrip(".") for p in folder.iterdir() if p.is_file()}
+    if "tar" in suffixes and suffixes & set(IMAGE_EXTENSIONS):
+        raise ValueError(f"{folder}: holds both .tar shards and image files; expected one kind (point data.path "
+                         "at a folder of shards, a shard pattern, or an image folder)")
+    return "tar" in suffixes
 
 
 def shard_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
