@@ -114,6 +114,9 @@ def training_step(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile each residual block in place (ours: SwinBlock, HF: SwinLayer)."""
+    # all blocks share one forward, compiled once per stage shape and window kind (plain or shifted,
+    # padded or not): more variants than dynamo's default of 8, past which blocks silently ran eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for module in model.modules():
         if type(module).__name__ in ("SwinBlock", "SwinLayer"):
             module.compile(backend=backend)
