@@ -17,10 +17,10 @@ import pytest
 import torch
 from test_engine import make_image_folder
 
+from simmim.checkpoint.dcp import consolidate
 from simmim.config import load_config
 from simmim.engine import checkpointing as ckpt
 from simmim.engine import pretrain
-from simmim.engine.sharded import consolidate
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAUNCHER = """\

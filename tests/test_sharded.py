@@ -19,6 +19,7 @@ import torch
 from test_distributed import torchrun
 from test_engine import make_image_folder
 
+from simmim.checkpoint.dcp import consolidate
 from simmim.checkpoint.transfer import load_weights
 from simmim.cli import main as cli
 from simmim.config import load_config
@@ -26,7 +27,6 @@ from simmim.engine import checkpointing as ckpt
 from simmim.engine.distributed import setup
 from simmim.engine.loop import Run
 from simmim.engine.pretraining import PretrainTask
-from simmim.engine.sharded import consolidate, weights_source
 from simmim.zoo.hub import get_model
 
 MODEL = "simmim_swin-nano_test-64px"
@@ -149,7 +149,7 @@ def test_consolidate_writes_one_safetensors_file_that_the_zoo_loads(one_process,
     exported = get_model(tmp_path / "exported")
     assert all(torch.equal(v, expected[k]) for k, v in exported.state_dict().items())
     classifier = get_model("swin-nano_test-64px")  # fine-tuning from a sharded pretraining checkpoint
-    report = load_weights(classifier, weights_source(whole.last_checkpoint), new_head=True)
+    report = load_weights(classifier, whole.last_checkpoint, new_head=True)
     assert report.loaded and all(torch.equal(v, expected[f"encoder.{k}"])
                                       for k, v in classifier.encoder.state_dict().items())
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from ..models import Classifier, SimMIM
+from .dcp import consolidate, is_sharded_checkpoint
 from .formats import Format, StateDict, detect_format, unwrap
 from .io import load_checkpoint_file, strip_prefixes
 from .resample import resample_rel_pos_bias, resize_abs_pos_embed
@@ -56,9 +57,13 @@ def _brief(keys: list[str]) -> str:
 
 
 def read_checkpoint(source: str | Path | dict) -> tuple[StateDict, Format, dict]:
-    """Any checkpoint (a file of any supported format, or its loaded contents) -> (state dict in our
-    layout, the format it was in, everything else the file held: config, meta, optimizer...)."""
-    contents = load_checkpoint_file(source) if isinstance(source, str | Path) else source
+    """Any checkpoint (a file of any supported format, a sharded checkpoint directory, or loaded
+    contents) -> (state dict in our layout, the format it was in, everything else the file held:
+    config, meta, optimizer...)."""
+    if isinstance(source, str | Path):
+        contents = consolidate(source) if is_sharded_checkpoint(source) else load_checkpoint_file(source)
+    else:
+        contents = source
     state, rest = unwrap(contents)
     state = strip_prefixes(state)
     fmt = detect_format(state)

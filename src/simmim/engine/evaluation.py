@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..checkpoint.dcp import consolidate
 from ..config import TrainConfig
 from ..data.datasets import EpochSampler, SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
-from . import checkpointing, sharded
+from . import checkpointing
 from .builders import build_network, eval_loader, eval_source
 from .distributed import DistEnv, all_reduce_sum, setup, teardown
 from .parallelize import autocast, resolve_precision
@@ -48,7 +49,7 @@ def load_run_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     checkpoint directory), and its run's config."""
     state = checkpointing.load(path)
     cfg = TrainConfig.from_dict(state["config"])
-    weights = sharded.consolidate(path) if Path(path).is_dir() else state["model"]
+    weights = consolidate(path) if Path(path).is_dir() else state["model"]
     num_classes = weights["head.weight"].shape[0] if cfg.task == "finetune" else None
     model = build_network(cfg, num_classes=num_classes)
     model.load_state_dict(weights)

@@ -20,7 +20,6 @@ from .evaluation import evaluate_loader
 from .logging import RunLogger, format_duration
 from .loop import Run, RunResult, train
 from .parallelize import unwrap_ddp
-from .sharded import weights_source
 
 
 class FinetuneTask:
@@ -56,7 +55,7 @@ class FinetuneTask:
         if self.cfg.model.pretrained and not resuming:  # a resumed run has its own weights
             # the encoder of any supported checkpoint; decoder / mask token dropped, position tables
             # resampled, and a head for another number of classes started afresh
-            report = load_weights(model, weights_source(self.cfg.model.pretrained), new_head=True)
+            report = load_weights(model, self.cfg.model.pretrained, new_head=True)
             self.log.print(f"pretrained weights from {self.cfg.model.pretrained}: {report.summary()}")
         return model
 

@@ -6,7 +6,7 @@ torch.distributed.checkpoint (DCP), so no process ever holds the full state of a
         state.pt                       position, counters, every rank's RNG, config (rank 0, written last)
 
 DCP reshards on load, so a checkpoint written by N processes (FSDP2, DDP or one process) resumes at
-any world size; `consolidate` reads one into a full state dict without a process group.
+any world size; `checkpoint.dcp.consolidate` reads one into a full state dict without a process group.
 A save goes to RUN_DIR/.ckpt-<step>.tmp (fsynced file by file), and rank 0 renames the directory to
 its final name only after state.pt is in it: a save cut short leaves the previous checkpoints as they were.
 """
@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -33,19 +29,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..checkpoint.dcp import single_process_allowed
 from ..checkpoint.io import _fsync_directory
 from . import checkpointing
 from .distributed import DistEnv, barrier
-
-METADATA = ".metadata"
-
-
-@contextmanager
-def single_process_allowed() -> Iterator[None]:
-    """Silences DCP's warning that it reads or writes in one process: without a process group, that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
 
 
 def temporary_path(path: Path) -> Path:
@@ -94,26 +81,3 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None
         dcp.load(state, storage_reader=FileSystemReader(path))
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-
-
-def consolidate(path: str | Path) -> dict[str, torch.Tensor]:
-    """The full model state dict of a sharded checkpoint, read in this process alone (no process group)."""
-    path = Path(path)
-    if not (path / METADATA).is_file():
-        raise FileNotFoundError(f"{path} is not a sharded checkpoint: no {METADATA} (a torch.distributed.checkpoint "
-                                "directory written by a run with checkpoint.sharded)")
-    reader = FileSystemReader(path)
-    entries = reader.read_metadata().state_dict_metadata
-    model = {key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
-             for key, entry in entries.items() if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
-    if not model:
-        raise ValueError(f"{path}: the sharded checkpoint holds no model weights")
-    with single_process_allowed():
-        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
-    return model
-
-
-def weights_source(path: str | Path) -> str | Path | dict[str, torch.Tensor]:
-    """What `checkpoint.transfer.load_weights` reads for `path`: a sharded checkpoint's consolidated
-    model weights, any other path as it is."""
-    return consolidate(path) if (Path(path) / METADATA).is_file() else path
