@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .datasets import UnreadableImage, image_files, load_rgb
-from .webdataset import ShardedImages, looks_like_shards, sharded_images
+from .webdataset import looks_like_shards, sharded_images
 
 
 @dataclass
@@ -20,36 +21,32 @@ class VerifyReport:
 
 def verify_images(root: str | Path, progress_every: int = 5000) -> VerifyReport:
     """Decodes every image below `root` (recursively; or the files of a list file; or every sample of
-    WebDataset shards) as training would."""
+    WebDataset shards, named SHARD:KEY) as training would."""
     if looks_like_shards(root):
-        return verify_shards(sharded_images(root), progress_every)
+        shards = sharded_images(root)
+        return _check(len(shards), shards.__getitem__, progress_every)
     paths = [path for path, _ in image_files(root).samples]
-    report = VerifyReport()
-    for i, path in enumerate(paths, 1):
-        report.checked += 1
-        try:
-            if os.path.getsize(path) == 0:
-                report.bad.append((path, "empty file"))
-            else:
-                load_rgb(path)
-        except UnreadableImage as err:
-            report.bad.append((path, err.reason))
-        except OSError as err:  # e.g. a list file naming a file that is gone
-            report.bad.append((path, err.strerror or type(err).__name__))
-        if progress_every and i % progress_every == 0:
-            print(f"checked {i:,}/{len(paths):,} ({len(report.bad)} unusable so far)", flush=True)
-    return report
+    return _check(len(paths), lambda i: _decode_file(paths[i]), progress_every)
 
 
-def verify_shards(dataset: ShardedImages, progress_every: int = 5000) -> VerifyReport:
-    """Decodes every sample of the shards; unusable ones are named SHARD:KEY."""
+def _decode_file(path: str) -> None:
+    try:
+        if os.path.getsize(path) == 0:
+            raise UnreadableImage(path, "empty file")
+        load_rgb(path)
+    except OSError as err:  # e.g. a list file naming a file that is gone
+        raise UnreadableImage(path, err.strerror or type(err).__name__) from None
+
+
+def _check(count: int, decode: Callable[[int], object], progress_every: int) -> VerifyReport:
+    """Decodes items 0..count-1, collecting the UnreadableImage ones, with a progress line now and then."""
     report = VerifyReport()
-    for i in range(len(dataset)):
+    for i in range(count):
         report.checked += 1
         try:
-            dataset[i]
+            decode(i)
         except UnreadableImage as err:
             report.bad.append((err.path, err.reason))
         if progress_every and report.checked % progress_every == 0:
-            print(f"checked {report.checked:,}/{len(dataset):,} ({len(report.bad)} unusable so far)", flush=True)
+            print(f"checked {report.checked:,}/{count:,} ({len(report.bad)} unusable so far)", flush=True)
     return report
