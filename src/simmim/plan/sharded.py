@@ -19,15 +19,11 @@ import torch
 
 from ..bench.measure import peak_memory
 from ..engine.distributed import gather_objects, setup, teardown
-from ..engine.parallelize import autocast, parallelize
+from ..engine.parallelize import parallelize
 from ..runtime import exit_worker
 from ..zoo import build_model, get_spec
-from .activations import example_inputs, training_loss
-
-
-def _local_bytes(t: torch.Tensor) -> int:
-    local = t.to_local() if hasattr(t, "to_local") else t  # FSDP2's parameters and their state are DTensors
-    return local.numel() * local.element_size()
+from .activations import example_inputs
+from .validate import held_bytes, training_step
 
 
 def measure(name: str, batch: int, precision: str) -> int:
@@ -41,18 +37,9 @@ def measure(name: str, batch: int, precision: str) -> int:
         wrapped = parallelize(model, env, "fsdp", precision=precision)
         optimizer = torch.optim.AdamW(model.parameters())
         inputs = example_inputs(model, spec, batch, "cpu")
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(precision, env.device):
-                loss = training_loss(wrapped, spec, inputs)
-            loss.backward()
-            optimizer.step()
-
+        step = training_step(wrapped, optimizer, spec, inputs, precision)
         step()
-        state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-        held = sum(_local_bytes(t) for t in [*model.parameters(), *model.buffers(), *state, *inputs])
-        peaks = gather_objects(held + peak_memory(step, env.device), env)
+        peaks = gather_objects(held_bytes(model, optimizer, *inputs) + peak_memory(step, env.device), env)
         if env.is_main:
             print(json.dumps(peaks))
         return peaks[env.rank]
