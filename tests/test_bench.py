@@ -56,6 +56,32 @@ def test_both_sides_compute_the_same_training_step(size, tmp_path):
         assert torch.allclose(p.grad, expected[name], atol=1e-5, rtol=1e-3), name
 
 
+def _grads(model: torch.nn.Module, loss_fn, data, precision: str) -> None:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = loss_fn(model, data)
+    loss.backward()
+
+
+def test_bf16_gradients_are_as_close_to_fp32_as_hfs(tmp_path):
+    """Our bf16 backward keeps some tensors instead of recomputing them and orders its weight-gradient
+    products differently from autograd's: its error against the fp32 gradients stays at HF's."""
+    model = ours(NANO, img_size=128)
+    hf = hf_twin(model)
+    data = batch(model, 2, CPU)
+    errors = {}
+    for side, net, loss_fn in (("ours", model, ours_loss), ("hf", hf, hf_loss)):
+        _grads(net, loss_fn, data, "fp32")
+        exact = {name: p.grad.clone() for name, p in net.named_parameters()}
+        _grads(net, loss_fn, data, "bf16")
+        relative = [(p.grad - exact[name]).norm() / exact[name].norm() for name, p in net.named_parameters()]
+        overall = torch.cat([(p.grad - exact[name]).flatten() for name, p in net.named_parameters()]).norm()
+        errors[side] = torch.stack(relative).median(), overall / torch.cat([g.flatten() for g in exact.values()]).norm()
+    for ours_error, hf_error in zip(errors["ours"], errors["hf"], strict=True):
+        assert ours_error < 0.1  # bf16's 8 bits of mantissa, not a wrong gradient
+        assert ours_error < 1.5 * hf_error
+
+
 def test_bf16_step_stays_near_fp32():
     model = ours(NANO, img_size=128)
     data = batch(model, 2, CPU)

@@ -42,11 +42,15 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 
 def _weight_grads(x: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:
     """Gradients of W and b in y = x W^T + b, with x (M, K) and grad (M, N). oneDNN copies its first
-    operand when it is a transposed view (the second it reads as it is): the narrower one goes first."""
+    operand when it is a transposed view (the second it reads as it is), so x goes first where it is
+    the narrower one by far; W's gradient then comes out transposed, and the strided copy that makes it
+    contiguous (in bf16 a strided cast, several times slower than a plain one) is worth it only where it
+    is small beside the copy it saves: N x K elements against M x (N - K)."""
     grad_weight = grad_bias = None
     if needs[0]:
-        narrow_x = x.shape[1] < grad.shape[1]
-        grad_weight = matmul_nt(x.t(), grad.t()).t() if narrow_x else matmul_nt(grad.t(), x.t())
+        (m, k), n = x.shape, grad.shape[1]
+        x_first = k < n and m * (n - k) > 4 * n * k
+        grad_weight = matmul_nt(x.t(), grad.t()).t() if x_first else matmul_nt(grad.t(), x.t())
     if needs[1]:
         grad_bias = grad.sum(0)
     return grad_weight, grad_bias
@@ -123,28 +127,34 @@ class _NormLinear(torch.autograd.Function):
                 eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
                 gather: TokenGather | None) -> torch.Tensor:
         y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
+        dtype = _gemm_dtype(x)
+        y = y.to(dtype)  # before the reordering, which then moves the narrower dtype
         if gather is not None:
             y = take_tokens(y, gather.index, gather.pad)
-        dtype = _gemm_dtype(x)
         w = weight.to(dtype)
-        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, w)
+        # under autocast the norm's output is kept in the narrower dtype (cheaper than recomputing norm,
+        # cast and reordering); in the parameters' own dtype it is recomputed, to save memory
+        keep = y if dtype != weight.dtype else None
+        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, w, keep)
         ctx.eps, ctx.gather, ctx.dtypes = eps, gather, (weight.dtype, None if bias is None else bias.dtype)
-        return matmul_nt(y.to(dtype), w, _cast(bias, dtype))
+        return matmul_nt(y, w, _cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, norm_weight, norm_bias, mean, rstd, weight = ctx.saved_tensors
-        y = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, ctx.eps)[0]  # bit for bit
-        if ctx.gather is not None:
-            y = take_tokens(y, ctx.gather.index, ctx.gather.pad)
+        x, norm_weight, norm_bias, mean, rstd, weight, y = ctx.saved_tensors
+        gather = ctx.gather
+        if y is None:
+            y = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, ctx.eps)[0]  # bit for bit
+            if gather is not None:
+                y = take_tokens(y, gather.index, gather.pad)
         flat = grad.reshape(-1, grad.shape[-1])
         grad_weight, grad_bias = _weight_grads(y.reshape(flat.shape[0], -1).to(grad.dtype), flat,
                                                ctx.needs_input_grad[4:6])
-        grad_y = matmul_nt(grad, weight.t()).to(x.dtype)
-        if ctx.gather is not None:
-            grad_y = take_tokens(grad_y, ctx.gather.inverse, ctx.gather.inverse_pad)
+        grad_y = matmul_nt(grad, weight.t())
+        if gather is not None:
+            grad_y = take_tokens(grad_y, gather.inverse, gather.inverse_pad)
         grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
-            grad_y, x, x.shape[-1:], mean, rstd, norm_weight, norm_bias, list(ctx.needs_input_grad[:3]))
+            grad_y.to(x.dtype), x, x.shape[-1:], mean, rstd, norm_weight, norm_bias, list(ctx.needs_input_grad[:3]))
         return (grad_x, grad_norm_weight, grad_norm_bias, None, _cast(grad_weight, ctx.dtypes[0]),
                 _cast(grad_bias, ctx.dtypes[1]), None)
 
