@@ -2,6 +2,8 @@
 a training step, so the comparison is apples to apples), its memory measure, and the allocator helper."""
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -9,10 +11,12 @@ import safetensors.torch
 import torch
 
 from simmim import runtime
-from simmim.bench import main
-from simmim.bench.measure import peak_memory
+from simmim.bench import main, report
+from simmim.bench.measure import gemm_seconds, peak_memory
 from simmim.bench.pair import batch, hf_loss, hf_twin, ours, ours_loss, training_step
+from simmim.bench.run import METHOD, isolated
 from simmim.checkpoint.formats import HF
+from simmim.models.fused import matmul_nt
 
 pytest.importorskip("transformers")
 
@@ -28,9 +32,18 @@ def test_quick_benchmark_writes_the_comparison(tmp_path, monkeypatch):
     row = json.loads(out.read_text())
     for key in ("ours_step_s", "ref_step_s", "ours_peak_mb", "ref_peak_mb"):
         assert 0 < row[key] < 1e4, key
+    for side in ("ours", "ref"):  # profiled apart from the timed steps, so only roughly below them
+        assert 0 < row[f"{side}_gemm_s"] < 2 * row[f"{side}_step_s"], side
     assert row["speedup"] == pytest.approx(row["ref_step_s"] / row["ours_step_s"])
     assert row["ours_loss"] == pytest.approx(row["ref_loss"], abs=1e-5)
     assert row["environment"]["allocator"] and row["environment"]["torch"] == torch.__version__
+
+    # the full run's page, from this row standing in for every table
+    page = report.markdown({"environment": row.pop("environment"), "method": METHOD, "gemm_tflops": {"bf16": 0.5},
+                            "comparison": [row], "cost_curve": [row], "pipeline": {"skipped": "no photos"},
+                            "command": "simmim bench --threads 1"})
+    assert "`simmim bench --threads 1`" in page and "| ours GEMM s | HF GEMM s |" in page
+    assert f"| {row['ours_gemm_s']:.3f} | {row['ref_gemm_s']:.3f} |" in page
 
 
 def _hf_grads_in_our_layout(hf: torch.nn.Module, tmp_path) -> dict[str, torch.Tensor]:
@@ -94,6 +107,24 @@ def test_dropout_paths_train():
     model = ours(NANO, img_size=128, drop_rate=0.1, attn_drop_rate=0.1)
     data = batch(model, 2, CPU)
     assert np.isfinite(training_step(model, ours_loss, data, "fp32")())
+
+
+def test_gemm_seconds_count_matrix_products_only():
+    a = torch.randn(256, 256)
+    assert gemm_seconds(lambda: (a * 2).exp().sum(), CPU) == 0
+    start = time.perf_counter()
+    seconds = gemm_seconds(lambda: [a @ a for _ in range(20)] + [matmul_nt(a, a)], CPU)
+    assert 0 < seconds < time.perf_counter() - start
+
+
+def test_full_run_rows_are_measured_in_fresh_processes_with_the_same_threads():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert isolated(os.getpid) != os.getpid()
+        assert isolated(torch.get_num_threads) == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_peak_memory_counts_what_a_step_allocates():

@@ -75,6 +75,23 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> int:
     return max(total for _, _, total in allocations) - start
 
 
+GEMM_OPS = frozenset({
+    "aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
+    "aten::mkldnn_convolution", "aten::convolution_backward",
+})
+"""The matrix products of a step on the CPU (a convolution's backward is its two products)."""
+
+
+def gemm_seconds(step: Callable[[], object], device: torch.device) -> float | None:
+    """Seconds one step spends inside matrix products on the CPU (their self time in the profiler);
+    the rest of the step is elementwise work, data movement and overhead. None on other devices."""
+    if device.type != "cpu":
+        return None
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6
+
+
 def gemm_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5,
               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul) -> float:
     """FLOP/s of a dense size x size x size product (2 size^3 FLOPs), best of `repeats`."""

@@ -76,7 +76,8 @@ COMPARISON = [
     ("ours s/step", "ours_step_s", ".3f"), ("HF s/step", "ref_step_s", ".3f"), ("speedup HF/ours", "speedup", ".2f"),
     ("ours img/s", "ours_images_per_s", ".1f"), ("HF img/s", "ref_images_per_s", ".1f"),
     ("ours peak MB", "ours_peak_mb", ".0f"), ("HF peak MB", "ref_peak_mb", ".0f"),
-    ("memory ours/HF", "memory_ratio", ".2f"), ("ours TFLOP/s", "ours_tflops", ".3f"),
+    ("memory ours/HF", "memory_ratio", ".2f"), ("ours GEMM s", "ours_gemm_s", ".3f"),
+    ("HF GEMM s", "ref_gemm_s", ".3f"), ("ours TFLOP/s", "ours_tflops", ".3f"),
     ("HF TFLOP/s", "ref_tflops", ".3f"), ("loss ours", "ours_loss", ".5f"), ("loss HF", "ref_loss", ".5f"),
 ]
 CURVE = [
@@ -95,7 +96,7 @@ def markdown(results: dict) -> str:
         f"Run {env['date']} on {env['cpu']}, {env['cores']} cores (torch threads: {env['threads']}), device "
         f"{env['device']}; torch {env['torch']}, transformers {env['transformers']}; allocator "
         f"{env['allocator']}; load average {env['load_average']:.2f} at the start.",
-        "Produced by `python -m simmim.bench` (`simmim bench`); the numbers are in `benchmark.json`.",
+        f"Produced by `{results.get('command', 'simmim bench')}`; the numbers are in `benchmark.json`.",
         "",
         "## How it is measured",
         "",

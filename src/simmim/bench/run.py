@@ -4,8 +4,12 @@ the `simmim bench` command."""
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +24,7 @@ TINY, SMALL, BASE, LARGE = (
 )
 SHORT = {TINY: "Swin-T", SMALL: "Swin-S", BASE: "Swin-B", LARGE: "Swin-L"}
 MB = 2**20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,10 @@ METHOD = [
     "- FLOP rate: 6 x forward multiply-adds x batch / step time, i.e. one MAC = 2 FLOPs and a training step = "
     "3 forwards (the backward costs about two); MACs from simmim's counter (linear, conv and attention "
     "matmuls on padded windows, as the published tables count them).",
+    "- GEMM time (CPU): the self time of the matrix-product operators (mm, addmm, bmm, baddbmm, oneDNN "
+    "linear and convolution, convolution backward) in one profiled step; the rest of the step is "
+    "elementwise work (norms, activations, softmax, casts, AdamW), data movement and overhead. "
+    "HF's step divided by our GEMM time bounds the speedup that trimming our non-GEMM work could reach.",
     "- Kernels: on the CPU our linear layers run their float32 GEMMs through oneDNN, HF's through torch's "
     "default (MKL's sgemm, which takes its AVX2 path on AMD CPUs: compare the fp32 and fp32_onednn GEMM "
     "rates below); in bf16 both sides' GEMMs are oneDNN's.",
@@ -90,7 +99,8 @@ def _sides(name: str, batch_size: int, precision: str, device: torch.device, pla
         models[side][0].zero_grad(set_to_none=True)  # memory measured on top of weights and optimizer state
         seconds = measure.median(times[side])
         out[side] = {"step_s": seconds, "images_per_s": batch_size / seconds, "tflops": flops / seconds / 1e12,
-                     "peak_mb": measure.peak_memory(step, device) / MB, "loss": losses[side], "times": times[side]}
+                     "peak_mb": measure.peak_memory(step, device) / MB, "gemm_s": measure.gemm_seconds(step, device),
+                     "loss": losses[side], "times": times[side]}
     return out
 
 
@@ -122,7 +132,7 @@ def cost_curve(precision: str, device: torch.device, plan: Plan) -> list[dict]:
     points = [(TINY, b, ()) for b in plan.batches]
     points += [(TINY, plan.image_batch, ()), (TINY, plan.image_batch, (("img_size", 224), ("window_size", 7)))]
     points += [(name, plan.model_batch, ()) for name in (TINY, SMALL, BASE, LARGE)]
-    return [cost_point(name, b, precision, device, plan, **dict(overrides))
+    return [isolated(cost_point, name, b, precision, device, plan, **dict(overrides))
             for name, b, overrides in dict.fromkeys(points)]  # each point once, in order
 
 
@@ -135,8 +145,20 @@ def quick(device: torch.device, precision: str = "fp32", name: str = TINY, batch
     return {"environment": report.environment(device), **row}
 
 
+def isolated(fn: Callable[..., T], *args, **kwargs) -> T:
+    """fn(*args, **kwargs) in a fresh process (spawned, with this one's torch threads and environment, so
+    its allocator too). A row's figures must not depend on the rows measured before it: here Swin-B in
+    bf16 measured after Swin-B in fp32 in the same process ran its steps 1.2-1.5x slower (and HF's more
+    than ours), the extra time spent in the kernel on page faults."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(torch.get_num_threads(),)) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 def full(device: torch.device, precisions: list[str], compile: str | None = None) -> dict:
-    """Comparison (Swin-T and Swin-B in every precision), cost curve and data pipeline."""
+    """Comparison (Swin-T and Swin-B in every precision), cost curve and data pipeline; each row and
+    point measured in a process of its own."""
     plan = PLANS["cuda" if device.type == "cuda" else "cpu"]
     results = {"environment": report.environment(device), "method": METHOD, "plan": plan.__dict__}
     print("measuring the dense-GEMM rate", flush=True)
@@ -145,7 +167,7 @@ def full(device: torch.device, precisions: list[str], compile: str | None = None
     for name in (TINY, BASE):
         for precision in precisions:
             print(f"ours against HF: {SHORT[name]} batch {plan.batch} {precision}", flush=True)
-            results["comparison"].append(compare(name, plan.batch, precision, device, plan, compile))
+            results["comparison"].append(isolated(compare, name, plan.batch, precision, device, plan, compile))
     print("cost curve", flush=True)
     results["cost_curve"] = cost_curve(precisions[0], device, plan)
     print("data pipeline", flush=True)
@@ -208,6 +230,9 @@ def run(args: argparse.Namespace) -> dict:
             report.write_json(results, args.json)
         return results
     results = full(device, precisions, args.compile)
+    options = {"--device": args.device if args.device != "auto" else None, "--precision": args.precision,
+               "--compile": args.compile, "--threads": args.threads}
+    results["command"] = " ".join(["simmim bench", *(f"{k} {v}" for k, v in options.items() if v)])
     _print_rows(results["comparison"], report.COMPARISON)
     _print_rows(results["cost_curve"], report.CURVE)
     json_path = report.write_json(results, args.json or "docs/benchmark.json")
