@@ -77,8 +77,8 @@ def _grads(model: torch.nn.Module, loss_fn, data, precision: str) -> None:
 
 
 def test_bf16_gradients_are_as_close_to_fp32_as_hfs(tmp_path):
-    """Our bf16 backward keeps some tensors instead of recomputing them and orders its weight-gradient
-    products differently from autograd's: its error against the fp32 gradients stays at HF's."""
+    """Our bf16 backward recomputes norms and activations, casts before reordering tokens and orders its
+    weight-gradient products unlike autograd: its error against the fp32 gradients stays at HF's."""
     model = ours(NANO, img_size=128)
     hf = hf_twin(model)
     data = batch(model, 2, CPU)

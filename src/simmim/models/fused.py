@@ -126,37 +126,32 @@ class _NormLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
                 eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
                 gather: TokenGather | None) -> torch.Tensor:
-        y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
         dtype = _gemm_dtype(x)
-        y = y.to(dtype)  # before the reordering, which then moves the narrower dtype
-        if gather is not None:
-            y = take_tokens(y, gather.index, gather.pad)
+        y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
         w = weight.to(dtype)
-        # under autocast the norm's output is kept in the narrower dtype (cheaper than recomputing norm,
-        # cast and reordering); in the parameters' own dtype it is recomputed, to save memory
-        keep = y if dtype != weight.dtype else None
-        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, w, keep)
+        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, w)
         ctx.eps, ctx.gather, ctx.dtypes = eps, gather, (weight.dtype, None if bias is None else bias.dtype)
-        return matmul_nt(y, w, _cast(bias, dtype))
+        return matmul_nt(_gathered(y.to(dtype), gather), w, _cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, norm_weight, norm_bias, mean, rstd, weight, y = ctx.saved_tensors
-        gather = ctx.gather
-        if y is None:
-            y = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, ctx.eps)[0]  # bit for bit
-            if gather is not None:
-                y = take_tokens(y, gather.index, gather.pad)
+        x, norm_weight, norm_bias, mean, rstd, weight = ctx.saved_tensors
+        y = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, ctx.eps)[0]  # bit for bit
         flat = grad.reshape(-1, grad.shape[-1])
-        grad_weight, grad_bias = _weight_grads(y.reshape(flat.shape[0], -1).to(grad.dtype), flat,
-                                               ctx.needs_input_grad[4:6])
+        y = _gathered(y.to(grad.dtype), ctx.gather).reshape(flat.shape[0], -1)
+        grad_weight, grad_bias = _weight_grads(y, flat, ctx.needs_input_grad[4:6])
         grad_y = matmul_nt(grad, weight.t())
-        if gather is not None:
-            grad_y = take_tokens(grad_y, gather.inverse, gather.inverse_pad)
+        if ctx.gather is not None:
+            grad_y = take_tokens(grad_y, ctx.gather.inverse, ctx.gather.inverse_pad)
         grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
             grad_y.to(x.dtype), x, x.shape[-1:], mean, rstd, norm_weight, norm_bias, list(ctx.needs_input_grad[:3]))
         return (grad_x, grad_norm_weight, grad_norm_bias, None, _cast(grad_weight, ctx.dtypes[0]),
                 _cast(grad_bias, ctx.dtypes[1]), None)
+
+
+def _gathered(y: torch.Tensor, gather: TokenGather | None) -> torch.Tensor:
+    # reordered after the cast to the GEMM's dtype, so that under autocast it moves half the bytes
+    return y if gather is None else take_tokens(y, gather.index, gather.pad)
 
 
 def norm_linear(x: torch.Tensor, norm: nn.LayerNorm, layer: nn.Linear, gather: TokenGather | None = None
