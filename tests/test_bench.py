@@ -14,7 +14,7 @@ from simmim import runtime
 from simmim.bench import main, report
 from simmim.bench.measure import gemm_seconds, peak_memory
 from simmim.bench.pair import batch, hf_loss, hf_twin, ours, ours_loss, training_step
-from simmim.bench.run import METHOD, isolated
+from simmim.bench.run import METHOD, isolated, row_runner
 from simmim.checkpoint.formats import HF
 from simmim.models.fused import matmul_nt
 
@@ -123,6 +123,7 @@ def test_full_run_rows_are_measured_in_fresh_processes_with_the_same_threads():
         torch.set_num_threads(1)
         assert isolated(os.getpid) != os.getpid()
         assert isolated(torch.get_num_threads) == 1
+        assert row_runner(CPU) is isolated
     finally:
         torch.set_num_threads(threads)
 

@@ -54,6 +54,8 @@ METHOD = [
     "so that other load on the machine slows both sides alike; both sides use the same torch threads "
     "(`--threads`: on a CPU shared with other jobs one thread gives steadier times than OpenMP regions "
     "that wait for a busy core).",
+    "- On the CPU each comparison row and cost-curve point runs in a fresh process: measured after other rows in "
+    "one process, Swin-B's bf16 steps ran 1.2-1.5x slower (HF's more than ours), in page-fault system time.",
     "- Peak memory: bytes allocated during one step on top of what was held before it (weights, optimizer "
     "state): on CUDA `torch.cuda.max_memory_allocated`; on the CPU the same quantity from the profiler's "
     "record of every tensor allocation and free with the running total (RSS would measure the malloc's "
@@ -132,7 +134,8 @@ def cost_curve(precision: str, device: torch.device, plan: Plan) -> list[dict]:
     points = [(TINY, b, ()) for b in plan.batches]
     points += [(TINY, plan.image_batch, ()), (TINY, plan.image_batch, (("img_size", 224), ("window_size", 7)))]
     points += [(name, plan.model_batch, ()) for name in (TINY, SMALL, BASE, LARGE)]
-    return [isolated(cost_point, name, b, precision, device, plan, **dict(overrides))
+    measure_row = row_runner(device)
+    return [measure_row(cost_point, name, b, precision, device, plan, **dict(overrides))
             for name, b, overrides in dict.fromkeys(points)]  # each point once, in order
 
 
@@ -156,9 +159,23 @@ def isolated(fn: Callable[..., T], *args, **kwargs) -> T:
         return pool.submit(fn, *args, **kwargs).result()
 
 
+def row_runner(device: torch.device) -> Callable[..., dict]:
+    """How the full run measures a row: on the CPU in a process of its own (`isolated`); on a GPU in this
+    one, whose caching allocator hands each row's memory back (`torch.cuda.empty_cache`), where a process
+    per row would add a CUDA start-up to each of the GPU check's dozen rows."""
+    if device.type == "cpu":
+        return isolated
+
+    def in_process(fn: Callable[..., dict], *args, **kwargs) -> dict:
+        torch.cuda.empty_cache()
+        return fn(*args, **kwargs)
+
+    return in_process
+
+
 def full(device: torch.device, precisions: list[str], compile: str | None = None) -> dict:
-    """Comparison (Swin-T and Swin-B in every precision), cost curve and data pipeline; each row and
-    point measured in a process of its own."""
+    """Comparison (Swin-T and Swin-B in every precision), cost curve and data pipeline; on the CPU each
+    row and point measured in a process of its own."""
     plan = PLANS["cuda" if device.type == "cuda" else "cpu"]
     results = {"environment": report.environment(device), "method": METHOD, "plan": plan.__dict__}
     print("measuring the dense-GEMM rate", flush=True)
@@ -167,7 +184,8 @@ def full(device: torch.device, precisions: list[str], compile: str | None = None
     for name in (TINY, BASE):
         for precision in precisions:
             print(f"ours against HF: {SHORT[name]} batch {plan.batch} {precision}", flush=True)
-            results["comparison"].append(isolated(compare, name, plan.batch, precision, device, plan, compile))
+            results["comparison"].append(row_runner(device)(compare, name, plan.batch, precision, device, plan,
+                                                            compile))
     print("cost curve", flush=True)
     results["cost_curve"] = cost_curve(precisions[0], device, plan)
     print("data pipeline", flush=True)
