@@ -44,6 +44,13 @@ def test_quick_benchmark_writes_the_comparison(tmp_path, monkeypatch):
                             "command": "simmim bench --threads 1"})
     assert "`simmim bench --threads 1`" in page and "| ours GEMM s | HF GEMM s |" in page
     assert f"| {row['ours_gemm_s']:.3f} | {row['ref_gemm_s']:.3f} |" in page
+    assert 0 <= row["ours_system_s"] < row["ours_step_s"] and 0 <= row["ref_system_s"] < row["ref_step_s"]
+    quiet = {**row, "ours_system_s": 0.0, "ref_system_s": 0.0}
+    faulting = {**quiet, "ref_system_s": 0.5 * row["ref_step_s"]}  # as when page faults slow HF's steps
+    assert report.kernel_time_notes([quiet]) == ["System (kernel) time stayed under 10% of every step on both sides."]
+    assert report.kernel_time_notes([quiet, faulting]) == [
+        f"- {row['model']} {row['precision']}: HF spent {faulting['ref_system_s']:.3f} s of its "
+        f"{row['ref_step_s']:.3f} s step in the kernel (page faults, mostly); that row's ratio is less certain."]
 
 
 def _hf_grads_in_our_layout(hf: torch.nn.Module, tmp_path) -> dict[str, torch.Tensor]:

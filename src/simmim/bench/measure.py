@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch._C._profiler import _EventType
@@ -27,18 +29,33 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _system_seconds() -> float:
+    # getrusage counts in microseconds where os.times() counts in clock ticks (10 ms)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
+class Timings(NamedTuple):
+    """Per side, the wall-clock seconds of each timed step and the system CPU seconds within it (the
+    kernel's share: page faults, mostly; large where the machine's memory handling slows a step)."""
+
+    wall: dict[str, list[float]]
+    system: dict[str, list[float]]
+
+
 def alternate(steps: dict[str, Callable[[], object]], device: torch.device, warmup: int = 1,
-              repeats: int = 5) -> dict[str, list[float]]:
+              repeats: int = 5) -> Timings:
     """Times the steps in turn (A B A B ...) after `warmup` untimed rounds, so that whatever else
-    the machine is doing slows every side alike; -> the step times of each side."""
+    the machine is doing slows every side alike."""
     for _ in range(warmup):
         for step in steps.values():
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    timings = Timings({name: [] for name in steps}, {name: [] for name in steps})
     for _ in range(repeats):
         for name, step in steps.items():
-            times[name].append(timed(step, device))
-    return times
+            system = _system_seconds()
+            timings.wall[name].append(timed(step, device))
+            timings.system[name].append(_system_seconds() - system)
+    return timings
 
 
 def median(values: list[float]) -> float:

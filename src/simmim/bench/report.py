@@ -87,6 +87,19 @@ CURVE = [
 ]
 
 
+def kernel_time_notes(rows: list[dict], share: float = 0.1) -> list[str]:
+    """A line for each side of a comparison whose steps spent more than `share` of their time in the
+    kernel (system CPU time: page faults, mostly), which makes that row's ratio less certain."""
+    notes = []
+    for row in rows:
+        for side, label in (("ours", "ours"), ("ref", "HF")):
+            system, step = row.get(f"{side}_system_s"), row[f"{side}_step_s"]
+            if system is not None and system > share * step:
+                notes.append(f"- {row['model']} {row['precision']}: {label} spent {system:.3f} s of its {step:.3f} s "
+                             "step in the kernel (page faults, mostly); that row's ratio is less certain.")
+    return notes or [f"System (kernel) time stayed under {share:.0%} of every step on both sides."]
+
+
 def markdown(results: dict) -> str:
     """The full benchmark as a Markdown page."""
     env, gemm = results["environment"], results["gemm_tflops"]
@@ -108,6 +121,8 @@ def markdown(results: dict) -> str:
         "## Ours against HF (same configuration, weights, input and mask)",
         "",
         *table(results["comparison"], COMPARISON),
+        "",
+        *kernel_time_notes(results["comparison"]),
         "",
         "## Cost curve (ours)",
         "",

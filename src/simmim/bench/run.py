@@ -54,6 +54,8 @@ METHOD = [
     "so that other load on the machine slows both sides alike; both sides use the same torch threads "
     "(`--threads`: on a CPU shared with other jobs one thread gives steadier times than OpenMP regions "
     "that wait for a busy core).",
+    "- System time: the kernel's CPU time within a timed step (median); a row where it passes a tenth of a "
+    "step is named under the table.",
     "- On the CPU each comparison row and cost-curve point runs in a fresh process: measured after other rows in "
     "one process, Swin-B's bf16 steps ran 1.2-1.5x slower (HF's more than ours), in page-fault system time.",
     "- Peak memory: bytes allocated during one step on top of what was held before it (weights, optimizer "
@@ -94,15 +96,16 @@ def _sides(name: str, batch_size: int, precision: str, device: torch.device, pla
             compile_blocks(m, compile)
     steps = {side: training_step(m, loss_fn, data, precision) for side, (m, loss_fn) in models.items()}
     losses = {side: step() for side, step in steps.items()}  # first step: same weights on both sides
-    times = measure.alternate(steps, device, plan.warmup, plan.repeats)
+    timings = measure.alternate(steps, device, plan.warmup, plan.repeats)
     flops = 6 * forward_macs(name, **overrides) * batch_size
     out = {}
     for side, step in steps.items():
         models[side][0].zero_grad(set_to_none=True)  # memory measured on top of weights and optimizer state
-        seconds = measure.median(times[side])
+        seconds = measure.median(timings.wall[side])
         out[side] = {"step_s": seconds, "images_per_s": batch_size / seconds, "tflops": flops / seconds / 1e12,
                      "peak_mb": measure.peak_memory(step, device) / MB, "gemm_s": measure.gemm_seconds(step, device),
-                     "loss": losses[side], "times": times[side]}
+                     "system_s": measure.median(timings.system[side]), "loss": losses[side],
+                     "times": timings.wall[side]}
     return out
 
 
