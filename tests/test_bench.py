@@ -83,7 +83,7 @@ def _grads(model: torch.nn.Module, loss_fn, data, precision: str) -> None:
     loss.backward()
 
 
-def test_bf16_gradients_are_as_close_to_fp32_as_hfs(tmp_path):
+def test_bf16_gradients_are_as_close_to_fp32_as_hfs():
     """Our bf16 backward recomputes norms and activations, casts before reordering tokens and orders its
     weight-gradient products unlike autograd: its error against the fp32 gradients stays at HF's."""
     model = ours(NANO, img_size=128)
