@@ -7,10 +7,7 @@ masks (drawn from per-sample seeds), so only float summation order differs.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +18,8 @@ from simmim.checkpoint.dcp import consolidate
 from simmim.config import load_config
 from simmim.engine import checkpointing as ckpt
 from simmim.engine import pretrain
+from simmim.runtime import run_local_torchrun
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 LAUNCHER = """\
 import sys
 from simmim.cli import main
@@ -32,21 +29,12 @@ SETTINGS = ["data.num_workers=0", "runtime.tensorboard=false", "runtime.vis_ever
             "schedule.epochs=2", "schedule.warmup_epochs=1", "checkpoint.keep=1"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(tmp_path: Path, nproc: int, *argv: str, launcher: Path | None = None) -> subprocess.CompletedProcess:
     """`nproc` processes of a script (by default the training commands' launcher) with `argv`."""
     if launcher is None:
         launcher = tmp_path / "launch.py"
         launcher.write_text(LAUNCHER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(launcher), *argv]
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return run_local_torchrun(nproc, [str(launcher), *argv], timeout=300)
 
 
 @pytest.fixture(scope="module")

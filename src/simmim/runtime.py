@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
+import subprocess
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -79,3 +82,17 @@ def exit_worker(status: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def run_local_torchrun(processes: int, target: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`processes` CPU workers on this machine under `python -m torch.distributed.run`, each running
+    `target` (a script and its arguments, or -m MODULE ...) with one torch thread and this package
+    importable; rendezvous on a free loopback port. Output captured as text."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), *target]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

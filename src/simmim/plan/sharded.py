@@ -9,18 +9,14 @@ that and returns the list.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from ..bench.measure import peak_memory
 from ..engine.distributed import gather_objects, setup, teardown
 from ..engine.parallelize import parallelize
-from ..runtime import exit_worker
+from ..runtime import exit_worker, run_local_torchrun
 from ..zoo import build_model, get_spec
 from .activations import example_inputs
 from .validate import held_bytes, training_step
@@ -49,14 +45,7 @@ def measure(name: str, batch: int, precision: str) -> int:
 
 def sharded_peaks(name: str, batch: int, precision: str, processes: int = 2) -> list[int]:
     """Runs `measure` in `processes` CPU processes under torchrun; -> each one's peak bytes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    src = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
-           "127.0.0.1", "--master_port", str(port), "-m", "simmim.plan.sharded", name, str(batch), precision]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    run = run_local_torchrun(processes, ["-m", "simmim.plan.sharded", name, str(batch), precision], timeout=600)
     result = [line for line in run.stdout.splitlines() if line.startswith("[")]
     if run.returncode or not result:
         raise RuntimeError(f"the sharded measurement failed (exit status {run.returncode}):\n{run.stderr[-2000:]}")
