@@ -59,6 +59,32 @@ def test_bad_input_is_one_line_with_exit_status_2(argv, expected, data, tmp_path
     argv = [a.format(tmp=tmp_path, data=data) for a in argv]
     argv += ["--out", str(tmp_path / "run")] if argv[0] in ("pretrain", "finetune") else []
     assert expected in _error_line(capsys, argv)
+    assert not (tmp_path / "run").exists()  # a run that cannot start leaves no folder
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_a_folder_of_unreadable_images_is_one_line_naming_it(tmp_path, capsys, batch):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "0.png").write_bytes(b"not an image")
+    err = _error_line(capsys, ["pretrain", "--preset", "nano-pretrain", "--data", str(bad), "--batch-size", str(batch),
+                               "--out", str(tmp_path / "run"), "--set", "data.num_workers=0"])
+    assert f"{bad}: none of its 1 images could be decoded (1 skipped;" in err and "fewer than" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_settings_and_config_keys_are_refused_naming_the_valid_ones():
+    import simmim
+
+    with pytest.raises(ValueError, match="loss 'l3': expected 'l1' or 'l2'"):
+        simmim.get_model("simmim_swin-nano_test-64px", loss="l3")
+    with pytest.raises(ValueError) as err:  # no close match: the valid keys of the section, not a folder
+        load_config("nano-pretrain", overrides=["optim.zzzzzzzzzzzzzzzzzzzzzzzz=1"])
+    message = str(err.value)
+    assert "configs/" not in message and "optim.lr" in message and "optim.weight_decay" in message
+    with pytest.raises(ValueError) as err:
+        load_config("nano-pretrain", overrides=["zzzzzzzzzzzzzzzzzzzz=1"])
+    assert "configs/" not in str(err.value) and "optim" in str(err.value) and "runtime" in str(err.value)
 
 
 def test_debug_shows_the_traceback(tmp_path):

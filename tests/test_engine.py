@@ -512,3 +512,55 @@ def test_randaugment_posterize_to_zero_bits_works_on_current_pillow():
     assert np.asarray(posterize[0].aug_fn(image, 0)).max() == 0  # no bit kept: black, as older Pillow gave
     assert np.asarray(posterize[0].aug_fn(image, 2)).max() == 192
     assert patch_posterize(transform) is transform
+
+
+# -- one run per folder ------------------------------------------------------------------------------------
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    """`simmim ARGV` in this process: (exit status, stderr)."""
+    from simmim.cli import main
+
+    capsys.readouterr()
+    status = main([str(a) for a in argv])
+    return status, capsys.readouterr().err
+
+
+def test_a_new_run_into_a_folder_holding_a_run_is_refused_unless_overwritten(images, tmp_path, capsys):
+    """The issue's sequence: 2 epochs, then 1 epoch into the same folder, then --resume auto."""
+    out = tmp_path / "pre1"
+    common = ["--preset", "nano-pretrain", "--data", images, "--batch-size", "4", "--out", out, *QUIET]
+    assert run_cli(capsys, "pretrain", *common, "--epochs", "2")[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    status, err = run_cli(capsys, "pretrain", *common, "--epochs", "1")
+    assert status == 2 and err.count("\n") == 1, err
+    assert "--resume auto" in err and "--overwrite" in err and f"{out}-2" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # untouched
+
+    # resuming the finished run does nothing and reports its last loss, not NaN
+    assert run_cli(capsys, "pretrain", "--out", out, "--resume", "auto")[0] == 0
+    summary = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["kind"] == "summary" and math.isfinite(summary["train_loss"])
+
+    # --overwrite starts clean: no checkpoint, metrics or config of the first run are left
+    assert run_cli(capsys, "pretrain", *common, "--epochs", "1", "--overwrite")[0] == 0
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["ckpt-00000004.pt"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records].count("summary") == 1 and max(r["step"] for r in records) == 4
+    assert load_config(path=out / "config.yaml").schedule.epochs == 1
+
+    # a changed recipe does not resume silently; more epochs may
+    status, err = run_cli(capsys, "pretrain", *common, "--resume", "auto", "--set", "optim.lr=1e-3")
+    assert status == 2 and err.count("\n") == 1 and "optim.lr" in err, err
+    assert run_cli(capsys, "pretrain", *common, "--resume", "auto", "--epochs", "2")[0] == 0
+    assert ckpt.load(out / "ckpt-00000008.pt")["step"] == 8
+
+
+def test_overwrite_removes_only_the_files_a_run_writes(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--preset", "nano-pretrain", "--data", images, "--batch-size", "8", "--out", out, "--epochs", "1", *QUIET]
+    assert run_cli(capsys, "pretrain", *common)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    assert run_cli(capsys, "pretrain", *common, "--overwrite")[0] == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    status, err = run_cli(capsys, "pretrain", *common, "--overwrite", "--resume", "auto")
+    assert status == 2 and "--overwrite" in err and "--resume" in err

@@ -449,9 +449,15 @@ def all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str) -> ValueError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else " (see configs/ for the keys)"
-    return ValueError(f"unknown config key {key!r}{hint}")
+    keys = all_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if close:
+        return ValueError(f"unknown config key {key!r}; did you mean {close[0]!r}?")
+    # no near miss: the keys of its section, or the sections and top-level keys (an installed wheel has
+    # no configs/ folder to point at)
+    section = key.split(".")[0] + "."
+    valid = [k for k in keys if k.startswith(section)] or sorted({k.split(".")[0] for k in keys})
+    return ValueError(f"unknown config key {key!r}; expected one of {', '.join(valid)}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

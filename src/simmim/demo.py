@@ -48,7 +48,8 @@ def _overrides(s: DemoSettings, run: str, epochs: int | None, *more: str) -> lis
 
 
 def pretrain_run(s: DemoSettings):
-    return pretrain(load_config(PRETRAIN_PRESET, overrides=_overrides(s, "pretrain", s.pretrain_epochs)))
+    return pretrain(load_config(PRETRAIN_PRESET, overrides=_overrides(s, "pretrain", s.pretrain_epochs)),
+                    overwrite=True)
 
 
 def finetune_run(s: DemoSettings, name: str, pretrained: Path | None):
@@ -56,7 +57,8 @@ def finetune_run(s: DemoSettings, name: str, pretrained: Path | None):
     makes sense for pretrained layers)."""
     init = [f"model.pretrained={pretrained}"] if pretrained else ["optim.layer_decay=1.0"]
     subset = [f"data.labels_per_class={s.labels_per_class}", f"data.seed={s.seed}"]
-    return finetune(load_config(FINETUNE_PRESET, overrides=_overrides(s, name, s.finetune_epochs, *subset, *init)))
+    return finetune(load_config(FINETUNE_PRESET, overrides=_overrides(s, name, s.finetune_epochs, *subset, *init)),
+                    overwrite=True)
 
 
 def run_demo(settings: DemoSettings) -> dict:

@@ -117,6 +117,19 @@ def image_files(path: str | Path) -> ImageFiles:
     return ImageFiles([(str(p), 0) for p in paths])
 
 
+def require_readable(source: Dataset, where: str) -> None:
+    """Decodes items of `source` until one succeeds (usually the first): a dataset with no readable image
+    fails here, naming `where`, instead of in the middle of a step or as a batch size too large."""
+    for index in range(len(source)):
+        try:
+            source[index]
+            return
+        except UnreadableImage:
+            continue
+    raise ValueError(f"{where}: none of its {len(source)} images could be decoded ({len(source)} skipped; "
+                     f"`simmim verify-data {where}` names each and why)")
+
+
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Seeds the CPU generators that transforms use (torch, numpy, random) and restores them after, so

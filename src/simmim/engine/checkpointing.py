@@ -33,6 +33,8 @@ from ..checkpoint.io import atomic_save, load_checkpoint_file
 
 FORMAT = "simmim-train-v1"
 NAME = re.compile(r"^ckpt-(\d+)(\.pt)?$")
+TEMPORARY = re.compile(r"^\.ckpt-\d+.*\.(tmp|deleting)$")
+"""Names of a save or a deletion in progress (or cut short)."""
 STATE_FILE = "state.pt"
 """The non-tensor part of a sharded checkpoint, written last: a directory without it is incomplete."""
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -90,6 +92,34 @@ def resume_batch(state: dict[str, Any], batch_size: int, world_size: int, accumu
                          f"({batch_size} x {world_size} x {accumulation}): resuming needs the same (it sets the "
                          f"learning rate, the schedule and the data order){hint}")
     return state["batch"] * per_rank * world // (batch_size * world_size)
+
+
+RESUMABLE_KEYS = ("out_dir", "preset", "schedule.epochs", "data.batch_size", "data.num_workers",
+                  "optim.accumulation_steps", "model.pretrained", "checkpoint.", "runtime.")
+"""Config keys a resumed run may change: where and how it runs, more (or fewer) epochs, and the batch split
+as long as the effective batch stays (`resume_batch` checks it). The rest (model, data, optimizer, mask,
+augmentation, the seed) would continue one run under another's recipe."""
+FIXED_KEYS = ("runtime.seed",)
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
+
+
+def check_same_recipe(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuses to resume the checkpoint at `path` (config `saved`) under a config that changes its recipe,
+    naming every changed key."""
+    before, after = _flat(saved), _flat(now)
+    changed = [key for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key) and
+               (key in FIXED_KEYS or not key.startswith(RESUMABLE_KEYS))]
+    if changed:
+        diffs = "; ".join(f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in changed)
+        raise ValueError(f"checkpoint.resume: {path} was trained with other settings ({diffs}); resume with its own "
+                         "config (--resume auto --out RUN_DIR, without --preset/--config/--set for these keys) or "
+                         "start a new run in another folder")
 
 
 def capture_rng() -> dict[str, Any]:

@@ -41,6 +41,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
         p.add_argument("--resume", metavar="auto|PATH",
                        help="continue from the newest checkpoint in RUN_DIR (auto) or from a file")
+        p.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a RUN_DIR that holds a run, removing its checkpoints, config and "
+                            "metrics (without it such a folder is refused)")
         if task == "finetune":
             p.add_argument("--pretrained", metavar="CKPT",
                            help="initialize from this checkpoint's encoder (a pretraining run's or a published one)")
@@ -91,7 +94,7 @@ def _train(args: argparse.Namespace, task: str) -> None:
 
     cfg = config_from_args(args, task)
     try:
-        (pretrain if task == "pretrain" else finetune)(cfg)
+        (pretrain if task == "pretrain" else finetune)(cfg, overwrite=args.overwrite)
     except NonFiniteLossError as err:  # not a usage error: exit 1 with the message, no traceback
         raise SystemExit(f"simmim: error: {err}") from None
     except RunInterrupted as err:

@@ -96,11 +96,11 @@ class FinetuneTask:
         self.best_top1, self.last = state["best_top1"], dict(state["last"])
 
 
-def finetune(cfg: TrainConfig) -> RunResult:
+def finetune(cfg: TrainConfig, overwrite: bool = False) -> RunResult:
     """Fine-tuning with a resolved config (see `simmim.config.load_config`); `cfg.model.pretrained`
-    names the checkpoint to start from."""
+    names the checkpoint to start from; `overwrite` as for `pretrain`."""
     if cfg.task != "finetune":
         raise ValueError(f"task: expected 'finetune', got {cfg.task!r} (use pretrain for SimMIM recipes)")
     if not cfg.data.path:
         raise ValueError("data.path: expected an image folder with train/ and val/, or 'fashion-mnist' (--data)")
-    return train(cfg, FinetuneTask)
+    return train(cfg, FinetuneTask, overwrite)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import shutil
 import signal
 import threading
 import time
@@ -29,11 +30,15 @@ from ..data.datasets import compute_threads, derive_seed
 from . import checkpointing, sharded
 from .builders import train_loader
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, setup, teardown
-from .logging import Progress, RunLogger, format_duration
+from .logging import METRICS, Progress, RunLogger, format_duration
 from .optim import LRSchedule, build_optimizer, group_table, scale_lrs
 from .parallelize import autocast, grad_scaler, gradient_sync, parallelize, resolve_precision
 
 SKIPPED_FILES = "skipped_files.txt"
+CONFIG_FILE = "config.yaml"
+LOSS_CURVE = "loss_curve.png"
+RUN_FILES = (CONFIG_FILE, METRICS, SKIPPED_FILES, LOSS_CURVE, "tensorboard", "reconstructions")
+"""What a run writes in its folder besides checkpoints: all that --overwrite removes."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -137,36 +142,83 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def train(cfg: TrainConfig, task_cls: type[Task]) -> RunResult:
-    """Runs (or resumes) a training run in this process, joining torchrun's process group if any."""
+def run_contents(run_dir: Path) -> list[Path]:
+    """What runs wrote in `run_dir`: checkpoints (complete, temporary or being deleted) and RUN_FILES."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir()
+                  if p.name in RUN_FILES or checkpointing.NAME.match(p.name) or checkpointing.TEMPORARY.match(p.name))
+
+
+def free_folder(run_dir: Path) -> Path:
+    """RUN_DIR-2, RUN_DIR-3, ...: the first that does not exist."""
+    return next(p for n in range(2, 10**6) if not (p := run_dir.with_name(f"{run_dir.name}-{n}")).exists())
+
+
+def check_new_run_folder(run_dir: Path, overwrite: bool) -> None:
+    """A new run refuses a folder that holds another run's config, metrics or checkpoints (continuing
+    into it would mix the two), unless told to overwrite it."""
+    held = [p.name for p in run_contents(run_dir) if p.name in (CONFIG_FILE, METRICS) or
+            checkpointing.NAME.match(p.name)]
+    if held and not overwrite:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
+                         f"continue it with --resume auto --out {run_dir}, start it over with --overwrite, "
+                         f"or pick a free folder such as --out {free_folder(run_dir)}")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Removes an earlier run's files (RUN_FILES and checkpoints, nothing else), the checkpoints first
+    so that an interrupted clearing leaves a folder that still reads as holding a run."""
+    for path in sorted(run_contents(run_dir), key=lambda p: p.name in RUN_FILES):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def train(cfg: TrainConfig, task_cls: type[Task], overwrite: bool = False) -> RunResult:
+    """Runs (or resumes) a training run in this process, joining torchrun's process group if any.
+    `overwrite` lets a new run replace the run in its folder; otherwise such a folder is refused."""
     env = setup(cfg.runtime.device)
+    run = None
     try:
-        run = Run(cfg, env, task_cls)
+        run = Run(cfg, env, task_cls, overwrite)
         try:
             return run.fit()
         finally:
             run.log.close()
+    except BaseException:
+        if run is not None and env.is_main and run.created_dir:
+            remove_unused_folder(run.run_dir)
+        raise
     finally:
         teardown(env)
+
+
+def remove_unused_folder(run_dir: Path) -> None:
+    """Removes the folder of a run that failed before writing more than its config."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {CONFIG_FILE}:
+        shutil.rmtree(run_dir)
 
 
 class Run:
     """The state of one training run in one process."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, task_cls: type[Task]):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, task_cls: type[Task], overwrite: bool = False):
         run_dir = Path(broadcast_object(cfg.out_dir or default_run_dir(cfg), env))  # one timestamp for all
         self.cfg = cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
-        self.env, self.run_dir = env, run_dir
+        self.env, self.run_dir, self.created_dir = env, run_dir, False
         self.log = RunLogger(run_dir, env.is_main, cfg.runtime.tensorboard)
+        if overwrite and cfg.checkpoint.resume:
+            raise ValueError("--overwrite starts a new run and --resume continues one: pass one of them")
         resume = checkpointing.resume_path(cfg.checkpoint.resume, run_dir)
         if cfg.checkpoint.resume == "auto" and resume is None:
             self.log.print(f"no checkpoint in {run_dir} yet: starting from scratch")
+        elif resume is None:
+            check_new_run_folder(run_dir, overwrite)
 
         seed_all(cfg.runtime.seed)  # the same initial weights on every rank and for every world size
         self.task = task_cls(cfg, env, self.log)  # reads the data: a wrong path fails before anything is written
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        barrier(env)
         self.model = self.task.build_model(resuming=resume is not None)
         self.dataset = self.task.train_dataset(self.model)
         self.loader, self.sampler = train_loader(self.dataset, self.task.collate(self.model), cfg, env)
@@ -190,6 +242,13 @@ class Run:
         self.last_checkpoint: Path | None = None
         self.loss_sum = torch.zeros(2, device=env.device)  # finite step losses and their count since the last line
         self.last_loss = float("nan")
+        # nothing is written (or removed) before here: a run that cannot start leaves the folder as it was
+        if env.is_main:
+            if overwrite:
+                clear_run(run_dir)
+            self.created_dir = not run_dir.exists()
+            run_dir.mkdir(parents=True, exist_ok=True)
+        barrier(env)
         if resume is not None:
             self.load(resume)
         else:  # dropout, drop path and mixup differ between ranks, as in the official code
@@ -240,10 +299,13 @@ class Run:
         cfg = self.cfg
         self.describe()
         if self.env.is_main:
-            cfg.save(self.run_dir / "config.yaml")
+            cfg.save(self.run_dir / CONFIG_FILE)
         total = cfg.schedule.epochs * self.steps_per_epoch
         progress = Progress(total, self.scaled.effective_batch, self.pos.step)
         start = time.perf_counter()
+        if self.pos.epoch >= cfg.schedule.epochs:
+            self.log.print(f"the run is complete ({self.pos.epoch} of {cfg.schedule.epochs} epochs): nothing to do; "
+                           "--epochs N continues it for more")
         for epoch in range(self.pos.epoch, cfg.schedule.epochs):
             self.sampler.set_epoch(epoch, self.pos.batch)
             self.train_epoch(epoch, progress)
@@ -362,6 +424,7 @@ class Run:
                      scaler=self.scaler.state_dict() if self.scaler else None, epoch=self.pos.epoch,
                      batch=self.pos.batch, step=self.pos.step, rng=rng,
                      world_size=self.env.world_size, bad_steps=self.bad_steps, skipped_files=skipped,
+                     last_loss=self.last_loss,
                      task=self.task.state_dict(), config=self.cfg.to_dict())
         path = checkpointing.checkpoint_path(self.run_dir, self.pos.step, self.sharded)
         if self.sharded:
@@ -381,6 +444,11 @@ class Run:
         scaler, position (kept as samples seen, so that no sample is repeated or skipped), counters,
         and the RNG streams when the world size is the same."""
         state = checkpointing.load(path)
+        checkpointing.check_same_recipe(path, state["config"], self.cfg.to_dict())
+        epochs = state["config"]["schedule"]["epochs"]
+        if epochs != self.cfg.schedule.epochs:
+            self.log.print(f"schedule.epochs {epochs} -> {self.cfg.schedule.epochs}: the lr schedule is "
+                           f"recomputed for the new length from step {state['step']} on")
         batch = checkpointing.resume_batch(state, self.cfg.data.batch_size, self.env.world_size, self.accumulation)
         if path.is_dir():
             sharded.load(path, self.model, self.optimizer)
@@ -391,6 +459,7 @@ class Run:
             self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], batch, state["step"])
         self.bad_steps, self.skipped_files = state["bad_steps"], set(state["skipped_files"])
+        self.last_loss = state.get("last_loss", float("nan"))
         self.task.load_state_dict(state["task"])
         self.last_checkpoint = Path(path)
         if len(state["rng"]) == self.env.world_size:

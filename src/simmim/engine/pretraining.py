@@ -107,10 +107,11 @@ class PretrainTask:
         pass
 
 
-def pretrain(cfg: TrainConfig) -> RunResult:
-    """SimMIM pretraining with a resolved config (see `simmim.config.load_config`)."""
+def pretrain(cfg: TrainConfig, overwrite: bool = False) -> RunResult:
+    """SimMIM pretraining with a resolved config (see `simmim.config.load_config`); a new run into a
+    folder that holds a run is refused unless `overwrite` (which removes the old run's files)."""
     if cfg.task != "pretrain":
         raise ValueError(f"task: expected 'pretrain', got {cfg.task!r} (use finetune for classification recipes)")
     if not cfg.data.path:
         raise ValueError("data.path: expected an image folder, a list file or 'fashion-mnist' (--data)")
-    return train(cfg, PretrainTask)
+    return train(cfg, PretrainTask, overwrite)

@@ -12,6 +12,9 @@ from torch import nn
 from ..data.masking import MaskGenerator
 
 
+LOSSES = ("l1", "l2")
+
+
 @dataclass
 class SimMIMOutput:
     loss: torch.Tensor
@@ -54,6 +57,8 @@ class SimMIM(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.patch_size, self.encoder_stride = encoder.patch_size, encoder.encoder_stride
+        if loss not in LOSSES:  # refused here, not at the first forward
+            raise ValueError(f"loss {loss!r}: expected {' or '.join(map(repr, LOSSES))}")
         self.loss_kind, self.decoder_kind = loss, decoder
         self.mask_generator = MaskGenerator(encoder.cfg.img_size, mask_patch_size, encoder.patch_size, mask_ratio)
         out = self.encoder_stride**2 * in_chans
