@@ -11,7 +11,6 @@ from torch import nn
 
 from ..data.masking import MaskGenerator
 
-
 LOSSES = ("l1", "l2")
 
 
