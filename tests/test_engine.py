@@ -564,3 +564,24 @@ def test_overwrite_removes_only_the_files_a_run_writes(images, tmp_path, capsys)
     assert (out / "notes.txt").read_text() == "mine"
     status, err = run_cli(capsys, "pretrain", *common, "--overwrite", "--resume", "auto")
     assert status == 2 and "--overwrite" in err and "--resume" in err
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_every_checkpoint_draws_the_loss_curve_over_steps(images, tmp_path, monkeypatch, task):
+    """Fine-tuning runs have a curve too, and a run stopped before its end has the one of its last checkpoint."""
+    from simmim.engine import loop
+
+    drawn = []
+    real = loop.save_curves
+    monkeypatch.setattr(loop, "save_curves",
+                        lambda curves, path, **kw: drawn.append(curves) or real(curves, path, **kw))
+    monkeypatch.setattr(FinetuneTask if task == "finetune" else PretrainTask, "finish",
+                        lambda self, run, seconds: (_ for _ in ()).throw(KeyboardInterrupt))
+    extra = ["augment.mixup=0", "augment.cutmix=0"] if task == "finetune" else []
+    cfg = load_config(f"nano-{task}", overrides=settings(task, images, tmp_path / "run", "schedule.epochs=2",
+                                                          "runtime.log_every=2", *extra))
+    with pytest.raises(KeyboardInterrupt):
+        (pretrain if task == "pretrain" else finetune)(cfg)
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
+    steps, _ = drawn[-1]["train loss"]
+    assert len(drawn) == 2 and list(steps) == [2, 4, 6, 8]  # optimizer steps, not record numbers

@@ -89,14 +89,15 @@ def write_report(out: Path, summary: dict) -> None:
     """summary.json, summary.md and the PNGs it shows."""
     pre = read_metrics(out / "pretrain", "train")
     held = read_metrics(out / "pretrain", "eval")
-    save_curves({"training loss (masked pixels)": [r["loss"] for r in pre]}, out / "pretrain_loss.png",
-                xlabel="record", title="SimMIM pretraining on Fashion-MNIST")
+    save_curves({"training loss (masked pixels)": ([r["step"] for r in pre], [r["loss"] for r in pre])},
+                out / "pretrain_loss.png", xlabel="optimizer step", title="SimMIM pretraining on Fashion-MNIST")
     if held:
         save_curves({"held-out masked-pixel L1": [r["heldout_loss"] for r in held]}, out / "heldout_loss.png",
                     xlabel="epoch", title="Reconstruction loss on 256 test images")
     runs = {"SimMIM-pretrained": out / "finetune-simmim", "from scratch": out / "finetune-scratch"}
-    save_curves({name: [r["loss"] for r in read_metrics(path, "train")] for name, path in runs.items()},
-                out / "finetune_loss.png", xlabel="record", title="Fine-tuning loss")
+    tuned = {name: read_metrics(path, "train") for name, path in runs.items()}
+    save_curves({name: ([r["step"] for r in rs], [r["loss"] for r in rs]) for name, rs in tuned.items()},
+                out / "finetune_loss.png", xlabel="optimizer step", title="Fine-tuning loss")
     grids = sorted((out / "pretrain" / "reconstructions").glob("epoch_*.png"))
     if grids:
         (out / "reconstruction.png").write_bytes(grids[-1].read_bytes())

@@ -72,12 +72,13 @@ def _figure(path: str | Path, size: tuple[float, float], xlabel: str, ylabel: st
     plt.close(fig)
 
 
-def save_curves(curves: dict[str, Sequence[float]], path: str | Path, xlabel: str = "step",
-                ylabel: str = "loss", title: str = "") -> Path:
-    """Line plot of named series as PNG."""
+def save_curves(curves: dict[str, Sequence[float] | tuple[Sequence[float], Sequence[float]]], path: str | Path,
+                xlabel: str = "step", ylabel: str = "loss", title: str = "") -> Path:
+    """Line plot of named series as PNG; a series is its y values (at x = 1, 2, ...) or (xs, ys)."""
     with _figure(path, (6, 4), xlabel, ylabel, title) as ax:
-        for name, ys in curves.items():
-            ax.plot(np.arange(1, len(ys) + 1), ys, label=name)
+        for name, series in curves.items():
+            xs, ys = series if isinstance(series, tuple) else (np.arange(1, len(series) + 1), series)
+            ax.plot(xs, ys, label=name)
         ax.grid(alpha=0.3)
     return Path(path)
 

@@ -27,10 +27,11 @@ from torch.utils.data import Dataset
 
 from ..config import TrainConfig
 from ..data.datasets import compute_threads, derive_seed
+from ..viz import save_curves
 from . import checkpointing, sharded
 from .builders import train_loader
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, setup, teardown
-from .logging import METRICS, Progress, RunLogger, format_duration
+from .logging import METRICS, Progress, RunLogger, format_duration, read_metrics
 from .optim import LRSchedule, build_optimizer, group_table, scale_lrs
 from .parallelize import autocast, grad_scaler, gradient_sync, parallelize, resolve_precision
 
@@ -436,6 +437,7 @@ class Run:
                 checkpointing.save(dict(model=model, optimizer=optimizer, **state), path)
         if self.env.is_main:
             checkpointing.prune(self.run_dir, self.cfg.checkpoint.keep)
+            self.write_loss_curve()
         self.last_checkpoint = path
         barrier(self.env)
 
@@ -469,6 +471,15 @@ class Run:
                            f"{self.env.world_size}: random streams start afresh")
             seed_all(derive_seed(self.cfg.runtime.seed, self.env.rank, self.pos.step))
         self.log.print(f"resumed from {path} at epoch {self.pos.epoch + 1}, step {self.pos.step}")
+
+    def write_loss_curve(self) -> None:
+        """RUN_DIR/loss_curve.png: the training loss of every progress record so far, over optimizer steps
+        (drawn at every checkpoint, so a stopped run has the curve of its last one)."""
+        records = read_metrics(self.run_dir, "train")
+        if records:
+            save_curves({"train loss": ([r["step"] for r in records], [r["loss"] for r in records])},
+                        self.run_dir / LOSS_CURVE, xlabel="optimizer step",
+                        title=f"{self.cfg.task}: {self.cfg.model.name}")
 
     def write_skipped_files(self) -> None:
         """RUN_DIR/skipped_files.txt lists the images that could not be decoded (all ranks)."""

@@ -13,10 +13,10 @@ from ..config import TrainConfig
 from ..data.datasets import MaskCollate, SeededSamples
 from ..data.transforms import eval_transform
 from ..models import SimMIM
-from ..viz import reconstruction_panels, save_curves, save_grid
+from ..viz import reconstruction_panels, save_grid
 from .builders import build_network, first, heldout_source, img_size, train_transform, unlabelled_source
 from .distributed import DistEnv
-from .logging import RunLogger, format_duration, read_metrics
+from .logging import RunLogger, format_duration
 from .loop import Run, RunResult, train
 from .parallelize import autocast, unwrap_ddp
 
@@ -92,11 +92,6 @@ class PretrainTask:
             save_grid(panels, run.run_dir / "reconstructions" / f"epoch_{epoch + 1:04d}.png", scale=2)
 
     def finish(self, run: Run, seconds: float) -> dict[str, float]:
-        records = read_metrics(run.run_dir, "train")
-        if self.env.is_main and records:
-            save_curves({"train loss": [r["loss"] for r in records]}, run.run_dir / "loss_curve.png",
-                        xlabel=f"record (every {self.cfg.runtime.log_every} steps and at epoch ends)",
-                        title=self.cfg.model.name)
         self.log.print(f"done in {format_duration(seconds)}: final loss {run.last_loss:.4f}; run folder {run.run_dir}")
         return {"train_loss": run.last_loss}
 
