@@ -103,6 +103,19 @@ def test_verify_data_names_every_unusable_file(tmp_path, capsys):
     assert main(["verify-data", str(root)]) == 0
 
 
+def test_verify_data_checks_the_train_and_val_shards_that_pretrain_reads(tmp_path, capsys):
+    from simmim.cli import main
+    from simmim.data.export import export_shards
+
+    root = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    (root / "val" / "class_1" / "bad.png").write_bytes(b"not an image")
+    assert export_shards(str(root), tmp_path / "wds", shard_size=3) == {"train": 4, "val": 3}
+    capsys.readouterr()
+    assert main(["verify-data", str(tmp_path / "wds")]) == 1
+    out = capsys.readouterr().out
+    assert out.count("\n") == 2 and "val-000000.tar" in out and out.endswith("7 images checked, 1 unusable\n"), out
+
+
 def test_images_smaller_than_the_crop_and_of_any_mode_train(tmp_path):
     folder = tmp_path / "odd"
     folder.mkdir()

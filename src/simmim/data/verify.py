@@ -21,7 +21,12 @@ class VerifyReport:
 
 def verify_images(root: str | Path, progress_every: int = 5000) -> VerifyReport:
     """Decodes every image below `root` (recursively; or the files of a list file; or every sample of
-    WebDataset shards, named SHARD:KEY) as training would."""
+    WebDataset shards, named SHARD:KEY, including the DIR/train and DIR/val folders of shards that
+    training reads) as training would."""
+    splits = [Path(root) / split for split in ("train", "val") if (Path(root) / split).is_dir()]
+    if not looks_like_shards(root) and any(looks_like_shards(split) for split in splits):
+        reports = [verify_images(split, progress_every) for split in splits]
+        return VerifyReport(sum(r.checked for r in reports), [bad for r in reports for bad in r.bad])
     if looks_like_shards(root):
         shards = sharded_images(root)
         return _check(len(shards), shards.__getitem__, progress_every)
