@@ -72,6 +72,11 @@ def _reconstruct(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    if args.to == "hf" and not Path(args.dst).suffix:  # a directory: HF's config.json + model.safetensors
+        _export_to(args.src, args.dst, args.model, "hf")
+        return
     from .checkpoint.convert import convert
 
     src, dst = convert(args.src, args.dst, args.to)
@@ -79,16 +84,25 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    _export_to(args.checkpoint, args.out_dir, args.model, args.format)
+
+
+def _export_to(checkpoint: str, out_dir: str, model_name: str | None, fmt: str) -> None:
     from .zoo.hub import export, get_model
 
-    if args.model:
-        model, name = get_model(args.model, pretrained=args.checkpoint), args.model
+    if model_name:
+        model, name = get_model(model_name, pretrained=checkpoint), model_name
     else:  # a training run's checkpoint describes its own model
         from .engine.evaluation import load_run_model
 
-        model, cfg = load_run_model(args.checkpoint)
+        model, cfg = load_run_model(checkpoint)
         name = cfg.model.name
-    print(f"wrote {export(model, args.out_dir, name=name)}")
+    if fmt == "hf":
+        from .checkpoint.ecosystem import export_hf
+
+        print(f"wrote {export_hf(model, out_dir)} (transformers: AutoModel.from_pretrained)")
+    else:
+        print(f"wrote {export(model, out_dir, name=name)}")
 
 
 def _consolidate(args: argparse.Namespace) -> None:
@@ -173,13 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="rewrite a checkpoint in another format")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", default="simmim", choices=["official", "mmpretrain", "hf", "simmim"])
+    p.add_argument("--to", default="simmim", choices=["official", "mmpretrain", "hf", "simmim", "timm"],
+                   help="hf with a folder as dst writes config.json + model.safetensors for transformers")
+    p.add_argument("--model", help="zoo name of the architecture (hf folders; not needed for simmim runs)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("export", help="write model.safetensors + config.json for a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
+    p.add_argument("--format", default="simmim", choices=["simmim", "hf"],
+                   help="simmim (get_model reads it) or hf (transformers' from_pretrained reads it)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("consolidate", help="one safetensors file of a sharded checkpoint's model weights")

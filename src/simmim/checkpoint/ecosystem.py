@@ -48,6 +48,11 @@ def hf_config(model: nn.Module, classes: list[str] | None = None) -> dict:
     if task == "classification" and model.fc_norm is not None:
         raise ValueError("HF Swin classifiers pool without fc_norm")
     generation = "swinv2" if isinstance(encoder, SwinTransformerV2) else "swin"
+    grid = cfg.img_size // cfg.patch_size
+    small = [i for i in range(len(cfg.depths)) if grid // 2**i < cfg.window_size]
+    if generation == "swin" and small:  # there our table is the clamped window's, HF's the configured one's
+        raise ValueError(f"stage {small[0] + 1}'s {grid // 2**small[0]}px map is smaller than window "
+                         f"{cfg.window_size}: HF Swin cannot load it (each stage's map must be at least one window)")
     model_type, architecture = HF_ARCHITECTURES[generation, task]
     config = {
         "model_type": model_type, "architectures": [architecture],
