@@ -105,6 +105,26 @@ def _export_to(checkpoint: str, out_dir: str, model_name: str | None, fmt: str) 
         print(f"wrote {export(model, out_dir, name=name)}")
 
 
+def _probe(args: argparse.Namespace) -> None:
+    import torch
+
+    from .engine.builders import eval_source, labelled_source
+    from .engine.probe import ProbeSettings, load_encoder, probe_encoder, summary_line, write_result
+
+    encoder = load_encoder(args.checkpoint, args.model)
+    train = labelled_source(args.data, "train", args.labels_per_class, seed=args.seed)
+    val = eval_source(args.data)
+    if list(train.classes) != list(val.classes):
+        raise ValueError(f"{args.data}: train and val name different classes")
+    settings = ProbeSettings(k=args.k, temperature=args.temperature, epochs=args.epochs, seed=args.seed)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    result = probe_encoder(encoder, train, val, len(val.classes), settings, device, args.batch_size)
+    result.update(checkpoint=args.checkpoint, model=args.model, data=args.data)
+    if args.out:
+        write_result(result, args.out)
+    print(summary_line(result))
+
+
 def _consolidate(args: argparse.Namespace) -> None:
     from .checkpoint.dcp import consolidate
     from .checkpoint.io import atomic_save_safetensors
@@ -199,6 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="simmim", choices=["simmim", "hf"],
                    help="simmim (get_model reads it) or hf (transformers' from_pretrained reads it)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("probe", help="frozen-encoder k-NN and linear probe of a checkpoint or zoo model")
+    p.add_argument("checkpoint", help="simmim run checkpoint, exported folder, zoo name (published weights) "
+                                      "or any supported checkpoint with --model")
+    p.add_argument("--data", required=True, help="DIR with train/ and val/ class folders, or fashion-mnist")
+    p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
+    p.add_argument("--labels-per-class", type=int, help="a balanced subset of the training images")
+    p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN vote (DINO: 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (DINO: 0.07)")
+    p.add_argument("--epochs", type=int, default=100, help="linear-probe epochs on the cached features")
+    p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.set_defaults(func=_probe)
 
     p = sub.add_parser("consolidate", help="one safetensors file of a sharded checkpoint's model weights")
     p.add_argument("checkpoint", help="a sharded checkpoint directory RUN_DIR/ckpt-<step>")
