@@ -97,3 +97,22 @@ def test_cli_probe_names_what_it_cannot_read(tmp_path, capsys):
     assert "not a simmim training checkpoint" in capsys.readouterr().err
     assert main(["probe", str(tmp_path / "w.pth"), "--data", str(tmp_path / "data"), "--epochs", "2",
                  "--model", "simmim_swin-nano_test-64px"]) == 0
+
+
+def test_knn_monitor_during_pretraining_records_its_metric_and_curve(tmp_path):
+    from simmim.config import load_config
+    from simmim.engine.pretraining import pretrain
+
+    make_folder(tmp_path / "data", per_class=4, size=64)
+    out = tmp_path / "run"
+    cfg = load_config("nano-pretrain", overrides=[
+        f"data.path={tmp_path / 'data'}", f"out_dir={out}", "data.batch_size=4", "data.num_workers=0",
+        "runtime.threads=1", "runtime.vis_every=0", "schedule.epochs=3", "schedule.warmup_epochs=0",
+        "eval.knn_every=2", "eval.knn_labels_per_class=3", "eval.knn_val_images=5"])
+    pretrain(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in records if "knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [2, 3]  # every 2 epochs and after the last
+    assert all(0 <= r["knn_top1"] <= 100 and r["knn_top5"] == 100.0 for r in knn)
+    assert (out / "knn_curve.png").stat().st_size > 0
+    assert list((out / "tensorboard").iterdir())

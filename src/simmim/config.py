@@ -337,6 +337,27 @@ class CheckpointConfig(_Section):
 
 
 @dataclass
+class EvalConfig(_Section):
+    section: ClassVar[str] = "eval"
+
+    knn_every: int = 0
+    """Pretraining: a k-NN monitor of the frozen encoder every this many epochs (and after the last);
+    0 turns it off. Records eval/knn_top1 and knn_top5 (metrics.jsonl, TensorBoard, knn_curve.png)."""
+    knn_data: str | None = None
+    """Labelled images of the monitor: DIR with train/ and val/ class folders, or 'fashion-mnist';
+    None takes data.path."""
+    knn_labels_per_class: int = 20
+    """Training images per class in the monitor's neighbour bank (a balanced subset)."""
+    knn_val_images: int = 500
+    """Validation images the monitor classifies (the first ones)."""
+
+    def check(self) -> None:
+        self.require(self.knn_every >= 0, "knn_every", "a count >= 0")
+        self.require(self.knn_labels_per_class >= 1, "knn_labels_per_class", "a count >= 1")
+        self.require(self.knn_val_images >= 1, "knn_val_images", "a count >= 1")
+
+
+@dataclass
 class TrainConfig(_Section):
     """A whole run: what to train, on what, how, and where to write it."""
 
@@ -354,6 +375,7 @@ class TrainConfig(_Section):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self) -> None:
         from .zoo import get_spec

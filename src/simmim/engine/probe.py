@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
+from .parallelize import autocast
 
 
 @dataclass
@@ -44,16 +45,18 @@ DEFAULTS = ProbeSettings()
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset: Dataset, batch_size: int = 64,
-                     device: str | torch.device = "cpu", num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: str | torch.device = "cpu", num_workers: int = 0, precision: str = "fp32"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled final features (N, C) and labels (N,) of a labelled dataset of (PIL image, label),
     center-cropped at the encoder's resolution."""
     was_training = encoder.training
-    encoder.eval().to(device)
+    encoder.eval()
     samples = SeededSamples(dataset, eval_transform(encoder.cfg.img_size))
     loader = DataLoader(samples, batch_size=batch_size, collate_fn=collate_labelled, num_workers=num_workers)
     features, labels = [], []
     for images, targets, _ in loader:
-        features.append(encoder(images.to(device)).float().mean(dim=(2, 3)).cpu())
+        with autocast(precision, torch.device(device)):
+            features.append(encoder(images.to(device)).float().mean(dim=(2, 3)).cpu())
         labels.append(torch.as_tensor(targets))
     encoder.train(was_training)
     return torch.cat(features), torch.cat(labels)
@@ -124,6 +127,7 @@ def probe_encoder(encoder: nn.Module, train: Dataset, val: Dataset, num_classes:
                   settings: ProbeSettings = DEFAULTS, device: str | torch.device = "cpu",
                   batch_size: int = 64, num_workers: int = 0) -> dict:
     """Features of both sets extracted once, then both read-outs."""
+    encoder.to(device)
     train_cached = extract_features(encoder, train, batch_size, device, num_workers)
     val_cached = extract_features(encoder, val, batch_size, device, num_workers)
     return probe_features(train_cached, val_cached, num_classes, settings)
