@@ -71,3 +71,12 @@ def test_swinv2_finetuning_preset_of_the_releases():
     assert (spec.img_size, spec.encoder["window_size"], spec.encoder["pretrained_window_sizes"]) == (
         224, 14, (12, 12, 12, 6))
     assert cfg.optim.layer_decay == 0.75
+
+
+def test_pictures_map_the_reconstruction_back_to_the_input_space():
+    model = build_model(get_spec("simmim_swin-nano_test-64px"), norm_target_window=15)
+    images = torch.randn(2, 3, 64, 64) * 0.7 + 0.3
+    back = model.in_input_space(images, normalized_target(images, 15))
+    assert (back - images).abs().max() < 1e-4
+    plain = build_model(get_spec("simmim_swin-nano_test-64px"))
+    assert torch.equal(plain.in_input_space(images, images * 2), images * 2)  # pixel targets: as they are

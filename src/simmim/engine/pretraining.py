@@ -114,7 +114,7 @@ class PretrainTask:
         """RUN_DIR/reconstructions/epoch_NNNN.png: the same center-cropped held-out images and masks every
         time; rank 0 draws."""
         images, masks = self.fixed_batch(run, 0, min(GRID_IMAGES, len(self.heldout)))
-        rec = self.forward(run, images, masks).reconstruction.float().cpu()
+        rec = run.model.in_input_space(images, self.forward(run, images, masks).reconstruction.float().cpu())
         if self.env.is_main:
             panels = reconstruction_panels(images, masks, rec, run.model.patch_size)
             save_grid(panels, run.run_dir / "reconstructions" / f"epoch_{epoch + 1:04d}.png", scale=2)

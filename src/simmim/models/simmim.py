@@ -27,10 +27,9 @@ def upsample_mask(mask: torch.Tensor, image_size: tuple[int, int], patch_size: i
     return mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
 
 
-def normalized_target(images: torch.Tensor, window: int) -> torch.Tensor:
-    """The SwinV2 SimMIM releases' target (`NORM_TARGET`, microsoft/Swin-Transformer): each pixel
-    standardised by the mean and unbiased variance of its channel over the `window` x `window`
-    neighbourhood inside the image (zero padding not counted), (x - mean) / sqrt(var + 1e-6)."""
+def local_moments(images: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel and channel: mean and unbiased variance (clamped at 0) of the `window` x `window`
+    neighbourhood inside the image (zero padding not counted), as the official `norm_targets`."""
     if window < 3 or window % 2 == 0:
         raise ValueError(f"normalized-target window {window}: expected an odd size >= 3 (the releases use 47)")
     x = images.float()
@@ -39,8 +38,14 @@ def normalized_target(images: torch.Tensor, window: int) -> torch.Tensor:
     mean_sq = F.avg_pool2d(x * x, **pool, count_include_pad=False)
     # pixels of each window that lie inside the image, for the unbiased correction
     count = F.avg_pool2d(torch.ones_like(x[:1, :1]), **pool, count_include_pad=True) * window**2
-    var = ((mean_sq - mean**2) * count / (count - 1)).clamp(min=0)
-    return (x - mean) / (var + 1e-6).sqrt()
+    return mean, ((mean_sq - mean**2) * count / (count - 1)).clamp(min=0)
+
+
+def normalized_target(images: torch.Tensor, window: int) -> torch.Tensor:
+    """The SwinV2 SimMIM releases' target (`NORM_TARGET`, microsoft/Swin-Transformer): each pixel
+    standardised by its local moments, (x - mean) / sqrt(var + 1e-6)."""
+    mean, var = local_moments(images, window)
+    return (images.float() - mean) / (var + 1e-6).sqrt()
 
 
 def masked_reconstruction_loss(images: torch.Tensor, reconstruction: torch.Tensor, mask: torch.Tensor,
@@ -71,7 +76,7 @@ class SimMIM(nn.Module):
                  loss: str = "l1", decoder: str = "linear", in_chans: int = 3, norm_target_window: int = 0):
         super().__init__()
         if norm_target_window:
-            normalized_target(torch.zeros(1, 1, 3, 3), norm_target_window)  # rejects a bad window now
+            local_moments(torch.zeros(1, 1, 3, 3), norm_target_window)  # rejects a bad window now
         self.norm_target_window = norm_target_window
         self.encoder = encoder
         self.patch_size, self.encoder_stride = encoder.patch_size, encoder.encoder_stride
@@ -99,3 +104,11 @@ class SimMIM(nn.Module):
         target = normalized_target(images, self.norm_target_window) if self.norm_target_window else images
         loss = masked_reconstruction_loss(target, reconstruction, mask, self.patch_size, self.loss_kind)
         return SimMIMOutput(loss, reconstruction)
+
+    def in_input_space(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """The reconstruction in the space of `images` (for pictures): a normalized-target model's
+        output is mapped back with the input's local moments."""
+        if not self.norm_target_window:
+            return reconstruction
+        mean, var = local_moments(images, self.norm_target_window)
+        return reconstruction.float() * (var + 1e-6).sqrt() + mean
