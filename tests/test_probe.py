@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from simmim.cli import main
+from simmim.engine import probe
 from simmim.engine.probe import ProbeSettings, knn_scores, linear_probe, topk_accuracy
 from simmim.zoo import build_model, get_spec
 from simmim.zoo.hub import export
@@ -37,9 +38,10 @@ def direct_knn(bank, labels, queries, num_classes, k, temperature):
     return out
 
 
-def test_knn_matches_a_direct_computation_on_random_features():
+def test_knn_matches_a_direct_computation_on_random_features(monkeypatch):
     rng = np.random.default_rng(0)
     bank, queries = rng.normal(size=(50, 6)), rng.normal(size=(7, 6))
+    monkeypatch.setattr(probe, "KNN_CHUNK", 3)  # several chunks, the last one short
     labels = rng.integers(0, 4, size=50)
     got = knn_scores(torch.tensor(bank), torch.tensor(labels), torch.tensor(queries), 4, k=20, temperature=0.07)
     expected = direct_knn(bank, labels, queries, 4, 20, 0.07)

@@ -41,6 +41,7 @@ class ProbeSettings:
 
 
 DEFAULTS = ProbeSettings()
+KNN_CHUNK = 1024
 
 
 @torch.no_grad()
@@ -68,9 +69,11 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, feature
     label with weight exp(similarity / temperature)."""
     bank = F.normalize(train_features.float(), dim=1)
     query = F.normalize(features.float(), dim=1)
-    similarity, index = (query @ bank.T).topk(min(k, len(bank)), dim=1)
     votes = torch.zeros(len(query), num_classes)
-    return votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp())
+    for start in range(0, len(query), KNN_CHUNK):  # bounds the (queries x bank) similarity matrix
+        similarity, index = (query[start:start + KNN_CHUNK] @ bank.T).topk(min(k, len(bank)), dim=1)
+        votes[start:start + KNN_CHUNK].scatter_add_(1, train_labels[index], (similarity / temperature).exp())
+    return votes
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
