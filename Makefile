@@ -25,7 +25,7 @@ system-deps:
 demo: venv system-deps
 	$(VENV)/bin/simmim demo --out report
 
-# about an hour on a 2-core CPU; resumable (runs/study/results.jsonl)
+# about two hours on a 2-core CPU (--only main ~85 min, --only ablations ~35 min); resumable (runs/study/results.jsonl)
 study: venv system-deps
 	$(VENV)/bin/simmim study --out docs/results
 

@@ -70,7 +70,7 @@ def test_round_trip_through_plain_data_and_yaml(tmp_path):
     assert load_config(path=cfg.save(tmp_path / "config.yaml")) == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == data
     assert {k.split(".")[0] for k in all_keys() if "." in k} == {
-        "model", "data", "optim", "schedule", "mask", "augment", "runtime", "checkpoint"}
+        "model", "data", "optim", "schedule", "mask", "augment", "runtime", "checkpoint", "eval"}
 
 
 def test_override_paths_nest():

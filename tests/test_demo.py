@@ -31,7 +31,7 @@ def test_study_writes_summary_tables_and_plots_and_resumes(tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
     argv = ["study", "--quick", "--out", str(out), "--work", str(work), "--set", "data.num_workers=0"]
     assert main(argv) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["finetune"]
     assert set(summary) == {"1%"}
     for budget in summary.values():
         for run in ("scratch", "simmim"):
@@ -40,6 +40,8 @@ def test_study_writes_summary_tables_and_plots_and_resumes(tmp_path):
     assert "| 1% |" in text and "| mask ratio 0.6 (paper) |" in text and "| mask ratio 0.9 |" in text
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG" and (out / "ablations.png").stat().st_size
     runs = len((work / "results.jsonl").read_text().splitlines())
-    assert runs == 2 * (1 + 2) + 2 * 2  # per seed: a pretraining and two fine-tunings; two ablations
+    # per seed: a pretraining, two fine-tunings and two probes; pretraining lengths 1 and 2: a pretraining,
+    # a probe and a fine-tuning each; two ablations: a pretraining and a fine-tuning each
+    assert runs == 2 * (1 + 2 + 2) + 2 * 3 + 2 * 2
     assert main(argv) == 0  # everything is in results.jsonl: nothing runs again
     assert len((work / "results.jsonl").read_text().splitlines()) == runs

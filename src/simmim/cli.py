@@ -72,6 +72,11 @@ def _reconstruct(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    if args.to == "hf" and not Path(args.dst).suffix:  # a directory: HF's config.json + model.safetensors
+        _export_to(args.src, args.dst, args.model, "hf")
+        return
     from .checkpoint.convert import convert
 
     src, dst = convert(args.src, args.dst, args.to)
@@ -79,16 +84,45 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    _export_to(args.checkpoint, args.out_dir, args.model, args.format)
+
+
+def _export_to(checkpoint: str, out_dir: str, model_name: str | None, fmt: str) -> None:
     from .zoo.hub import export, get_model
 
-    if args.model:
-        model, name = get_model(args.model, pretrained=args.checkpoint), args.model
+    if model_name:
+        model, name = get_model(model_name, pretrained=checkpoint), model_name
     else:  # a training run's checkpoint describes its own model
         from .engine.evaluation import load_run_model
 
-        model, cfg = load_run_model(args.checkpoint)
+        model, cfg = load_run_model(checkpoint)
         name = cfg.model.name
-    print(f"wrote {export(model, args.out_dir, name=name)}")
+    if fmt == "hf":
+        from .checkpoint.ecosystem import export_hf
+
+        print(f"wrote {export_hf(model, out_dir)} (transformers: AutoModel.from_pretrained)")
+    else:
+        print(f"wrote {export(model, out_dir, name=name)}")
+
+
+def _probe(args: argparse.Namespace) -> None:
+    import torch
+
+    from .engine.builders import eval_source, labelled_source
+    from .engine.probe import ProbeSettings, load_encoder, probe_encoder, summary_line, write_result
+
+    encoder = load_encoder(args.checkpoint, args.model)
+    train = labelled_source(args.data, "train", args.labels_per_class, seed=args.seed)
+    val = eval_source(args.data)
+    if list(train.classes) != list(val.classes):
+        raise ValueError(f"{args.data}: train and val name different classes")
+    settings = ProbeSettings(k=args.k, temperature=args.temperature, epochs=args.epochs, seed=args.seed)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    result = probe_encoder(encoder, train, val, len(val.classes), settings, device, args.batch_size)
+    result.update(checkpoint=args.checkpoint, model=args.model, data=args.data)
+    if args.out:
+        write_result(result, args.out)
+    print(summary_line(result))
 
 
 def _consolidate(args: argparse.Namespace) -> None:
@@ -173,14 +207,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="rewrite a checkpoint in another format")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", default="simmim", choices=["official", "mmpretrain", "hf", "simmim"])
+    p.add_argument("--to", default="simmim", choices=["official", "mmpretrain", "hf", "simmim", "timm"],
+                   help="hf with a folder as dst writes config.json + model.safetensors for transformers")
+    p.add_argument("--model", help="zoo name of the architecture (hf folders; not needed for simmim runs)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("export", help="write model.safetensors + config.json for a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
+    p.add_argument("--format", default="simmim", choices=["simmim", "hf"],
+                   help="simmim (get_model reads it) or hf (transformers' from_pretrained reads it)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("probe", help="frozen-encoder k-NN and linear probe of a checkpoint or zoo model")
+    p.add_argument("checkpoint", help="simmim run checkpoint, exported folder, zoo name (published weights) "
+                                      "or any supported checkpoint with --model")
+    p.add_argument("--data", required=True, help="DIR with train/ and val/ class folders, or fashion-mnist")
+    p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
+    p.add_argument("--labels-per-class", type=int, help="a balanced subset of the training images")
+    p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN vote (DINO: 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (DINO: 0.07)")
+    p.add_argument("--epochs", type=int, default=100, help="linear-probe epochs on the cached features")
+    p.add_argument("--batch-size", type=int, default=64, help="feature extraction batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.set_defaults(func=_probe)
 
     p = sub.add_parser("consolidate", help="one safetensors file of a sharded checkpoint's model weights")
     p.add_argument("checkpoint", help="a sharded checkpoint directory RUN_DIR/ckpt-<step>")

@@ -76,6 +76,11 @@ class ModelConfig(_Section):
     first, the paper's head ablation)."""
     loss: str = "l1"
     """Pretraining loss on the masked pixels: 'l1' (the paper's) or 'l2'."""
+    norm_target: bool | None = None
+    """Pretraining: reconstruct each pixel standardised over its local window (the SwinV2 SimMIM
+    releases' NORM_TARGET) instead of the pixels; None keeps the zoo model's (on for those releases)."""
+    norm_target_patch_size: int = 47
+    """The normalized target's window (odd, in pixels; the releases' 47)."""
     pretrained: str | None = None
     """Fine-tuning: checkpoint whose encoder initializes the model (a pretraining run's or any
     supported checkpoint); ignored when resuming."""
@@ -94,6 +99,8 @@ class ModelConfig(_Section):
         self.require(self.num_classes is None or self.num_classes > 0, "num_classes", "a positive count or none")
         self.choice("decoder", ("linear", "mlp"))
         self.choice("loss", ("l1", "l2"))
+        self.require(self.norm_target_patch_size >= 3 and self.norm_target_patch_size % 2 == 1,
+                     "norm_target_patch_size", "an odd window of at least 3 pixels")
 
 
 @dataclass
@@ -330,6 +337,27 @@ class CheckpointConfig(_Section):
 
 
 @dataclass
+class EvalConfig(_Section):
+    section: ClassVar[str] = "eval"
+
+    knn_every: int = 0
+    """Pretraining: a k-NN monitor of the frozen encoder every this many epochs (and after the last);
+    0 turns it off. Records eval/knn_top1 and knn_top5 (metrics.jsonl, TensorBoard, knn_curve.png)."""
+    knn_data: str | None = None
+    """Labelled images of the monitor: DIR with train/ and val/ class folders, or 'fashion-mnist';
+    None takes data.path."""
+    knn_labels_per_class: int = 20
+    """Training images per class in the monitor's neighbour bank (a balanced subset)."""
+    knn_val_images: int = 500
+    """Validation images the monitor classifies (the first ones)."""
+
+    def check(self) -> None:
+        self.require(self.knn_every >= 0, "knn_every", "a count >= 0")
+        self.require(self.knn_labels_per_class >= 1, "knn_labels_per_class", "a count >= 1")
+        self.require(self.knn_val_images >= 1, "knn_val_images", "a count >= 1")
+
+
+@dataclass
 class TrainConfig(_Section):
     """A whole run: what to train, on what, how, and where to write it."""
 
@@ -347,6 +375,7 @@ class TrainConfig(_Section):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self) -> None:
         from .zoo import get_spec
@@ -546,6 +575,9 @@ PRESETS: dict[str, dict] = {
     "swin-base-800e-finetune-224": _finetune("simmim_finetune__swin_base__img224_window7__800ep", 0.8, 0.1),
     "swin-large-finetune-224": _finetune("simmim_finetune__swin_large__img224_window14__800ep", 0.7, 0.2),
     "vit-base-finetune-224": _finetune("simmim_finetune__vit_base__img224__800ep", 0.65, 0.1),
+    # SwinV2-B fine-tuning of the "On Data Scaling in MIM" releases: their 224 px / window 14 model and
+    # layer decay 0.75; the other settings are the SimMIM fine-tuning recipe above
+    "swinv2-base-finetune-224": _finetune("swinv2-base-w14_simmim-500k-pre_in1k-224px", 0.75, 0.1),
     # CPU-sized: the 64 px nano Swin on Fashion-MNIST; 16 px mask blocks are 1/4 of the side as 32 px
     # are 1/6 of 192 px, and the base lrs give ~1e-3 at batch 64
     "nano-pretrain": _pretrain("simmim_swin-nano_test-64px", 8e-3, 8e-5,

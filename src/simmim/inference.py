@@ -95,7 +95,7 @@ def inference_model(model: str | Path | nn.Module, images: ImageLike | Sequence[
 def _reconstruct(model: SimMIM, batch: torch.Tensor, rng: np.random.Generator) -> list[dict]:
     mask = model.random_mask(len(batch), rng).to(batch.device)
     out = model(batch, mask)
-    panels = reconstruction_panels(batch, mask, out.reconstruction, model.patch_size)
+    panels = reconstruction_panels(batch, mask, model.in_input_space(batch, out.reconstruction), model.patch_size)
     keys = ("original", "masked", "reconstruction", "pasted")
     return [{"loss": float(out.loss), "mask": m.cpu().numpy(),
              **{k: _to_pil(p) for k, p in zip(keys, row, strict=True)}} for m, row in zip(mask, panels, strict=True)]

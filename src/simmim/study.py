@@ -1,5 +1,6 @@
 """The fuller study (`simmim study`, `make study`): the demo's comparison over seeds and label budgets,
-plus the paper's ablations at this scale, written to docs/results/.
+what the frozen encoder learned (k-NN and linear probe against a randomly initialised encoder), how
+pretraining length matters, and the paper's ablations at this scale, written to docs/results/.
 
 Every run's result is appended to WORK/results.jsonl as it finishes, so an interrupted study picks up
 where it stopped; the report is rebuilt from that file.
@@ -17,8 +18,16 @@ from pathlib import Path
 import torch
 
 from .bench.report import cpu_model
-from .demo import DemoSettings, finetune_run, pretrain_run
-from .viz import save_bars
+from .config import load_config
+from .demo import PRETRAIN_PRESET, DemoSettings, finetune_run, pretrain_run
+from .engine.builders import build_network, eval_source, first, labelled_source
+from .engine.evaluation import load_run_model
+from .engine.logging import read_metrics
+from .engine.probe import extract_features, probe_features
+from .viz import save_bars, save_curves
+
+FINETUNE_EVALS = 5
+"""Validation points per fine-tuning run: the curves that show whether both arms have plateaued."""
 
 
 @dataclass(frozen=True)
@@ -26,8 +35,13 @@ class StudySettings:
     out: Path = Path("docs/results")
     work: Path = Path("runs/study")
     seeds: tuple[int, ...] = (0, 1, 2)
-    budgets: tuple[tuple[str, int, int], ...] = (("1%", 60, 40), ("10%", 600, 8))
-    """(name, labels per class, fine-tuning epochs): the same number of steps order for both budgets."""
+    budgets: tuple[tuple[str, int, int], ...] = (("1%", 60, 100), ("10%", 600, 30))
+    """(name, labels per class, fine-tuning epochs): long enough for both arms to flatten (the
+    preset's 40 and a former 8 left both still improving)."""
+    pretrain_lengths: tuple[int, ...] = (1, 3, 6)
+    """Pretraining epochs of the length curve (seed 0, probed and fine-tuned at the first budget)."""
+    probe_val_images: int | None = None
+    """Validation images the probes classify; None: all of them (Fashion-MNIST's 10,000 test images)."""
     ablation_pretrain_epochs: int = 1
     """Ablations pretrain this long (the baseline of the ablation table too), fine-tune at 1%."""
     ablations: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -70,38 +84,78 @@ def run_study(s: StudySettings) -> dict:
     s.work.mkdir(parents=True, exist_ok=True)
     results = s.work / "results.jsonl"
     done = _done(results)
+    data = load_config(PRETRAIN_PRESET, overrides=list(s.extra)).data
+    preset_epochs = load_config(PRETRAIN_PRESET).schedule.epochs
 
     def pretrained(seed: int, name: str, epochs: int | None, overrides: tuple[str, ...]) -> Path:
         key = f"pretrain/{name}/seed{seed}"
         if key not in done:
             demo = DemoSettings(s.work / key, seed, pretrain_epochs=epochs, extra=s.extra + overrides)
             run = pretrain_run(demo)
-            done[key] = _record(results, key, checkpoint=str(run.checkpoint), **run.metrics)
+            done[key] = _record(results, key, checkpoint=str(run.checkpoint), seconds=round(run.seconds, 1),
+                                **run.metrics)
         return Path(done[key]["checkpoint"])
 
-    def tuned(seed: int, name: str, budget: tuple[str, int, int], init: Path | None) -> float:
+    def tuned(seed: int, name: str, budget: tuple[str, int, int], init: Path | None) -> dict:
         label, per_class, epochs = budget
         key = f"finetune/{name}/{label}/seed{seed}"
         if key not in done:
+            every = f"runtime.eval_every={max(epochs // FINETUNE_EVALS, 1)}"
             demo = DemoSettings(s.work / key.replace("%", "pct"), seed, per_class, finetune_epochs=epochs,
-                                extra=s.extra)
+                                extra=s.extra + (every,))
             run = finetune_run(demo, "", init)
-            done[key] = _record(results, key, top1=run.metrics["top1"], top5=run.metrics["top5"])
-        return done[key]["top1"]
+            curve = [[r["epoch"], r["top1"]] for r in read_metrics(run.run_dir, "eval")]
+            done[key] = _record(results, key, top1=run.metrics["top1"], top5=run.metrics["top5"], curve=curve,
+                                seconds=round(run.seconds, 1))
+        return done[key]
 
-    main: dict[str, dict[str, list[float]]] = {}
+    val_features: dict[str, tuple] = {}  # per encoder: the validation set is the same for every budget
+
+    def probed(seed: int, name: str, budget: tuple[str, int, int], checkpoint: Path | None) -> dict:
+        """k-NN and linear probe of the frozen encoder (random weights for no checkpoint)."""
+        label, per_class, _ = budget
+        key = f"probe/{name}/{label}/seed{seed}"
+        if key not in done:
+            if checkpoint is None:
+                torch.manual_seed(seed)
+                encoder = build_network(load_config(PRETRAIN_PRESET, overrides=list(s.extra))).encoder
+            else:
+                encoder = load_run_model(checkpoint)[0].encoder
+            if (name, seed) not in val_features:
+                val = first(eval_source(data.path), s.probe_val_images or data.max_images)
+                val_features[name, seed] = extract_features(encoder, val, data.batch_size)
+            train = first(labelled_source(data.path, "train", per_class, seed=seed), data.max_images)
+            result = probe_features(extract_features(encoder, train, data.batch_size), val_features[name, seed],
+                                    len(train.classes))
+            done[key] = _record(results, key, knn_top1=result["knn"]["top1"], knn_top5=result["knn"]["top5"],
+                                linear_top1=result["linear"]["top1"], linear_top5=result["linear"]["top5"])
+        return done[key]
+
+    main: dict[str, dict[str, list[dict]]] = {}
+    probes: dict[str, dict[str, list[dict]]] = {}
+    lengths: dict[int, dict[str, dict]] = {}
     for seed in s.seeds if s.only != "ablations" else ():
         checkpoint = pretrained(seed, "full", None, ())
         for budget in s.budgets:
             row = main.setdefault(budget[0], {"scratch": [], "simmim": []})
             row["scratch"].append(tuned(seed, "scratch", budget, None))
             row["simmim"].append(tuned(seed, "simmim", budget, checkpoint))
+            row = probes.setdefault(budget[0], {"random": [], "simmim": []})
+            row["random"].append(probed(seed, "random", budget, None))
+            row["simmim"].append(probed(seed, "simmim", budget, checkpoint))
+    for epochs in s.pretrain_lengths if s.only != "ablations" else ():
+        # the preset's length is the main study's seed-0 pretraining, probe and fine-tuning
+        default = epochs == preset_epochs
+        checkpoint = pretrained(0, "full" if default else f"length{epochs}", None if default else epochs, ())
+        name = "simmim" if default else f"length{epochs}"
+        lengths[epochs] = {"probe": probed(0, name, s.budgets[0], checkpoint),
+                           "finetune": tuned(0, name, s.budgets[0], checkpoint)}
     ablations = {}
     for name, overrides in s.ablations if s.only != "main" else ():
         slug = name.split(" (")[0].replace(" ", "-")
         checkpoint = pretrained(0, f"ablation-{slug}", s.ablation_pretrain_epochs, overrides)
-        ablations[name] = tuned(0, f"ablation-{slug}", s.budgets[0], checkpoint)
-    return write_results(s, main, ablations) if s.only is None else {}
+        ablations[name] = tuned(0, f"ablation-{slug}", s.budgets[0], checkpoint)["top1"]
+    return write_results(s, main, probes, lengths, ablations) if s.only is None else {}
 
 
 def _stats(values: list[float]) -> dict:
@@ -109,40 +163,82 @@ def _stats(values: list[float]) -> dict:
             "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0, "seeds": values}
 
 
-def write_results(s: StudySettings, main: dict, ablations: dict[str, float]) -> dict:
+def _curves(runs: list[dict]) -> list[float]:
+    """The mean validation top-1 at each evaluation over seeds."""
+    return [statistics.fmean(values) for values in zip(*([top1 for _, top1 in r["curve"]] for r in runs),
+                                                                        strict=True)]
+
+
+def _mean_std(stats: dict) -> str:
+    return f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+
+
+def write_results(s: StudySettings, main: dict, probes: dict, lengths: dict, ablations: dict[str, float]) -> dict:
     """docs/results/: summary.json, README.md (tables, command, machine, date) and the plots."""
     s.out.mkdir(parents=True, exist_ok=True)
-    summary = {label: {run: _stats(values) for run, values in row.items()} for label, row in main.items()}
-    (s.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = {label: {run: _stats([r["top1"] for r in runs]) for run, runs in row.items()}
+               for label, row in main.items()}
+    probe_summary = {label: {f"{arm} {kind}": _stats([r[f"{kind}_top1"] for r in runs])
+                             for arm, runs in row.items() for kind in ("knn", "linear")}
+                     for label, row in probes.items()}
+    full = {"finetune": summary, "probe": probe_summary,
+            "pretrain_length": {str(e): {"knn_top1": v["probe"]["knn_top1"], "linear_top1": v["probe"]["linear_top1"],
+                                         "finetune_top1": v["finetune"]["top1"]} for e, v in lengths.items()}}
+    (s.out / "summary.json").write_text(json.dumps(full, indent=2) + "\n")
     save_bars({label: {run: (v["mean"], v["std"]) for run, v in row.items()} for label, row in summary.items()},
               s.out / "accuracy.png", ylabel="test top-1 (%)", title="Fashion-MNIST: from scratch vs SimMIM")
+    save_bars({label: {run: (v["mean"], v["std"]) for run, v in row.items()} for label, row in probe_summary.items()},
+              s.out / "probes.png", ylabel="test top-1 (%)", title="Frozen encoder: random init vs SimMIM")
+    curves = {f"{label} {run}": _curves(runs) for label, row in main.items() for run, runs in row.items()}
+    save_curves(curves, s.out / "finetune_curves.png", xlabel=f"evaluation ({FINETUNE_EVALS} per run, last = "
+                "final epoch)", ylabel="validation top-1 (%)", title="Fine-tuning: mean over seeds")
     bars = {name: (acc, 0.0) for name, acc in ablations.items()}
     save_bars({f"{s.budgets[0][0]} labels": bars}, s.out / "ablations.png", ylabel="test top-1 (%)",
               title=f"Ablations ({s.ablation_pretrain_epochs}-epoch pretraining)")
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     machine = f"{cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__}"
     command = " ".join(["simmim study", *(f"--set {o}" for o in s.extra)])
+    epochs = {label: e for label, _, e in s.budgets}
     lines = ["# Study: SimMIM pretraining on Fashion-MNIST", "",
-             f"Produced by `{command}` (report written {date}) on {machine}. Test top-1 on the 10,000 "
+             f"Produced by `{command}` (report written {date}) on {machine}. Test top-1 on the "
              f"Fashion-MNIST test images after the last fine-tuning epoch, mean ± standard deviation over seeds "
              f"{', '.join(map(str, s.seeds))} (each seed draws its own labelled subset, weights and pretraining).",
-             "", "| labels | from scratch | SimMIM-pretrained | difference |", "|---|---|---|---|"]
+             "", "| labels | fine-tuning epochs | from scratch | SimMIM-pretrained | difference | last-interval "
+             "change (scratch / SimMIM) |", "|---|---|---|---|---|---|"]
     for label, row in summary.items():
         sc, sm = row["scratch"], row["simmim"]
-        lines.append(f"| {label} | {sc['mean']:.2f} ± {sc['std']:.2f} | {sm['mean']:.2f} ± {sm['std']:.2f} | "
-                     f"{sm['mean'] - sc['mean']:+.2f} |")
-    lines += ["", "![accuracy](accuracy.png)", "",
-              f"Ablations (seed 0, {s.ablation_pretrain_epochs}-epoch pretraining, fine-tuned at {s.budgets[0][0]}):",
-              "", "| pretraining | test top-1 |", "|---|---|"]
+        change = " / ".join(f"{c[-1] - c[-2]:+.2f}" if len(c) > 1 else "-"
+                            for c in (_curves(main[label]["scratch"]), _curves(main[label]["simmim"])))
+        lines.append(f"| {label} | {epochs[label]} | {_mean_std(sc)} | {_mean_std(sm)} | "
+                     f"{sm['mean'] - sc['mean']:+.2f} | {change} |")
+    lines += ["", "![accuracy](accuracy.png) ![fine-tuning curves](finetune_curves.png)", "",
+              "The last column is the change of the mean validation top-1 between the last two evaluations: "
+              "near zero where a run has plateaued.", "",
+              "Frozen encoders (features of the final map, average pooled): k-NN (cosine, k=20, T=0.07, as DINO) "
+              "and a linear probe (BatchNorm without affine + linear, as MAE), SimMIM-pretrained against the "
+              "same architecture with random weights, top-1:", "",
+              "| labels | random k-NN | SimMIM k-NN | random linear | SimMIM linear |", "|---|---|---|---|---|"]
+    for label, row in probe_summary.items():
+        lines.append(f"| {label} | " + " | ".join(_mean_std(row[k]) for k in
+                                                  ("random knn", "simmim knn", "random linear", "simmim linear"))
+                     + " |")
+    lines += ["", "![probes](probes.png)", "",
+              f"Pretraining length (seed 0, {s.budgets[0][0]} labels):", "",
+              "| pretraining epochs | k-NN top-1 | linear probe top-1 | fine-tuned top-1 |", "|---|---|---|---|"]
+    lines += [f"| {e} | {v['probe']['knn_top1']:.2f} | {v['probe']['linear_top1']:.2f} | "
+              f"{v['finetune']['top1']:.2f} |" for e, v in sorted(lengths.items())]
+    lines += ["", f"Ablations (seed 0, {s.ablation_pretrain_epochs}-epoch pretraining, fine-tuned at "
+              f"{s.budgets[0][0]}):", "", "| pretraining | test top-1 |", "|---|---|"]
     lines += [f"| {name} | {acc:.2f} |" for name, acc in ablations.items()]
     lines += ["", "![ablations](ablations.png)", ""]
     (s.out / "README.md").write_text("\n".join(lines))
     print(f"study written to {s.out}")
-    return summary
+    return full
 
 
 def quick(s: StudySettings) -> StudySettings:
-    """A smoke-sized study (tests): two seeds, one budget, two ablations, small subsets, one-epoch runs."""
-    return replace(s, seeds=(0, 1), budgets=(("1%", 3, 1),), ablations=ABLATIONS[2:4],
+    """A smoke-sized study (tests): two seeds, one budget, two ablations, two pretraining lengths, small
+    subsets, short runs."""
+    return replace(s, seeds=(0, 1), budgets=(("1%", 3, 2),), ablations=ABLATIONS[2:4], pretrain_lengths=(1, 2),
                    extra=s.extra + ("data.max_images=64", "data.heldout_images=16", "data.batch_size=16",
                                     "runtime.tensorboard=false", "runtime.vis_every=0"))

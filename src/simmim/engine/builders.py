@@ -49,6 +49,8 @@ def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module
     if cfg.task == "pretrain":
         overrides.update(mask_patch_size=cfg.mask.patch_size, mask_ratio=cfg.mask.ratio, decoder=m.decoder,
                          loss=m.loss)
+        if m.norm_target is not None:
+            overrides["norm_target_window"] = m.norm_target_patch_size if m.norm_target else 0
     else:
         overrides["num_classes"] = num_classes
     try:

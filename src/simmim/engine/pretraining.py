@@ -13,12 +13,22 @@ from ..config import TrainConfig
 from ..data.datasets import MaskCollate, SeededSamples
 from ..data.transforms import eval_transform
 from ..models import SimMIM
-from ..viz import reconstruction_panels, save_grid
-from .builders import build_network, first, heldout_source, img_size, train_transform, unlabelled_source
+from ..viz import reconstruction_panels, save_curves, save_grid
+from .builders import (
+    build_network,
+    eval_source,
+    first,
+    heldout_source,
+    img_size,
+    labelled_source,
+    train_transform,
+    unlabelled_source,
+)
 from .distributed import DistEnv
-from .logging import RunLogger, format_duration
+from .logging import RunLogger, format_duration, read_metrics
 from .loop import Run, RunResult, train
 from .parallelize import autocast, unwrap_ddp
+from .probe import DEFAULTS, extract_features, knn_scores, topk_accuracy
 
 GRID_IMAGES = 8
 
@@ -33,6 +43,7 @@ class PretrainTask:
         heldout = first(heldout_source(cfg.data.path), cfg.data.max_images) if cfg.data.heldout_images else None
         self.heldout = SeededSamples(heldout or self.source, eval_transform(self.size))
         self.heldout_count = min(cfg.data.heldout_images, len(heldout)) if heldout else 0
+        self.knn_sets = knn_monitor_sets(cfg) if cfg.eval.knn_every else None
 
     def build_model(self, resuming: bool) -> SimMIM:
         return build_network(self.cfg)
@@ -50,7 +61,24 @@ class PretrainTask:
         every, last = self.cfg.runtime.vis_every, epoch + 1 == self.cfg.schedule.epochs
         if every and ((epoch + 1) % every == 0 or last):
             self.save_reconstructions(run, epoch)
-        return {"heldout_loss": self.heldout_loss(run)} if self.heldout_count else {}
+        metrics = {"heldout_loss": self.heldout_loss(run)} if self.heldout_count else {}
+        knn_every = self.cfg.eval.knn_every
+        if knn_every and ((epoch + 1) % knn_every == 0 or last):
+            metrics.update(self.knn_monitor(run))
+        return metrics
+
+    def knn_monitor(self, run: Run) -> dict[str, float]:
+        """k-NN accuracy of the frozen encoder on the labelled monitor sets (every rank runs the
+        encoder, as FSDP needs)."""
+        encoder = unwrap_ddp(run.wrapped).encoder
+        train, val = (extract_features(encoder, s, self.cfg.data.batch_size, self.env.device, precision=run.precision)
+                      for s in self.knn_sets)
+        encoder.train()
+        scores = knn_scores(*train, val[0], len(self.knn_sets[1].classes), DEFAULTS.k, DEFAULTS.temperature)
+        accuracy = topk_accuracy(scores, val[1])
+        self.log.print(f"k-NN monitor: top-1 {accuracy['top1']:.2f}% top-5 {accuracy['top5']:.2f}% "
+                       f"({len(train[1])} bank / {len(val[1])} val images)")
+        return {"knn_top1": accuracy["top1"], "knn_top5": accuracy["top5"]}
 
     def fixed_batch(self, run: Run, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Held-out images start..start+count, center-cropped, with masks seeded by their index, so every
@@ -86,12 +114,16 @@ class PretrainTask:
         """RUN_DIR/reconstructions/epoch_NNNN.png: the same center-cropped held-out images and masks every
         time; rank 0 draws."""
         images, masks = self.fixed_batch(run, 0, min(GRID_IMAGES, len(self.heldout)))
-        rec = self.forward(run, images, masks).reconstruction.float().cpu()
+        rec = run.model.in_input_space(images, self.forward(run, images, masks).reconstruction.float().cpu())
         if self.env.is_main:
             panels = reconstruction_panels(images, masks, rec, run.model.patch_size)
             save_grid(panels, run.run_dir / "reconstructions" / f"epoch_{epoch + 1:04d}.png", scale=2)
 
     def finish(self, run: Run, seconds: float) -> dict[str, float]:
+        knn = [r for r in read_metrics(run.run_dir, "eval") if "knn_top1" in r]
+        if self.env.is_main and knn:
+            save_curves({"k-NN top-1 (%)": [r["knn_top1"] for r in knn]}, run.run_dir / "knn_curve.png",
+                        xlabel=f"monitor (every {self.cfg.eval.knn_every} epochs)", title=self.cfg.model.name)
         self.log.print(f"done in {format_duration(seconds)}: final loss {run.last_loss:.4f}; run folder {run.run_dir}")
         return {"train_loss": run.last_loss}
 
@@ -100,6 +132,14 @@ class PretrainTask:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def knn_monitor_sets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+    """The k-NN monitor's neighbour bank (a balanced labelled subset) and validation images."""
+    path = cfg.eval.knn_data or cfg.data.path
+    bank = labelled_source(path, "train", cfg.eval.knn_labels_per_class, seed=cfg.data.seed)
+    val = eval_source(path)
+    return bank, first(val, cfg.eval.knn_val_images)
 
 
 def pretrain(cfg: TrainConfig, overwrite: bool = False) -> RunResult:

@@ -29,6 +29,27 @@ def upsample_mask(mask: torch.Tensor, image_size: tuple[int, int], patch_size: i
     return mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
 
 
+def local_moments(images: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel and channel: mean and unbiased variance (clamped at 0) of the `window` x `window`
+    neighbourhood inside the image (zero padding not counted), as the official `norm_targets`."""
+    if window < 3 or window % 2 == 0:
+        raise ValueError(f"normalized-target window {window}: expected an odd size >= 3 (the releases use 47)")
+    x = images.float()
+    pool = dict(kernel_size=window, stride=1, padding=window // 2)
+    mean = F.avg_pool2d(x, **pool, count_include_pad=False)
+    mean_sq = F.avg_pool2d(x * x, **pool, count_include_pad=False)
+    # pixels of each window that lie inside the image, for the unbiased correction
+    count = F.avg_pool2d(torch.ones_like(x[:1, :1]), **pool, count_include_pad=True) * window**2
+    return mean, ((mean_sq - mean**2) * count / (count - 1)).clamp(min=0)
+
+
+def normalized_target(images: torch.Tensor, window: int) -> torch.Tensor:
+    """The SwinV2 SimMIM releases' target (`NORM_TARGET`, microsoft/Swin-Transformer): each pixel
+    standardised by its local moments, (x - mean) / sqrt(var + 1e-6)."""
+    mean, var = local_moments(images, window)
+    return (images.float() - mean) / (var + 1e-6).sqrt()
+
+
 def masked_reconstruction_loss(images: torch.Tensor, reconstruction: torch.Tensor, mask: torch.Tensor,
                                patch_size: int, kind: str = "l1") -> torch.Tensor:
     """Official SimMIM loss: per-pixel error summed over masked pixels, divided by
@@ -49,11 +70,16 @@ class SimMIM(nn.Module):
     `patch_size`: `model(images, mask) -> SimMIMOutput(loss, reconstruction)`.
 
     `decoder="linear"` is the paper's 1x1 conv to stride**2 * 3 channels + PixelShuffle;
-    `"mlp"` puts a hidden 1x1 conv layer in front of it (the paper's head ablation)."""
+    `"mlp"` puts a hidden 1x1 conv layer in front of it (the paper's head ablation).
+    `norm_target_window` > 0 reconstructs `normalized_target(images, window)` instead of the
+    pixels (the SwinV2 releases' 47); the reconstruction is then in that normalized space."""
 
     def __init__(self, encoder: nn.Module, mask_patch_size: int = 32, mask_ratio: float = 0.6,
-                 loss: str = "l1", decoder: str = "linear", in_chans: int = 3):
+                 loss: str = "l1", decoder: str = "linear", in_chans: int = 3, norm_target_window: int = 0):
         super().__init__()
+        if norm_target_window:
+            local_moments(torch.zeros(1, 1, 3, 3), norm_target_window)  # rejects a bad window now
+        self.norm_target_window = norm_target_window
         self.encoder = encoder
         self.patch_size, self.encoder_stride = encoder.patch_size, encoder.encoder_stride
         if loss not in LOSSES:  # refused here, not at the first forward
@@ -79,5 +105,14 @@ class SimMIM(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> SimMIMOutput:
         reconstruction = self.decoder(self.encoder(images, mask))
-        loss = masked_reconstruction_loss(images, reconstruction, mask, self.patch_size, self.loss_kind)
+        target = normalized_target(images, self.norm_target_window) if self.norm_target_window else images
+        loss = masked_reconstruction_loss(target, reconstruction, mask, self.patch_size, self.loss_kind)
         return SimMIMOutput(loss, reconstruction)
+
+    def in_input_space(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """The reconstruction in the space of `images` (for pictures): a normalized-target model's
+        output is mapped back with the input's local moments."""
+        if not self.norm_target_window:
+            return reconstruction
+        mean, var = local_moments(images, self.norm_target_window)
+        return reconstruction.float() * (var + 1e-6).sqrt() + mean

@@ -16,7 +16,7 @@ from torch import nn
 from ..checkpoint.io import atomic_save_safetensors, check_hash_in_name
 from ..checkpoint.transfer import load_weights
 from ..models import Classifier, SimMIM
-from .registry import SPECS, arch_of, build_model, get_spec
+from .registry import CLASSIFIER_KEYS, SIMMIM_KEYS, SPECS, arch_of, build_model, get_spec
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -54,7 +54,8 @@ def model_config(model: nn.Module, name: str | None = None, classes: list[str] |
     config = {"name": name, "arch": arch_of(model.encoder.cfg), "encoder": encoder}
     if isinstance(model, SimMIM):
         config.update(task="pretrain", mask_patch_size=model.mask_generator.mask_patch_size,
-                      mask_ratio=model.mask_generator.mask_ratio, loss=model.loss_kind, decoder=model.decoder_kind)
+                      mask_ratio=model.mask_generator.mask_ratio, loss=model.loss_kind, decoder=model.decoder_kind,
+                      norm_target_window=model.norm_target_window)
     else:
         config.update(task="classification", num_classes=model.num_classes, classes=classes)
     return config
@@ -63,7 +64,7 @@ def model_config(model: nn.Module, name: str | None = None, classes: list[str] |
 def build_from_config(config: dict) -> nn.Module:
     """Inverse of `model_config` (random weights)."""
     spec = get_spec(config["name"]) if config.get("name") else None
-    head = ("mask_patch_size", "mask_ratio", "loss", "decoder") if config["task"] == "pretrain" else ("num_classes",)
+    head = SIMMIM_KEYS if config["task"] == "pretrain" else CLASSIFIER_KEYS
     if spec is None:  # a model outside the zoo: any zoo entry of the same arch and task is a template
         spec = next(s for s in SPECS if (s.arch, s.task) == (config["arch"], config["task"]))
     overrides = {k: v for k, v in config["encoder"].items() if k != "use_mask_token"}

@@ -42,7 +42,7 @@ SWINV2_SIZES = {
 VIT_PRETRAIN = dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mean_pooling=False)
 VIT_FINETUNE = dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_mean_pooling=True)
 
-SIMMIM_KEYS = ("mask_patch_size", "mask_ratio", "loss", "decoder")
+SIMMIM_KEYS = ("mask_patch_size", "mask_ratio", "loss", "decoder", "norm_target_window")
 CLASSIFIER_KEYS = ("num_classes",)
 # published FLOPs of pretraining models are those of the backbone at 224 px (mmpretrain's default)
 PRETRAIN_FLOPS_SIZE = 224
@@ -64,6 +64,8 @@ class ModelSpec:
     """Evaluation crop of a classifier; pretraining models have none."""
     mask_patch_size: int = 32
     mask_ratio: float = 0.6
+    norm_target_window: int = 0
+    """Pretraining target: 0 the pixels, else the normalized target over windows of this size."""
     recipe: str | None = None
     """Training preset that reproduces the model."""
     published_params: int | None = None
@@ -194,6 +196,7 @@ SPECS: tuple[ModelSpec, ...] = (
 )
 # SimMIM SwinV2 releases of "On Data Scaling in Masked Image Modeling" (Swin-Transformer MODELHUB_simmim.md),
 # the 500k-iteration models on full ImageNet-1K/22K: (size, data, backbone size, validation loss, fine-tuned top-1)
+NORM_TARGET_WINDOW = 47  # the releases' NORM_TARGET.PATCH_SIZE
 SWINV2_URL = "https://msravcghub.blob.core.windows.net/simmim-release/swinv2/pretrain/"
 SWINV2_RELEASES = (
     ("small", "1k", "49M", 0.4641, 84.08), ("base", "1k", "87M", 0.4588, 85.04),
@@ -202,12 +205,13 @@ SWINV2_RELEASES = (
     ("huge", "22k", "655M", 0.4444, 86.27), ("giant", "1k", "1.06B", 0.4395, 86.46),
     ("giant", "22k", "1.06B", 0.4416, 86.53),
 )
-SWINV2_NOTE = ("trained with SimMIM's normalized target (47 px windows), which simmim's loss does not implement; "
+SWINV2_NOTE = ("trained with SimMIM's normalized target (47 px windows), as here; "
                "192 px, window 12 and drop path 0.1 as the official SwinV2-B SimMIM config; Azure links may be down "
                "(microsoft/Swin-Transformer#361)")
 SPECS += tuple(
     ModelSpec(f"swinv2_{size}_{data}_500k", "pretrain", "swinv2", _swinv2(size, 192, 12, drop_path_rate=0.1),
-              published_size=params, weights=f"{SWINV2_URL}swinv2_{size}_{data}_500k.pth", source="official",
+              published_size=params, norm_target_window=NORM_TARGET_WINDOW,
+              weights=f"{SWINV2_URL}swinv2_{size}_{data}_500k.pth", source="official",
               notes=f"ImageNet-{data.upper()}, 500k iterations: validation loss {loss}, fine-tuned top-1 {top1}; "
                     + SWINV2_NOTE)
     for size, data, params, loss, top1 in SWINV2_RELEASES
@@ -219,6 +223,12 @@ SPECS += tuple(
               _swinv2("G", 192, 12, drop_path_rate=0.2, extra_norm_period=6), published_size="3.0B",
               source="paper", notes="the Swin V2 paper's 3B SwinV2-G (not released), with its extra LayerNorm on the "
                                     "main branch every 6 blocks"),
+    # fine-tuning of the releases (Swin-Transformer configs/simmim): 224 px with window 14, the log-spaced
+    # position coordinates normalised by the pretraining windows 12,12,12,6 (stage 4's 6x6 map at 192 px)
+    ModelSpec("swinv2-base-w14_simmim-500k-pre_in1k-224px", "classification", "swinv2",
+              _swinv2("base", 224, 14, drop_path_rate=0.1, pretrained_window_sizes=(12, 12, 12, 6)),
+              test_size=224, recipe="swinv2-base-finetune-224", source="official",
+              notes="fine-tunes swinv2_base_1k_500k / swinv2_base_22k_500k (their notes give the published top-1)"),
     ModelSpec("simmim_swinv2-nano_test-64px", "pretrain", "swinv2", _swinv2("nano", 64, 4, drop_path_rate=0.0),
               source="simmim", notes="test-sized"),
     ModelSpec("swinv2-nano_test-64px", "classification", "swinv2", _swinv2("nano", 64, 4, drop_path_rate=0.1),
@@ -285,6 +295,7 @@ def build_model(spec: ModelSpec, **overrides) -> nn.Module:
     if spec.task == "pretrain":
         head.setdefault("mask_patch_size", spec.mask_patch_size)
         head.setdefault("mask_ratio", spec.mask_ratio)
+        head.setdefault("norm_target_window", spec.norm_target_window)
         return SimMIM(encoder, **head)
     return Classifier(encoder, head.get("num_classes", spec.num_classes),
                       fc_norm=getattr(encoder.cfg, "use_mean_pooling", False))

@@ -1,0 +1,50 @@
+"""The study's code paths at a tiny size on a local image folder (the real study reads Fashion-MNIST)."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from simmim.cli import main
+
+
+def make_folder(root, classes=6, train_per_class=4, val_per_class=2, size=28):
+    """Six grey levels: the quick study's 3 labels per class fill one batch of 16."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for label in range(classes):
+            colour = np.full(3, 20 + 40 * label)
+            folder = root / split / f"grey{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 20, size=(size, size, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+
+
+def test_study_probes_lengths_and_curves_on_a_tiny_folder(tmp_path):
+    make_folder(tmp_path / "data")
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = ["study", "--quick", "--out", str(out), "--work", str(work), "--set", f"data.path={tmp_path / 'data'}",
+            "--set", "data.num_workers=0", "--set", "runtime.threads=1"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
+    keys = {r["key"] for r in records}
+    # per seed: a pretraining, two fine-tunings and two probes; lengths 1 and 2: a pretraining, a probe and
+    # a fine-tuning each; two ablations: a pretraining and a fine-tuning each
+    assert len(records) == len(keys) == 2 * 5 + 2 * 3 + 2 * 2
+    assert {"probe/random/1%/seed1", "probe/simmim/1%/seed0", "probe/length2/1%/seed0",
+            "finetune/length1/1%/seed0", "pretrain/length2/seed0"} <= keys
+    for r in records:
+        if r["key"].startswith("probe/"):
+            assert all(0 <= r[k] <= 100 for k in ("knn_top1", "knn_top5", "linear_top1", "linear_top5"))
+        if r["key"].startswith("finetune/"):
+            assert [epoch for epoch, _ in r["curve"]] == [1, 2]  # eval every epoch of a 2-epoch run
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["probe"]["1%"]) == {"random knn", "random linear", "simmim knn", "simmim linear"}
+    assert set(summary["pretrain_length"]) == {"1", "2"}
+    text = (out / "README.md").read_text()
+    assert "| 1% | 2 |" in text and "| random k-NN | SimMIM k-NN |" in text and "| 2 |" in text
+    for png in ("accuracy.png", "probes.png", "finetune_curves.png", "ablations.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert main(argv) == 0  # everything is in results.jsonl: nothing runs again
+    assert len((work / "results.jsonl").read_text().splitlines()) == len(records)
