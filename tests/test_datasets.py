@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import tarfile
 
 import numpy as np
 import pytest
@@ -183,3 +184,33 @@ def test_export_photos_and_unknown_name(tmp_path):
     )
     with pytest.raises(ValueError, match="fashion-mnist, photos"):
         export_dataset("cifar10", tmp_path / "other")
+
+
+def _idx_gz(path, magic_code: int, dims: tuple[int, ...], data: np.ndarray) -> None:
+    header = bytes([0, 0, magic_code, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    path.write_bytes(gzip.compress(header + data.astype(np.uint8).tobytes()))
+
+
+def test_a_limited_export_reads_only_the_images_it_writes(tmp_path, monkeypatch):
+    """`--limit-per-class` costs what it writes: the image files are read only up to the last image
+    exported (here they end after 40 of the 1000 images their headers announce, and the export works)."""
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for prefix in ("train", "t10k"):
+        labels = np.arange(1000) % 10
+        _idx_gz(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", 0x08, (1000,), labels)
+        pixels[prefix] = rng.integers(0, 256, (40, 28, 28)).astype(np.uint8)
+        _idx_gz(tmp_path / f"{prefix}-images-idx3-ubyte.gz", 0x08, (1000, 28, 28), pixels[prefix])
+    monkeypatch.setenv(fm.ENV_VAR, str(tmp_path))
+    assert export_dataset("fashion-mnist", tmp_path / "out", limit_per_class=3) == {"train": 30, "val": 30}
+    first_bag = np.asarray(Image.open(tmp_path / "out" / "val" / CLASS_FOLDERS[8] / "00001.png"))
+    np.testing.assert_array_equal(first_bag, pixels["t10k"][8])
+    # as shards too, each split with its own images (the train shards once held the test images)
+    assert export_dataset("fashion-mnist", tmp_path / "wds", limit_per_class=3, format="webdataset") == {
+        "train": 30, "val": 30}
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        with tarfile.open(tmp_path / "wds" / split / f"{split}-000000.tar") as tar:
+            first = np.asarray(Image.open(tar.extractfile("0000001.png")))
+        np.testing.assert_array_equal(first, pixels[prefix][1])
+    with pytest.raises(ValueError, match="expected"):  # a whole split still checks the whole file
+        fm.load_fashion_mnist("train")

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from simmim.data.datasets import IMAGE_SUFFIXES, ImageFiles, image_files, image_folder
-from simmim.data.fashion_mnist import CLASSES, load_fashion_mnist
+from simmim.data.fashion_mnist import CLASSES, load_fashion_mnist, load_labels
 from simmim.data.photos import PHOTOS, load_photo
 from simmim.data.webdataset import write_shards
 
@@ -39,14 +39,22 @@ def _first_per_class(labels: np.ndarray, limit: int | None) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
+def _fashion_mnist_chosen(split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images and labels of a split up to its last chosen sample (the image file is read no further, so
+    a limit costs what it writes), and the chosen indices: the first `limit` samples of every class."""
+    chosen = _first_per_class(load_labels(split), limit)
+    images, labels = load_fashion_mnist(split, count=None if limit is None else int(chosen.max(initial=-1)) + 1)
+    return images, labels, chosen
+
+
 def _export_fashion_mnist(out_dir: Path, limit: int | None, verbose: bool) -> dict[str, int]:
     # The official test split becomes "val": there is no separate validation set.
-    splits = {"train": load_fashion_mnist("train"), "val": load_fashion_mnist("test")}
-    chosen = {split: _first_per_class(labels, limit) for split, (_, labels) in splits.items()}
+    splits = {"train": _fashion_mnist_chosen("train", limit), "val": _fashion_mnist_chosen("test", limit)}
+    chosen = {split: indices for split, (*_, indices) in splits.items()}
     total = sum(len(idx) for idx in chosen.values())
     written = 0
     counts = {}
-    for split, (images, labels) in splits.items():
+    for split, (images, labels, _) in splits.items():
         for folder in CLASS_FOLDERS:
             (out_dir / split / folder).mkdir(parents=True)
         per_class = [0] * len(CLASSES)
@@ -85,13 +93,16 @@ def _numbered(members: Iterator[dict[str, bytes]]) -> Iterator[Sample]:
     return ((f"{n:07d}", sample) for n, sample in enumerate(members))
 
 
+def _labelled_pngs(images: np.ndarray, labels: np.ndarray, chosen: np.ndarray) -> Iterator[dict[str, bytes]]:
+    # a function, not a generator expression in the loop below: that would read the loop's variables
+    # when consumed, i.e. give every split the last split's images
+    return ({"png": _png(images[i]), "cls": str(int(labels[i])).encode()} for i in chosen)
+
+
 def _fashion_mnist_splits(limit: int | None) -> dict[str, tuple[Iterator[Sample], list[str]]]:
     splits = {}
     for split, source in (("train", "train"), ("val", "test")):
-        images, labels = load_fashion_mnist(source)
-        members = ({"png": _png(images[i]), "cls": str(int(labels[i])).encode()}
-                   for i in _first_per_class(labels, limit))
-        splits[split] = _numbered(members), list(CLASSES)
+        splits[split] = _numbered(_labelled_pngs(*_fashion_mnist_chosen(source, limit))), list(CLASSES)
     return splits
 
 

@@ -45,42 +45,45 @@ _IDX_DTYPES = {
 }
 
 
-def read_idx(path: str | Path, magic: int | None = None) -> np.ndarray:
+def read_idx(path: str | Path, magic: int | None = None, count: int | None = None) -> np.ndarray:
     """Read an IDX file (gzipped if the name ends in `.gz`) into a native-endian array.
 
-    `magic`, when given, is the exact magic number the file must carry (e.g. 2051 for images)."""
+    `magic`, when given, is the exact magic number the file must carry (e.g. 2051 for images).
+    `count`, when given, reads only the first `count` items: the rest of the file is neither
+    decompressed nor checked, so a few images cost a few images' worth of work."""
     path = Path(path)
-    raw = path.read_bytes()
     try:
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as err:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as file:
+            head = file.read(4)
+            if len(head) < 4:
+                raise ValueError(f"{path}: {len(head)} bytes, too short for an IDX header (expected at least 4)")
+            found, code, ndim = int.from_bytes(head, "big"), head[2], head[3]
+            if head[:2] != b"\0\0" or code not in _IDX_DTYPES or ndim == 0:
+                raise ValueError(
+                    f"{path}: bad IDX magic 0x{found:08x} (expected 0x0000TTDD, TT a type code, DD dims)"
+                )
+            if magic is not None and found != magic:
+                raise ValueError(f"{path}: IDX magic {found} (expected {magic})")
+            dims = file.read(4 * ndim)
+            header = 4 + 4 * ndim
+            if len(dims) < 4 * ndim:
+                raise ValueError(f"{path}: truncated IDX header ({4 + len(dims)} bytes, expected {header} "
+                                 f"for {ndim} dims)")
+            shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+            dtype = _IDX_DTYPES[code]
+            expected = header + math.prod(shape) * dtype.itemsize
+            if count is not None:
+                shape = (min(count, shape[0]), *shape[1:])
+            body = file.read(math.prod(shape) * dtype.itemsize)
+            extra = file.read(1) if count is None else b""  # a whole file must end there
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         # gzip reports truncation as EOFError and garbage as BadGzipFile; callers want one error type.
         raise ValueError(f"{path}: not a readable gzip IDX file ({err})") from err
-    if len(raw) < 4:
-        raise ValueError(f"{path}: {len(raw)} bytes, too short for an IDX header (expected at least 4)")
-    found = int.from_bytes(raw[:4], "big")
-    code, ndim = raw[2], raw[3]
-    if raw[:2] != b"\0\0" or code not in _IDX_DTYPES or ndim == 0:
-        raise ValueError(
-            f"{path}: bad IDX magic 0x{found:08x} (expected 0x0000TTDD, TT a type code, DD dims)"
-        )
-    if magic is not None and found != magic:
-        raise ValueError(f"{path}: IDX magic {found} (expected {magic})")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(
-            f"{path}: truncated IDX header ({len(raw)} bytes, expected {header} for {ndim} dims)"
-        )
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = _IDX_DTYPES[code]
-    expected = header + math.prod(shape) * dtype.itemsize
-    if len(raw) != expected:
-        raise ValueError(
-            f"{path}: holds {len(raw)} bytes, expected {expected} for shape {shape} of {dtype.name}"
-        )
+    if len(body) < math.prod(shape) * dtype.itemsize or extra:
+        held = f"{header + len(body)}" if not extra else f"more than {expected}"
+        raise ValueError(f"{path}: holds {held} bytes, expected {expected} for shape {shape} of {dtype.name}")
     # astype copies, so the result is writable and native-endian (torch.from_numpy needs both).
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _resolve_root(root: str | Path | None) -> Path:
@@ -90,8 +93,8 @@ def _resolve_root(root: str | Path | None) -> Path:
     return Path(os.environ.get(ENV_VAR) or FASHION_MNIST_DIR)
 
 
-def load_fashion_mnist(split: str, root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Images `(N, 28, 28)` uint8 and labels `(N,)` int64 of the "train" (60000) or "test" (10000) split."""
+def _split_files(split: str, root: str | Path | None) -> tuple[Path, Path, Path]:
+    """The folder, image file and label file of a split, which must exist."""
     if split not in SPLITS:
         raise ValueError(f"unknown Fashion-MNIST split {split!r}; choose from {sorted(SPLITS)}")
     folder = _resolve_root(root)
@@ -103,15 +106,30 @@ def load_fashion_mnist(split: str, root: str | Path | None = None) -> tuple[np.n
             f"Fashion-MNIST {split} files {missing} not found in {folder}; "
             f"run `apt-get install dataset-fashion-mnist` or set {ENV_VAR}"
         )
-    images = read_idx(images_path, magic=IMAGE_MAGIC)
+    return folder, images_path, labels_path
+
+
+def load_labels(split: str, root: str | Path | None = None) -> np.ndarray:
+    """Labels `(N,)` int64 of a split, without reading its images."""
+    _, _, labels_path = _split_files(split, root)
     labels = read_idx(labels_path, magic=LABEL_MAGIC).astype(np.int64)
+    if labels.size and not 0 <= labels.min() <= labels.max() < len(CLASSES):
+        raise ValueError(f"{labels_path}: labels outside 0..{len(CLASSES) - 1}")
+    return labels
+
+
+def load_fashion_mnist(split: str, root: str | Path | None = None,
+                       count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images `(N, 28, 28)` uint8 and labels `(N,)` int64 of the "train" (60000) or "test" (10000) split;
+    only the first `count` of them if given (the image file is read no further)."""
+    folder, images_path, _ = _split_files(split, root)
+    labels = load_labels(split, root)[:count]
+    images = read_idx(images_path, magic=IMAGE_MAGIC, count=count)
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise ValueError(
             f"{folder}: {split} images {images.shape} and labels {labels.shape} "
             "(expected (N, 28, 28) images and N labels)"
         )
-    if labels.size and not 0 <= labels.min() <= labels.max() < len(CLASSES):
-        raise ValueError(f"{labels_path}: labels outside 0..{len(CLASSES) - 1}")
     return images, labels
 
 
