@@ -585,3 +585,28 @@ def test_every_checkpoint_draws_the_loss_curve_over_steps(images, tmp_path, monk
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
     steps, _ = drawn[-1]["train loss"]
     assert len(drawn) == 2 and list(steps) == [2, 4, 6, 8]  # optimizer steps, not record numbers
+
+
+def test_evaluate_reads_exported_folders_and_published_checkpoint_layouts(images, tmp_path, capsys):
+    """One fine-tuned classifier as a training checkpoint, an exported folder and the official, mmpretrain
+    and HF files of it (written by `simmim convert`): the same accuracy from each."""
+    cli("finetune", "--preset", "nano-finetune", "--data", images, "--out", tmp_path / "f", "--epochs", "1",
+        "--batch-size", "4", *QUIET)
+    trained = tmp_path / "f" / "ckpt-00000004.pt"
+    expected = evaluate(trained, str(images), batch_size=4, num_workers=0)
+    assert run_cli(capsys, "export", trained, tmp_path / "exported")[0] == 0
+    assert evaluate(tmp_path / "exported", str(images), batch_size=4, num_workers=0) == expected
+    # HF's from_pretrained folder (the nano model is too small for HF's config: its weights file alone)
+    (tmp_path / "hf-folder").mkdir()
+    assert run_cli(capsys, "convert", trained, tmp_path / "hf-folder" / "model.safetensors", "--to", "hf")[0] == 0
+    for layout in ("official.pth", "mmpretrain.pth", "hf.pth", "hf-folder"):
+        if layout.endswith(".pth"):
+            assert run_cli(capsys, "convert", trained, tmp_path / layout, "--to", layout[:-4])[0] == 0
+        published = evaluate(tmp_path / layout, str(images), batch_size=4, num_workers=0,
+                             model="swin-nano_test-64px")
+        assert published == pytest.approx(expected, rel=1e-6), layout
+    capsys.readouterr()
+    cli("evaluate", tmp_path / "hf.pth", "--model", "swin-nano_test-64px", "--data", images, "--batch-size", "4")
+    assert f"top-1 {expected['top1']:.2f}" in capsys.readouterr().out
+    status, err = run_cli(capsys, "evaluate", tmp_path / "official.pth", "--data", images)
+    assert status == 2 and "--model NAME" in err, err

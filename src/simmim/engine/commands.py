@@ -52,9 +52,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as --set runtime.device=...)")
         p.set_defaults(func=func)
 
-    p = subparsers.add_parser("evaluate", help="top-1 / top-5 accuracy of a fine-tuned checkpoint",
-                              description="top-1 / top-5 accuracy and loss of a fine-tuning checkpoint")
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint written by `simmim finetune`")
+    p = subparsers.add_parser("evaluate", help="top-1 / top-5 accuracy of a fine-tuned classifier",
+                              description="top-1 / top-5 accuracy and loss of a fine-tuned classifier")
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="a checkpoint written by `simmim finetune`, a folder written by `simmim export`, or "
+                        "with --model a published checkpoint (official, mmpretrain or HF layout)")
+    p.add_argument("--model", metavar="NAME", help="zoo name of a published checkpoint's architecture")
     p.add_argument("--data", required=True, metavar="DIR|fashion-mnist",
                    help="DIR/val (or DIR) with one folder per class, or fashion-mnist (its test split)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N")
@@ -113,6 +116,6 @@ def _finetune(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation import evaluate
 
-    metrics = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
+    metrics = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device, model=args.model)
     print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
           f"({metrics['images']} images)")

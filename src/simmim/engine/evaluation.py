@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint.dcp import consolidate
+from ..checkpoint.dcp import consolidate, is_sharded_checkpoint
 from ..config import TrainConfig
 from ..data.datasets import EpochSampler, SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
+from ..zoo.hub import get_model, is_exported
 from . import checkpointing
 from .builders import build_network, eval_loader, eval_source
 from .distributed import DistEnv, all_reduce_sum, setup, teardown
@@ -64,23 +65,53 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     return model, cfg
 
 
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def load_eval_classifier(path: str | Path, model: str | None, num_classes: int) -> tuple[nn.Module, str]:
+    """A classifier to evaluate and its precision setting, from a simmim fine-tuning checkpoint (its
+    run's precision), an exported folder (`simmim export`), or, with the zoo name `model` of its
+    architecture, a checkpoint of any supported layout (official, mmpretrain, HF, ours) with a head of
+    `num_classes` outputs, read by the checkpoint package."""
+    path = Path(path)
+    if model:
+        if path.is_dir() and not is_sharded_checkpoint(path):  # HF's from_pretrained folder
+            path = next((path / name for name in HF_WEIGHTS if (path / name).is_file()), path / HF_WEIGHTS[0])
+        return get_model(model, pretrained=path, num_classes=num_classes), "auto"
+    if is_exported(path):
+        return get_model(path), "auto"
+    try:
+        classifier, cfg = load_classifier(path)
+    except ValueError as err:
+        if "is not a simmim training checkpoint" not in str(err):
+            raise
+        raise ValueError(f"{path} is neither a simmim training checkpoint nor an exported folder; for a "
+                         "published checkpoint (official, mmpretrain or HF layout) pass --model NAME, its zoo "
+                         "architecture") from None
+    return classifier, cfg.runtime.precision
+
+
 def evaluate(checkpoint_or_model: str | Path | nn.Module, data: str, batch_size: int = 64, device: str = "auto",
-             num_workers: int | None = None) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) and mean cross-entropy of a classifier (a fine-tuning checkpoint or
-    a model) on `data`: DIR/val (or DIR itself) with one folder per class, or 'fashion-mnist' (its
-    test split). Images are resized to size x 256/224 and center-cropped."""
+             num_workers: int | None = None, model: str | None = None) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy of a classifier on `data`: DIR/val (or DIR
+    itself) with one folder per class, or 'fashion-mnist' (its test split). The classifier is a model, a
+    simmim fine-tuning checkpoint, an exported folder, or with `model` (a zoo name) a published checkpoint
+    of that architecture (see `load_eval_classifier`). Images are resized to size x 256/224 and
+    center-cropped."""
     env = setup(device)
     try:
-        if isinstance(checkpoint_or_model, nn.Module):
-            model, precision = checkpoint_or_model, resolve_precision("auto", env.device)
-        else:
-            model, cfg = load_classifier(checkpoint_or_model)
-            precision = resolve_precision(cfg.runtime.precision, env.device)
         source = eval_source(data)
-        if len(source.classes) != model.num_classes:
-            raise ValueError(f"{data} has {len(source.classes)} classes, the classifier {model.num_classes}")
-        dataset = SeededSamples(source, eval_transform(model.encoder.cfg.img_size))
+        if isinstance(checkpoint_or_model, nn.Module):
+            classifier, precision = checkpoint_or_model, "auto"
+        else:
+            classifier, precision = load_eval_classifier(checkpoint_or_model, model, len(source.classes))
+        if not hasattr(classifier, "num_classes"):
+            raise ValueError(f"{checkpoint_or_model} is a pretraining model; evaluate needs a classifier")
+        if len(source.classes) != classifier.num_classes:
+            raise ValueError(f"{data} has {len(source.classes)} classes, the classifier {classifier.num_classes}")
+        dataset = SeededSamples(source, eval_transform(classifier.encoder.cfg.img_size))
         loader, sampler = eval_loader(dataset, collate_labelled, batch_size, env, num_workers)
-        return evaluate_loader(model.to(env.device), loader, sampler, env, precision)
+        precision = resolve_precision(precision, env.device)
+        return evaluate_loader(classifier.to(env.device), loader, sampler, env, precision)
     finally:
         teardown(env)

@@ -84,6 +84,11 @@ def export(model: nn.Module, out_dir: str | Path, name: str | None = None, class
     return out
 
 
+def is_exported(path: str | Path) -> bool:
+    """Whether `path` is a folder that `export` wrote."""
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+
+
 def load_directory(path: str | Path) -> nn.Module:
     """A model exported with `export`."""
     path = Path(path)
