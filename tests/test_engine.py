@@ -610,3 +610,23 @@ def test_evaluate_reads_exported_folders_and_published_checkpoint_layouts(images
     assert f"top-1 {expected['top1']:.2f}" in capsys.readouterr().out
     status, err = run_cli(capsys, "evaluate", tmp_path / "official.pth", "--data", images)
     assert status == 2 and "--model NAME" in err, err
+
+
+def test_images_per_second_leave_out_evaluation_and_checkpoints(images, tmp_path, monkeypatch):
+    import time
+
+    from simmim.engine import loop
+
+    pause = 1.0
+    real_end, real_save = PretrainTask.end_epoch, loop.Run.save
+    monkeypatch.setattr(PretrainTask, "end_epoch",
+                        lambda self, run, epoch: time.sleep(pause) or real_end(self, run, epoch))
+    monkeypatch.setattr(loop.Run, "save", lambda self: time.sleep(pause) or real_save(self))
+    result = pretrain(load_config("nano-pretrain", overrides=settings("pretrain", images, tmp_path / "run",
+                                                                       "schedule.epochs=2", "runtime.log_every=1")))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["img_per_s"] for r in records if r["kind"] == "train"]
+    paused = 4 * pause  # 2 evaluations, 2 checkpoints
+    assert result.images_per_second >= 0.9 * result.steps * 4 / (result.seconds - paused)
+    # the first step after the evaluation and checkpoint is as fast as the others
+    assert rates[4] > 0.2 * float(np.median(rates)), rates

@@ -3,8 +3,10 @@ readable), metrics.jsonl (one JSON object per record) and TensorBoard scalars.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,22 +66,36 @@ def read_metrics(run_dir: str | Path, kind: str) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """Throughput and ETA from wall time between progress lines."""
+    """Throughput and ETA from wall time between progress lines; time spent outside training steps
+    (evaluation, checkpoints) is left out of the throughput, not of the ETA."""
 
     def __init__(self, total_steps: int, images_per_step: int, done_steps: int = 0):
         self.total, self.images_per_step = total_steps, images_per_step
         self.start_steps, self.start_time = done_steps, time.perf_counter()
         self.last_steps, self.last_time = done_steps, self.start_time
+        self.excluded = self.excluded_since_tick = 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Work inside is not training: its time does not count against images/s."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.excluded += spent
+            self.excluded_since_tick += spent
 
     def tick(self, steps: int) -> tuple[float, float]:
         """-> (images/s since the previous tick, seconds left at the run's average pace)."""
         now = time.perf_counter()
-        rate = (steps - self.last_steps) * self.images_per_step / max(now - self.last_time, 1e-9)
+        training = now - self.last_time - self.excluded_since_tick
+        rate = (steps - self.last_steps) * self.images_per_step / max(training, 1e-9)
         per_step = (now - self.start_time) / max(steps - self.start_steps, 1)
-        self.last_steps, self.last_time = steps, now
+        self.last_steps, self.last_time, self.excluded_since_tick = steps, now, 0.0
         return rate, per_step * (self.total - steps)
 
     def images_per_second(self, steps: int) -> float:
-        """Average throughput of this process's run so far."""
-        elapsed = time.perf_counter() - self.start_time
+        """Average training throughput of this process's run so far."""
+        elapsed = time.perf_counter() - self.start_time - self.excluded
         return (steps - self.start_steps) * self.images_per_step / max(elapsed, 1e-9)

@@ -114,8 +114,8 @@ class RunResult:
     steps: int
     seconds: float
     images_per_second: float
-    """Images per second of all processes together, over this session's wall time (evaluation and
-    checkpoints included)."""
+    """Images per second of all processes together, over this session's training time (evaluation and
+    checkpoints left out)."""
     skipped_steps: int
     """Optimizer steps skipped for a non-finite loss."""
     skipped_files: list[str]
@@ -310,15 +310,16 @@ class Run:
         for epoch in range(self.pos.epoch, cfg.schedule.epochs):
             self.sampler.set_epoch(epoch, self.pos.batch)
             self.train_epoch(epoch, progress)
-            metrics = self.task.end_epoch(self, epoch)
-            self.pos = Position(epoch + 1, 0, self.pos.step)
-            if metrics:
-                self.log.record("eval", self.pos.step, epoch=epoch + 1, **metrics)
-            every = cfg.checkpoint.every_steps
-            if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.schedule.epochs or (
-                    every and self.pos.step % every == 0):
-                self.save()
-            self.write_skipped_files()
+            with progress.paused():
+                metrics = self.task.end_epoch(self, epoch)
+                self.pos = Position(epoch + 1, 0, self.pos.step)
+                if metrics:
+                    self.log.record("eval", self.pos.step, epoch=epoch + 1, **metrics)
+                every = cfg.checkpoint.every_steps
+                if (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.schedule.epochs or (
+                        every and self.pos.step % every == 0):
+                    self.save()
+                self.write_skipped_files()
         seconds = time.perf_counter() - start
         metrics = self.task.finish(self, seconds)
         self.log.record("summary", self.pos.step, seconds=round(seconds, 3), skipped_steps=self.bad_steps, **metrics)
@@ -353,7 +354,8 @@ class Run:
                 self.stop(epoch)
             every = self.cfg.checkpoint.every_steps
             if every and self.pos.step % every == 0 and not end_of_epoch:  # the epoch's end saves after evaluating
-                self.save()
+                with progress.paused():
+                    self.save()
 
     def optimizer_step(self, loss: torch.Tensor, epoch: int) -> tuple[float, torch.Tensor, bool]:
         """Clips and applies the accumulated gradients, unless the loss (on any rank) or, without a
