@@ -1,8 +1,10 @@
 """Autograd functions for the training hot path that compute the same numbers as the plain ops, faster
 or with less memory saved for the backward. Each falls back to the plain op where it does not apply.
 
-- `Linear` / `linear`: float32 GEMMs on the CPU through oneDNN instead of torch's BLAS (MKL's sgemm,
-  which on AMD CPUs takes its AVX2 path and runs at about half the rate oneDNN reaches with AVX-512).
+- `Linear` / `linear`: float32 GEMMs on the CPU through the faster of two routes on this machine:
+  oneDNN, or torch's BLAS (MKL's sgemm, which on AMD CPUs takes its AVX2 path and runs at about half
+  the rate oneDNN reaches with AVX-512, while on Intel AMX CPUs it beats oneDNN's fp32). `gemm_route`
+  decides by a short calibration, cached per machine; SIMMIM_GEMM_ROUTE=onednn|aten|auto forces it.
 - `gelu_linear`: fc2(gelu(h)) keeping only h for the backward (gelu(h), as large, is recomputed there).
 - `norm_linear`: linear(layer_norm(x)), optionally with the tokens reordered between the two, keeping
   x and the norm's statistics for the backward but not the norm's output (recomputed there).
@@ -11,18 +13,123 @@ or with less memory saved for the backward. Each falls back to the plain op wher
   gradient only through its math path: separate passes for the scale and the bias, and scaled copies
   of q and k kept for the backward; here one baddbmm applies both and the backward keeps q, k, v and
   the probabilities.
+
+The private torch APIs used each have a public fallback taken where they are missing: oneDNN's
+linear (-> F.linear), the dispatch-mode probe (-> assume a mode is active, i.e. F.linear) and the
+softmax backward (-> its formula).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .. import hardware
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ROUTE_ENV = "SIMMIM_GEMM_ROUTE"
+"""Environment variable forcing the CPU float32 GEMM route: 'onednn', 'aten' or 'auto' (calibrated)."""
+ROUTES = ("onednn", "aten")
+CACHE_FILE = "gemm-route.json"
+_CALIBRATION = ((4096, 96), (512, 384))
+"""(tokens, width) of the calibration's Swin blocks: the widths of Swin-T/B's first and third stages,
+fewer tokens than a batch holds so that the calibration takes a fraction of a second."""
+
+
+def _dispatch_probe() -> Callable[[], bool]:
+    """Whether a dispatch mode (the MAC counter, fake tensors) is active: they expect aten.linear. Where
+    torch's private probe is missing, a mode is assumed, which only costs the oneDNN route."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:
+        return lambda: True
+    return lambda: _get_current_dispatch_mode() is not None
+
+
+_dispatch_mode_active = _dispatch_probe()
+_routes: dict[tuple[str, str], str] = {}  # (cache file, machine key) -> calibrated route
+
+
+def forced_route() -> str | None:
+    """The route SIMMIM_GEMM_ROUTE forces, None for 'auto' or unset; a ValueError for a bad value."""
+    forced = os.environ.get(ROUTE_ENV, "auto")
+    if forced not in ("auto", *ROUTES):
+        raise ValueError(f"{ROUTE_ENV}={forced!r}: expected 'onednn', 'aten' or 'auto'")
+    if forced == "onednn" and not _ONEDNN:
+        raise ValueError(f"{ROUTE_ENV}=onednn: this torch build has no oneDNN linear "
+                         "(torch.ops.mkldnn._linear_pointwise)")
+    return None if forced == "auto" else forced
+
+
+def gemm_route() -> str:
+    """The float32 CPU GEMM route of this process: 'onednn' or 'aten' (torch's BLAS), as forced by
+    SIMMIM_GEMM_ROUTE or, with 'auto' (the default), measured on this machine at first use and cached
+    in $SIMMIM_CACHE/gemm-route.json under the CPU model, ISA flags, torch version and thread count."""
+    forced = forced_route()
+    if forced is not None:
+        return forced
+    if not _ONEDNN:
+        return "aten"
+    path, key = str(hardware.cache_dir() / CACHE_FILE), hardware.machine_key()
+    if (path, key) not in _routes:
+        _routes[path, key] = _cached_or_calibrated(path, key)
+    return _routes[path, key]
+
+
+def _cached_or_calibrated(path: str, key: str) -> str:
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    route = cache.get(key, {}).get("route") if isinstance(cache, dict) else None
+    if route in ROUTES:
+        return route
+    seconds = calibrate()
+    route = min(ROUTES, key=seconds.__getitem__)
+    cache = {**(cache if isinstance(cache, dict) else {}), key: {"route": route, "seconds": seconds}}
+    from ..checkpoint.io import atomic_write  # lazily: only calibration writes
+
+    with contextlib.suppress(OSError):  # only a cache: an unwritable one means calibrating again
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        text = json.dumps(cache, indent=1)
+        atomic_write(path, lambda file: file.write(text.encode()), "GEMM route cache")
+    return route
+
+
+def calibrate(repeats: int = 3) -> dict[str, float]:
+    """Seconds per route of the float32 GEMMs of a Swin block's linear layers (qkv, proj, fc1, fc2;
+    forward, input and weight gradients, as `linear` runs them) at the widths of _CALIBRATION: the
+    best of `repeats` passes after one warm-up, the routes alternating. Fixed shapes and inputs from a
+    private generator, so that the global random state is untouched."""
+    gen = torch.Generator().manual_seed(0)
+    layers = [(torch.rand(m, k, generator=gen), torch.rand(n, k, generator=gen), torch.rand(n, generator=gen),
+               torch.rand(m, n, generator=gen))
+              for m, c in _CALIBRATION for k, n in ((c, 3 * c), (c, c), (c, 4 * c), (4 * c, c))]
+
+    def run(route: str) -> float:
+        start = time.perf_counter()
+        for x, w, b, g in layers:
+            matmul_nt(x, w, b, route)
+            matmul_nt(g, w.t(), route=route)
+            _weight_grads(x, g, (True, False), route)
+        return time.perf_counter() - start
+
+    best = {route: float("inf") for route in ROUTES}
+    for i in range(repeats + 1):
+        for route in ROUTES[::-1] if i % 2 else ROUTES:
+            seconds = run(route)
+            if i:  # the first pass warms up (oneDNN builds its primitives)
+                best[route] = min(best[route], seconds)
+    return best
 
 
 def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -30,17 +137,20 @@ def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     # and inductor and bf16 reach oneDNN through it
     return (_ONEDNN and not torch.compiler.is_compiling() and a.device.type == "cpu"
             and a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and _get_current_dispatch_mode() is None)
+            and not _dispatch_mode_active() and gemm_route() == "onednn")
 
 
-def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b.T (+ bias) for a (..., K) and b (N, K); either may be a transposed view."""
-    if _use_onednn(a, b):
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, route: str | None = None
+              ) -> torch.Tensor:
+    """a @ b.T (+ bias) for a (..., K) and b (N, K); either may be a transposed view. `route` forces
+    'onednn' or 'aten'; by default oneDNN where `gemm_route` chose it and it applies."""
+    if route == "onednn" or (route is None and _use_onednn(a, b)):
         return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
     return F.linear(a, b, bias)
 
 
-def _weight_grads(x: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:
+def _weight_grads(x: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, ...], route: str | None = None
+                  ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of W and b in y = x W^T + b, with x (M, K) and grad (M, N). oneDNN copies its first
     operand when it is a transposed view (the second it reads as it is), so x goes first where it is
     the narrower one by far; W's gradient then comes out transposed, and the strided copy that makes it
@@ -50,7 +160,8 @@ def _weight_grads(x: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, ...]) 
     if needs[0]:
         (m, k), n = x.shape, grad.shape[1]
         x_first = k < n and m * (n - k) > 4 * n * k
-        grad_weight = matmul_nt(x.t(), grad.t()).t() if x_first else matmul_nt(grad.t(), x.t())
+        grad_weight = (matmul_nt(x.t(), grad.t(), route=route).t() if x_first
+                       else matmul_nt(grad.t(), x.t(), route=route))
     if needs[1]:
         grad_bias = grad.sum(0)
     return grad_weight, grad_bias
@@ -71,7 +182,7 @@ class _Linear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the float32 CPU GEMMs of forward and backward in oneDNN."""
+    """F.linear, with the float32 CPU GEMMs of forward and backward in oneDNN where `gemm_route` chose it."""
     if _use_onednn(x, weight):
         return _Linear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -203,6 +314,19 @@ def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     return _GeluLinear.apply(h, weight, bias)
 
 
+def softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The gradient of softmax's input over the last dimension from its output `probs`: the public
+    formula of torch's private `_softmax_backward_data`."""
+    return probs * (grad - (grad * probs).sum(-1, keepdim=True))
+
+
+def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    # torch's kernel makes one pass without the product's temporary
+    if hasattr(torch, "_softmax_backward_data"):
+        return torch._softmax_backward_data(grad, probs, -1, probs.dtype)
+    return softmax_backward(grad, probs)
+
+
 class _BiasedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
@@ -224,7 +348,7 @@ class _BiasedAttention(torch.autograd.Function):
         gh, n, d = q.shape
         heads = gh // grad.shape[0]
         grad = grad.reshape(-1, n, heads, d).transpose(1, 2).reshape(gh, n, d)
-        scores = torch._softmax_backward_data(torch.bmm(grad, v.transpose(1, 2)), probs, -1, probs.dtype)
+        scores = _softmax_backward(torch.bmm(grad, v.transpose(1, 2)), probs)
         grad_qkv = torch.empty_like(qkv)
         torch.bmm(probs.transpose(1, 2), grad, out=grad_qkv[2])
         torch.baddbmm(grad_qkv[0], scores, k, beta=0, alpha=ctx.scale, out=grad_qkv[0])
