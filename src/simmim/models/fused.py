@@ -38,10 +38,23 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 ROUTE_ENV = "SIMMIM_GEMM_ROUTE"
 """Environment variable forcing the CPU float32 GEMM route: 'onednn', 'aten' or 'auto' (calibrated)."""
 ROUTES = ("onednn", "aten")
+RECOMPUTE_ENV = "SIMMIM_RECOMPUTE"
+"""Environment variable: 1 (default) recomputes norm and GELU outputs in the backward, 0 keeps them."""
 CACHE_FILE = "gemm-route.json"
 _CALIBRATION = ((4096, 96), (512, 384))
 """(tokens, width) of the calibration's Swin blocks: the widths of Swin-T/B's first and third stages,
 fewer tokens than a batch holds so that the calibration takes a fraction of a second."""
+
+
+def recompute() -> bool:
+    """Whether `norm_linear` and `gelu_linear` recompute their GEMM's input in the backward (the
+    default) instead of keeping it: SIMMIM_RECOMPUTE=0 keeps it, for more memory (an activation the size
+    of x per norm, 4x the width per MLP) and a little less time (on the Intel AMX CPU 2% of a Swin-T
+    fp32 step for +44% activation memory, docs/benchmark.md)."""
+    value = os.environ.get(RECOMPUTE_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{RECOMPUTE_ENV}={value!r}: expected 1 (recompute) or 0 (keep)")
+    return value == "1"
 
 
 def _dispatch_probe() -> Callable[[], bool]:
@@ -240,16 +253,19 @@ class _NormLinear(torch.autograd.Function):
         dtype = _gemm_dtype(x)
         y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
         w = weight.to(dtype)
-        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, w)
+        y = _gathered(y.to(dtype), gather)
+        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, w, None if recompute() else y)
         ctx.eps, ctx.gather, ctx.dtypes = eps, gather, (weight.dtype, None if bias is None else bias.dtype)
-        return matmul_nt(_gathered(y.to(dtype), gather), w, _cast(bias, dtype))
+        return matmul_nt(y, w, _cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, norm_weight, norm_bias, mean, rstd, weight = ctx.saved_tensors
-        y = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, ctx.eps)[0]  # bit for bit
+        x, norm_weight, norm_bias, mean, rstd, weight, y = ctx.saved_tensors
+        if y is None:  # recomputed bit for bit
+            y = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, ctx.eps)[0]
+            y = _gathered(y.to(grad.dtype), ctx.gather)
         flat = grad.reshape(-1, grad.shape[-1])
-        y = _gathered(y.to(grad.dtype), ctx.gather).reshape(flat.shape[0], -1)
+        y = y.reshape(flat.shape[0], -1)
         grad_weight, grad_bias = _weight_grads(y, flat, ctx.needs_input_grad[4:6])
         grad_y = matmul_nt(grad, weight.t())
         if ctx.gather is not None:
@@ -268,7 +284,7 @@ def _gathered(y: torch.Tensor, gather: TokenGather | None) -> torch.Tensor:
 def norm_linear(x: torch.Tensor, norm: nn.LayerNorm, layer: nn.Linear, gather: TokenGather | None = None
                 ) -> torch.Tensor:
     """layer(gather(norm(x))), the norm's output recomputed in the backward instead of kept: one cheap
-    elementwise pass for an activation the size of x."""
+    elementwise pass for an activation the size of x (kept with SIMMIM_RECOMPUTE=0)."""
     return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, layer.weight, layer.bias, gather)
 
 
@@ -292,25 +308,28 @@ class _GeluLinear(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         dtype = _gemm_dtype(h)
         w = weight.to(dtype)
-        ctx.save_for_backward(h, w)
+        act = F.gelu(h).to(dtype)
+        ctx.save_for_backward(h, w, None if recompute() else act)
         ctx.dtypes = weight.dtype, bias.dtype
-        return matmul_nt(F.gelu(h).to(dtype), w, bias.to(dtype))
+        return matmul_nt(act, w, bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        h, weight = ctx.saved_tensors
+        h, weight, act = ctx.saved_tensors
         flat = grad.reshape(-1, grad.shape[-1])
         grad_h = None
         if ctx.needs_input_grad[0]:
             grad_h = torch.ops.aten.gelu_backward(matmul_nt(grad, weight.t()).to(h.dtype), h)
-        act = F.gelu(h).to(grad.dtype).reshape(flat.shape[0], -1) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[1]:
+            act = (F.gelu(h).to(grad.dtype) if act is None else act).reshape(flat.shape[0], -1)
         grad_weight, grad_bias = _weight_grads(act, flat, ctx.needs_input_grad[1:])
         return grad_h, _cast(grad_weight, ctx.dtypes[0]), _cast(grad_bias, ctx.dtypes[1])
 
 
 def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """F.linear(F.gelu(h), weight, bias) that saves h alone for the backward: the MLP's largest
-    activation (4x the width) is held once instead of twice, for one more elementwise pass."""
+    activation (4x the width) is held once instead of twice, for one more elementwise pass (both held
+    with SIMMIM_RECOMPUTE=0)."""
     return _GeluLinear.apply(h, weight, bias)
 
 

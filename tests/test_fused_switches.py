@@ -1,5 +1,6 @@
-"""fused.py's float32 CPU GEMM route: both routes compute the same numbers, the calibrated choice is
-cached per machine, SIMMIM_GEMM_ROUTE forces it, and each private torch API has a public fallback."""
+"""fused.py's switches. The float32 CPU GEMM route: both routes compute the same numbers, the
+calibrated choice is cached per machine, SIMMIM_GEMM_ROUTE forces it, and each private torch API has a
+public fallback. SIMMIM_RECOMPUTE: keeping activations gives the same numbers for more memory."""
 
 import json
 import subprocess
@@ -26,24 +27,34 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / fused.CACHE_FILE
 
 
-def _step(route: str, monkeypatch) -> tuple[torch.Tensor, list[torch.Tensor], list[str]]:
-    """Loss, gradients and the names of the operators run by one SimMIM step on a small Swin."""
+def _step(route: str, monkeypatch, recompute: str = "1", precision: str = "fp32"
+          ) -> tuple[torch.Tensor, list[torch.Tensor], list[str], int]:
+    """Loss, gradients, the names of the operators run and the bytes saved for the backward by one
+    SimMIM step on a small Swin."""
     monkeypatch.setenv(fused.ROUTE_ENV, route)
+    monkeypatch.setenv(fused.RECOMPUTE_ENV, recompute)
     torch.manual_seed(0)
     cfg = SwinConfig(img_size=96, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=6,
                      drop_path_rate=0.0, use_mask_token=True)
     model = randomize_(SimMIM(SwinTransformer(cfg), mask_patch_size=16))
     images, mask = torch.randn(2, 3, 96, 96), model.random_mask(2, np.random.default_rng(0))
-    with torch.profiler.profile() as prof:
-        loss = model(images, mask).loss
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.profiler.profile() as prof, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(images, mask).loss
         loss.backward()
-    return loss.detach(), [p.grad for p in model.parameters()], [e.name for e in prof.events()]
+    return loss.detach(), [p.grad for p in model.parameters()], [e.name for e in prof.events()], sum(saved)
 
 
 @needs_onednn
 def test_forced_routes_give_the_same_loss_and_gradients(monkeypatch):
-    loss_dnn, grads_dnn, ops_dnn = _step("onednn", monkeypatch)
-    loss_aten, grads_aten, ops_aten = _step("aten", monkeypatch)
+    loss_dnn, grads_dnn, ops_dnn, _ = _step("onednn", monkeypatch)
+    loss_aten, grads_aten, ops_aten, _ = _step("aten", monkeypatch)
     # each route runs the kernels it names
     assert "mkldnn::_linear_pointwise" in ops_dnn
     assert "mkldnn::_linear_pointwise" not in ops_aten
@@ -143,3 +154,19 @@ def test_softmax_backward_formula_matches_torch():
     expected, = torch.autograd.grad(probs, scores, grad)
     torch.testing.assert_close(fused.softmax_backward(grad, probs.detach()), expected)
     torch.testing.assert_close(fused._softmax_backward(grad, probs.detach()), expected)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_keeping_activations_gives_the_same_numbers_for_more_memory(monkeypatch, precision):
+    loss, grads, _, recomputed = _step("aten", monkeypatch, "1", precision)
+    loss_kept, grads_kept, _, kept = _step("aten", monkeypatch, "0", precision)
+    assert torch.equal(loss, loss_kept)
+    for a, b in zip(grads, grads_kept, strict=True):
+        assert torch.equal(a, b)
+    assert kept > 1.3 * recomputed  # the norms' and GELUs' outputs
+
+
+def test_a_bad_recompute_value_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv(fused.RECOMPUTE_ENV, "yes")
+    with pytest.raises(ValueError, match=r"^SIMMIM_RECOMPUTE='yes': expected 1 \(recompute\) or 0 \(keep\)$"):
+        fused.gelu_linear(torch.randn(2, 8, requires_grad=True), torch.randn(4, 8), torch.randn(4))
