@@ -212,7 +212,11 @@ def take_tokens(x: torch.Tensor, index: torch.Tensor, pad: bool) -> torch.Tensor
     """x[:, index] for x (B, L, C), where with `pad` the index L picks a zero token."""
     if pad:
         x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], 1)
-    return x.index_select(1, index)
+    # rows of the flattened (B L, C) map: ATen's CPU index_select runs on one thread along dim 1 and
+    # on all of them along dim 0
+    b, length, c = x.shape
+    rows = (torch.arange(0, b * length, length, device=x.device)[:, None] + index).view(-1)
+    return x.reshape(b * length, c).index_select(0, rows).view(b, -1, c)
 
 
 class _TakeTokens(torch.autograd.Function):
