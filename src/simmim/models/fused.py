@@ -68,7 +68,7 @@ def _dispatch_probe() -> Callable[[], bool]:
 
 
 _dispatch_mode_active = _dispatch_probe()
-_routes: dict[tuple[str, str], str] = {}  # (cache file, machine key) -> calibrated route
+_routes: dict[tuple[str | None, int], str] = {}  # ($SIMMIM_CACHE, threads) -> calibrated route
 
 
 def forced_route() -> str | None:
@@ -91,10 +91,11 @@ def gemm_route() -> str:
         return forced
     if not _ONEDNN:
         return "aten"
-    path, key = str(hardware.cache_dir() / CACHE_FILE), hardware.machine_key()
-    if (path, key) not in _routes:
-        _routes[path, key] = _cached_or_calibrated(path, key)
-    return _routes[path, key]
+    # what can change within a process: the cache directory and the thread count
+    seen = os.environ.get("SIMMIM_CACHE"), torch.get_num_threads()
+    if seen not in _routes:
+        _routes[seen] = _cached_or_calibrated(str(hardware.cache_dir() / CACHE_FILE), hardware.machine_key())
+    return _routes[seen]
 
 
 def _cached_or_calibrated(path: str, key: str) -> str:
