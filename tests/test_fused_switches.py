@@ -156,6 +156,20 @@ def test_softmax_backward_formula_matches_torch():
     torch.testing.assert_close(fused._softmax_backward(grad, probs.detach()), expected)
 
 
+def test_attention_without_the_private_softmax_backward_gives_the_same_gradients(monkeypatch):
+    qkv = torch.randn(4, 9, 3 * 8, requires_grad=True)
+    bias = torch.randn(2, 2, 9, 9, requires_grad=True)
+
+    def grads() -> tuple[torch.Tensor, ...]:
+        out = fused.biased_attention(qkv, bias, heads=2, scale=0.5)
+        return torch.autograd.grad(out, (qkv, bias), torch.ones_like(out))
+
+    expected = grads()
+    monkeypatch.delattr(torch, "_softmax_backward_data")
+    for a, b in zip(grads(), expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_keeping_activations_gives_the_same_numbers_for_more_memory(monkeypatch, precision):
     loss, grads, _, recomputed = _step("aten", monkeypatch, "1", precision)
