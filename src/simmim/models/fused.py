@@ -49,8 +49,8 @@ fewer tokens than a batch holds so that the calibration takes a fraction of a se
 def recompute() -> bool:
     """Whether `norm_linear` and `gelu_linear` recompute their GEMM's input in the backward (the
     default) instead of keeping it: SIMMIM_RECOMPUTE=0 keeps it, for more memory (an activation the size
-    of x per norm, 4x the width per MLP) and a little less time (on the Intel AMX CPU 2% of a Swin-T
-    fp32 step for +44% activation memory, docs/benchmark.md)."""
+    of x per norm, 4x the width per MLP) and a little less time (docs/kernels.md: on an Intel AMX CPU
+    about 2% of a Swin-T fp32 step for 40% more peak memory)."""
     value = os.environ.get(RECOMPUTE_ENV, "1")
     if value not in ("0", "1"):
         raise ValueError(f"{RECOMPUTE_ENV}={value!r}: expected 1 (recompute) or 0 (keep)")
