@@ -184,3 +184,22 @@ def test_a_bad_recompute_value_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv(fused.RECOMPUTE_ENV, "yes")
     with pytest.raises(ValueError, match=r"^SIMMIM_RECOMPUTE='yes': expected 1 \(recompute\) or 0 \(keep\)$"):
         fused.gelu_linear(torch.randn(2, 8, requires_grad=True), torch.randn(4, 8), torch.randn(4))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_pointwise_conv_is_a_1x1_conv_whose_weight_gradient_has_the_parameters_layout(precision):
+    conv = torch.nn.Conv2d(16, 24, kernel_size=1)
+    ours = fused.PointwiseConv(16, 24)
+    ours.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 5, 5, 16).permute(0, 3, 1, 2)  # channels last, as the encoders' maps are
+    outs = []
+    for module in (conv, ours):
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            out = module(x)
+        out.float().square().sum().backward()
+        outs.append(out)
+    tol = 1e-6 if precision == "fp32" else 1e-2  # relative to the norm: bf16 rounds outputs differently
+    for a, b in [(outs[1], outs[0]), (ours.weight.grad, conv.weight.grad), (ours.bias.grad, conv.bias.grad)]:
+        assert (a.float() - b.float()).norm() < tol * b.float().norm()
+    # what DDP's gradient buckets expect (oneDNN's bf16 convolution returns it channels last)
+    assert ours.weight.grad.stride() == ours.weight.stride()

@@ -209,6 +209,20 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class PointwiseConv(nn.Conv2d):
+    """nn.Conv2d with a 1x1 kernel (same parameters and state dict) computed by `linear` over the
+    channels: its GEMMs take the calibrated route instead of ATen's im2col convolution, and its weight
+    gradient has the parameter's strides (oneDNN's bf16 convolution returns another layout of it, for
+    which DDP warns and copies)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.view(self.out_channels, self.in_channels)
+        return linear(x.permute(0, 2, 3, 1), weight, self.bias).permute(0, 3, 1, 2)
+
+
 def take_tokens(x: torch.Tensor, index: torch.Tensor, pad: bool) -> torch.Tensor:
     """x[:, index] for x (B, L, C), where with `pad` the index L picks a zero token."""
     if pad:
