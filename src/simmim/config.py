@@ -277,7 +277,8 @@ class RuntimeConfig(_Section):
     """'auto' (the GPU when there is one), 'cpu', 'cuda' or 'cuda:N'; under torchrun every process
     takes cuda:LOCAL_RANK."""
     precision: str = "auto"
-    """'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' (autocast) or 'fp16' (autocast + grad scaler)."""
+    """'auto' (bf16 on GPU and on CPUs with native bf16 matrix units, AMX-BF16 or AVX512-BF16; fp32 on
+    other CPUs), 'fp32', 'bf16' (autocast) or 'fp16' (autocast + grad scaler)."""
     parallel: str = "ddp"
     """With several processes: 'ddp' (replicated weights) or 'fsdp' (FSDP2, sharded per block)."""
     compile: bool = False
