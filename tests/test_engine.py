@@ -29,6 +29,7 @@ from simmim.engine.finetuning import FinetuneTask
 from simmim.engine.logging import RunLogger
 from simmim.engine.optim import LRSchedule, build_optimizer, decays, layer_id, param_groups, scale_lrs
 from simmim.engine.pretraining import PretrainTask
+from simmim.hardware import auto_precision
 from simmim.zoo import build_model, get_spec
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -445,6 +446,8 @@ def test_commands_train_resume_and_evaluate(images, tmp_path, capsys):
     cli("pretrain", "--preset", "nano-pretrain", "--data", images, "--out", tmp_path / "p", "--epochs", "1",
         "--batch-size", "8", *QUIET)
     assert (tmp_path / "p" / "ckpt-00000002.pt").is_file()
+    precision, why = auto_precision(torch.device("cpu"))  # the header names runtime.precision=auto's choice
+    assert f" loader workers), {precision} ({why}); effective batch" in capsys.readouterr().out
     cli("pretrain", "--out", tmp_path / "p", "--resume", "auto", "--epochs", "2")  # config from the checkpoint
     assert ckpt.load(tmp_path / "p" / "ckpt-00000004.pt")["config"]["data"]["batch_size"] == 8
     # the published recipe's augmentation: RandAugment, random erasing, mixup/cutmix, label smoothing

@@ -10,25 +10,14 @@ from pathlib import Path
 
 import torch
 
+from ..hardware import cpu_description
+from ..models.fused import gemm_route
 from ..runtime import allocator_description
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, with its family/model where the name is generic."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = fields.get("model name", platform.machine())
-    if "cpu family" in fields:
-        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
-    if "avx512f" in fields.get("flags", "").split():
-        name += ", AVX-512"
-    return name
+    """The CPU's model name, family/model and the ISA flags that matter to its kernels (AVX-512, AMX...)."""
+    return cpu_description()
 
 
 def environment(device: torch.device) -> dict:
@@ -50,6 +39,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "transformers": hf_version,
         "allocator": allocator_description(),
+        "gemm_route": gemm_route() if device.type == "cpu" else None,
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
     }
@@ -108,7 +98,8 @@ def markdown(results: dict) -> str:
         "",
         f"Run {env['date']} on {env['cpu']}, {env['cores']} cores (torch threads: {env['threads']}), device "
         f"{env['device']}; torch {env['torch']}, transformers {env['transformers']}; allocator "
-        f"{env['allocator']}; load average {env['load_average']:.2f} at the start.",
+        f"{env['allocator']}; load average {env['load_average']:.2f} at the start"
+        + (f"; fp32 GEMM route {env['gemm_route']}." if env.get("gemm_route") else "."),
         f"Produced by `{results.get('command', 'simmim bench')}`; the numbers are in `benchmark.json`.",
         "",
         "## How it is measured",

@@ -69,9 +69,10 @@ METHOD = [
     "linear and convolution, convolution backward) in one profiled step; the rest of the step is "
     "elementwise work (norms, activations, softmax, casts, AdamW), data movement and overhead. "
     "HF's step divided by our GEMM time bounds the speedup that trimming our non-GEMM work could reach.",
-    "- Kernels: on the CPU our linear layers run their float32 GEMMs through oneDNN, HF's through torch's "
-    "default (MKL's sgemm, which takes its AVX2 path on AMD CPUs: compare the fp32 and fp32_onednn GEMM "
-    "rates below); in bf16 both sides' GEMMs are oneDNN's.",
+    "- Kernels: on the CPU our linear layers run their float32 GEMMs through the route a calibration "
+    "chose for the machine (the header's GEMM route: oneDNN, or torch's default, MKL's sgemm, which takes "
+    "its AVX2 path on AMD CPUs: compare the fp32 and fp32_onednn GEMM rates below), HF's through torch's "
+    "default; in bf16 both sides' GEMMs are oneDNN's.",
 ]
 
 
@@ -234,14 +235,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Runs the benchmark an argument namespace describes, prints it and writes its files."""
+    from ..models.fused import gemm_route
     from ..runtime import allocator_description
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     precisions = (args.precision or ("fp32" if args.quick else "fp32,bf16")).split(",")
-    print(f"simmim bench on {device.type}, {torch.get_num_threads()} threads, allocator {allocator_description()}",
-          flush=True)
+    cpu = f" ({report.cpu_model()}, fp32 GEMM route {gemm_route()})" if device.type == "cpu" else ""
+    print(f"simmim bench on {device.type}{cpu}, {torch.get_num_threads()} threads, allocator "
+          f"{allocator_description()}", flush=True)
     if args.quick:
         overrides = {"img_size": args.img_size} if args.img_size else {}
         results = quick(device, precisions[0], args.model, args.batch, repeats=args.repeats, compile=args.compile,

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from ..config import TrainConfig
 from ..data.datasets import compute_threads, derive_seed
+from ..hardware import auto_precision
 from ..viz import save_curves
 from . import checkpointing, sharded
 from .builders import train_loader
@@ -265,7 +266,8 @@ class Run:
                        f"from {cfg.data.path} -> {self.run_dir}")
         threads = f" ({torch.get_num_threads()} threads, {self.loader.num_workers} loader workers)" \
             if env.device.type == "cpu" else ""
-        self.log.print(f"{procs} on {env.device.type}{threads}, {self.precision}; effective batch "
+        why = f" ({auto_precision(env.device)[1]})" if cfg.runtime.precision == "auto" else ""
+        self.log.print(f"{procs} on {env.device.type}{threads}, {self.precision}{why}; effective batch "
                        f"{s.effective_batch} = {cfg.data.batch_size} per process x {env.world_size} x "
                        f"{self.accumulation} accumulation step{'s' if self.accumulation > 1 else ''}")
         sched = (f"cosine to {s.min_lr:.3g}" if cfg.schedule.name == "cosine" else

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..hardware import auto_precision
 from .distributed import DistEnv
 
 # the models' buffers are index tables, equal on every rank: no broadcast before each forward
@@ -21,10 +22,9 @@ BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signa
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on GPU, fp32 on CPU (where bf16 is allowed but not the default)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+    """'auto' -> bf16 on GPU and on CPUs with native bf16 matrix units (AMX-BF16, AVX512-BF16), fp32 on
+    other CPUs (`hardware.auto_precision` says why)."""
+    return auto_precision(device)[0] if precision == "auto" else precision
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -1,8 +1,11 @@
 """Autograd functions for the training hot path that compute the same numbers as the plain ops, faster
 or with less memory saved for the backward. Each falls back to the plain op where it does not apply.
 
-- `Linear` / `linear`: float32 GEMMs on the CPU through oneDNN instead of torch's BLAS (MKL's sgemm,
-  which on AMD CPUs takes its AVX2 path and runs at about half the rate oneDNN reaches with AVX-512).
+- `Linear` / `linear`: float32 GEMMs on the CPU through the faster of two routes on this machine:
+  oneDNN, or torch's BLAS (MKL's sgemm, which on AMD CPUs takes its AVX2 path and runs at about half
+  the rate oneDNN reaches with AVX-512, while on Intel AMX CPUs it beats oneDNN's fp32). `gemm_route`
+  decides by a short calibration, cached per machine; SIMMIM_GEMM_ROUTE=onednn|aten|auto forces it.
+- `PointwiseConv`: a 1x1 convolution (SimMIM's decoder) computed by `linear`.
 - `gelu_linear`: fc2(gelu(h)) keeping only h for the backward (gelu(h), as large, is recomputed there).
 - `norm_linear`: linear(layer_norm(x)), optionally with the tokens reordered between the two, keeping
   x and the norm's statistics for the backward but not the norm's output (recomputed there).
@@ -11,18 +14,137 @@ or with less memory saved for the backward. Each falls back to the plain op wher
   gradient only through its math path: separate passes for the scale and the bias, and scaled copies
   of q and k kept for the backward; here one baddbmm applies both and the backward keeps q, k, v and
   the probabilities.
+
+The private torch APIs used each have a public fallback taken where they are missing: oneDNN's
+linear (-> F.linear), the dispatch-mode probe (-> assume a mode is active, i.e. F.linear) and the
+softmax backward (-> its formula).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .. import hardware
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ROUTE_ENV = "SIMMIM_GEMM_ROUTE"
+"""Environment variable forcing the CPU float32 GEMM route: 'onednn', 'aten' or 'auto' (calibrated)."""
+ROUTES = ("onednn", "aten")
+RECOMPUTE_ENV = "SIMMIM_RECOMPUTE"
+"""Environment variable: 1 (default) recomputes norm and GELU outputs in the backward, 0 keeps them."""
+CACHE_FILE = "gemm-route.json"
+_CALIBRATION = ((4096, 96), (512, 384))
+"""(tokens, width) of the calibration's Swin blocks: the widths of Swin-T/B's first and third stages,
+fewer tokens than a batch holds so that the calibration takes a fraction of a second."""
+
+
+def recompute() -> bool:
+    """Whether `norm_linear` and `gelu_linear` recompute their GEMM's input in the backward (the
+    default) instead of keeping it: SIMMIM_RECOMPUTE=0 keeps it, for more memory (an activation the size
+    of x per norm, 4x the width per MLP) and a little less time (docs/kernels.md: on an Intel AMX CPU
+    about 2% of a Swin-T fp32 step for 40% more peak memory)."""
+    value = os.environ.get(RECOMPUTE_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{RECOMPUTE_ENV}={value!r}: expected 1 (recompute) or 0 (keep)")
+    return value == "1"
+
+
+def _dispatch_probe() -> Callable[[], bool]:
+    """Whether a dispatch mode (the MAC counter, fake tensors) is active: they expect aten.linear. Where
+    torch's private probe is missing, a mode is assumed, which only costs the oneDNN route."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:
+        return lambda: True
+    return lambda: _get_current_dispatch_mode() is not None
+
+
+_dispatch_mode_active = _dispatch_probe()
+_routes: dict[tuple[str | None, int], str] = {}  # ($SIMMIM_CACHE, threads) -> calibrated route
+
+
+def forced_route() -> str | None:
+    """The route SIMMIM_GEMM_ROUTE forces, None for 'auto' or unset; a ValueError for a bad value."""
+    forced = os.environ.get(ROUTE_ENV, "auto")
+    if forced not in ("auto", *ROUTES):
+        raise ValueError(f"{ROUTE_ENV}={forced!r}: expected 'onednn', 'aten' or 'auto'")
+    if forced == "onednn" and not _ONEDNN:
+        raise ValueError(f"{ROUTE_ENV}=onednn: this torch build has no oneDNN linear "
+                         "(torch.ops.mkldnn._linear_pointwise)")
+    return None if forced == "auto" else forced
+
+
+def gemm_route() -> str:
+    """The float32 CPU GEMM route of this process: 'onednn' or 'aten' (torch's BLAS), as forced by
+    SIMMIM_GEMM_ROUTE or, with 'auto' (the default), measured on this machine at first use and cached
+    in $SIMMIM_CACHE/gemm-route.json under the CPU model, ISA flags, torch version and thread count."""
+    forced = forced_route()
+    if forced is not None:
+        return forced
+    if not _ONEDNN:
+        return "aten"
+    # what can change within a process: the cache directory and the thread count
+    seen = os.environ.get("SIMMIM_CACHE"), torch.get_num_threads()
+    if seen not in _routes:
+        _routes[seen] = _cached_or_calibrated(str(hardware.cache_dir() / CACHE_FILE), hardware.machine_key())
+    return _routes[seen]
+
+
+def _cached_or_calibrated(path: str, key: str) -> str:
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    route = cache.get(key, {}).get("route") if isinstance(cache, dict) else None
+    if route in ROUTES:
+        return route
+    seconds = calibrate()
+    route = min(ROUTES, key=seconds.__getitem__)
+    cache = {**(cache if isinstance(cache, dict) else {}), key: {"route": route, "seconds": seconds}}
+    from ..checkpoint.io import atomic_write  # lazily: only calibration writes
+
+    with contextlib.suppress(OSError):  # only a cache: an unwritable one means calibrating again
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        text = json.dumps(cache, indent=1)
+        atomic_write(path, lambda file: file.write(text.encode()), "GEMM route cache")
+    return route
+
+
+def calibrate(repeats: int = 3) -> dict[str, float]:
+    """Seconds per route of the float32 GEMMs of a Swin block's linear layers (qkv, proj, fc1, fc2;
+    forward, input and weight gradients, as `linear` runs them) at the widths of _CALIBRATION: the
+    best of `repeats` passes after one warm-up, the routes alternating. Fixed shapes and inputs from a
+    private generator, so that the global random state is untouched."""
+    gen = torch.Generator().manual_seed(0)
+    layers = [(torch.rand(m, k, generator=gen), torch.rand(n, k, generator=gen), torch.rand(n, generator=gen),
+               torch.rand(m, n, generator=gen))
+              for m, c in _CALIBRATION for k, n in ((c, 3 * c), (c, c), (c, 4 * c), (4 * c, c))]
+
+    def run(route: str) -> float:
+        start = time.perf_counter()
+        for x, w, b, g in layers:
+            matmul_nt(x, w, b, route)
+            matmul_nt(g, w.t(), route=route)
+            _weight_grads(x, g, (True, False), route)
+        return time.perf_counter() - start
+
+    best = {route: float("inf") for route in ROUTES}
+    for i in range(repeats + 1):
+        for route in ROUTES[::-1] if i % 2 else ROUTES:
+            seconds = run(route)
+            if i:  # the first pass warms up (oneDNN builds its primitives)
+                best[route] = min(best[route], seconds)
+    return best
 
 
 def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -30,17 +152,20 @@ def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     # and inductor and bf16 reach oneDNN through it
     return (_ONEDNN and not torch.compiler.is_compiling() and a.device.type == "cpu"
             and a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and _get_current_dispatch_mode() is None)
+            and not _dispatch_mode_active() and gemm_route() == "onednn")
 
 
-def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b.T (+ bias) for a (..., K) and b (N, K); either may be a transposed view."""
-    if _use_onednn(a, b):
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, route: str | None = None
+              ) -> torch.Tensor:
+    """a @ b.T (+ bias) for a (..., K) and b (N, K); either may be a transposed view. `route` forces
+    'onednn' or 'aten'; by default oneDNN where `gemm_route` chose it and it applies."""
+    if route == "onednn" or (route is None and _use_onednn(a, b)):
         return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
     return F.linear(a, b, bias)
 
 
-def _weight_grads(x: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:
+def _weight_grads(x: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, ...], route: str | None = None
+                  ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of W and b in y = x W^T + b, with x (M, K) and grad (M, N). oneDNN copies its first
     operand when it is a transposed view (the second it reads as it is), so x goes first where it is
     the narrower one by far; W's gradient then comes out transposed, and the strided copy that makes it
@@ -50,7 +175,8 @@ def _weight_grads(x: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, ...]) 
     if needs[0]:
         (m, k), n = x.shape, grad.shape[1]
         x_first = k < n and m * (n - k) > 4 * n * k
-        grad_weight = matmul_nt(x.t(), grad.t()).t() if x_first else matmul_nt(grad.t(), x.t())
+        grad_weight = (matmul_nt(x.t(), grad.t(), route=route).t() if x_first
+                       else matmul_nt(grad.t(), x.t(), route=route))
     if needs[1]:
         grad_bias = grad.sum(0)
     return grad_weight, grad_bias
@@ -71,7 +197,7 @@ class _Linear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the float32 CPU GEMMs of forward and backward in oneDNN."""
+    """F.linear, with the float32 CPU GEMMs of forward and backward in oneDNN where `gemm_route` chose it."""
     if _use_onednn(x, weight):
         return _Linear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -84,11 +210,29 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class PointwiseConv(nn.Conv2d):
+    """nn.Conv2d with a 1x1 kernel (same parameters and state dict) computed by `linear` over the
+    channels: its GEMMs take the calibrated route instead of ATen's im2col convolution, and its weight
+    gradient has the parameter's strides (oneDNN's bf16 convolution returns another layout of it, for
+    which DDP warns and copies)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.view(self.out_channels, self.in_channels)
+        return linear(x.permute(0, 2, 3, 1), weight, self.bias).permute(0, 3, 1, 2)
+
+
 def take_tokens(x: torch.Tensor, index: torch.Tensor, pad: bool) -> torch.Tensor:
     """x[:, index] for x (B, L, C), where with `pad` the index L picks a zero token."""
     if pad:
         x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], 1)
-    return x.index_select(1, index)
+    # rows of the flattened (B L, C) map: ATen's CPU index_select runs on one thread along dim 1 and
+    # on all of them along dim 0
+    b, length, c = x.shape
+    rows = (torch.arange(0, b * length, length, device=x.device)[:, None] + index).view(-1)
+    return x.reshape(b * length, c).index_select(0, rows).view(b, -1, c)
 
 
 class _TakeTokens(torch.autograd.Function):
@@ -129,16 +273,19 @@ class _NormLinear(torch.autograd.Function):
         dtype = _gemm_dtype(x)
         y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
         w = weight.to(dtype)
-        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, w)
+        y = _gathered(y.to(dtype), gather)
+        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, w, None if recompute() else y)
         ctx.eps, ctx.gather, ctx.dtypes = eps, gather, (weight.dtype, None if bias is None else bias.dtype)
-        return matmul_nt(_gathered(y.to(dtype), gather), w, _cast(bias, dtype))
+        return matmul_nt(y, w, _cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, norm_weight, norm_bias, mean, rstd, weight = ctx.saved_tensors
-        y = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, ctx.eps)[0]  # bit for bit
+        x, norm_weight, norm_bias, mean, rstd, weight, y = ctx.saved_tensors
+        if y is None:  # recomputed bit for bit
+            y = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, ctx.eps)[0]
+            y = _gathered(y.to(grad.dtype), ctx.gather)
         flat = grad.reshape(-1, grad.shape[-1])
-        y = _gathered(y.to(grad.dtype), ctx.gather).reshape(flat.shape[0], -1)
+        y = y.reshape(flat.shape[0], -1)
         grad_weight, grad_bias = _weight_grads(y, flat, ctx.needs_input_grad[4:6])
         grad_y = matmul_nt(grad, weight.t())
         if ctx.gather is not None:
@@ -157,7 +304,7 @@ def _gathered(y: torch.Tensor, gather: TokenGather | None) -> torch.Tensor:
 def norm_linear(x: torch.Tensor, norm: nn.LayerNorm, layer: nn.Linear, gather: TokenGather | None = None
                 ) -> torch.Tensor:
     """layer(gather(norm(x))), the norm's output recomputed in the backward instead of kept: one cheap
-    elementwise pass for an activation the size of x."""
+    elementwise pass for an activation the size of x (kept with SIMMIM_RECOMPUTE=0)."""
     return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, layer.weight, layer.bias, gather)
 
 
@@ -181,26 +328,42 @@ class _GeluLinear(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         dtype = _gemm_dtype(h)
         w = weight.to(dtype)
-        ctx.save_for_backward(h, w)
+        act = F.gelu(h).to(dtype)
+        ctx.save_for_backward(h, w, None if recompute() else act)
         ctx.dtypes = weight.dtype, bias.dtype
-        return matmul_nt(F.gelu(h).to(dtype), w, bias.to(dtype))
+        return matmul_nt(act, w, bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        h, weight = ctx.saved_tensors
+        h, weight, act = ctx.saved_tensors
         flat = grad.reshape(-1, grad.shape[-1])
         grad_h = None
         if ctx.needs_input_grad[0]:
             grad_h = torch.ops.aten.gelu_backward(matmul_nt(grad, weight.t()).to(h.dtype), h)
-        act = F.gelu(h).to(grad.dtype).reshape(flat.shape[0], -1) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[1]:
+            act = (F.gelu(h).to(grad.dtype) if act is None else act).reshape(flat.shape[0], -1)
         grad_weight, grad_bias = _weight_grads(act, flat, ctx.needs_input_grad[1:])
         return grad_h, _cast(grad_weight, ctx.dtypes[0]), _cast(grad_bias, ctx.dtypes[1])
 
 
 def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """F.linear(F.gelu(h), weight, bias) that saves h alone for the backward: the MLP's largest
-    activation (4x the width) is held once instead of twice, for one more elementwise pass."""
+    activation (4x the width) is held once instead of twice, for one more elementwise pass (both held
+    with SIMMIM_RECOMPUTE=0)."""
     return _GeluLinear.apply(h, weight, bias)
+
+
+def softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The gradient of softmax's input over the last dimension from its output `probs`: the public
+    formula of torch's private `_softmax_backward_data`."""
+    return probs * (grad - (grad * probs).sum(-1, keepdim=True))
+
+
+def _softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    # torch's kernel makes one pass without the product's temporary
+    if hasattr(torch, "_softmax_backward_data"):
+        return torch._softmax_backward_data(grad, probs, -1, probs.dtype)
+    return softmax_backward(grad, probs)
 
 
 class _BiasedAttention(torch.autograd.Function):
@@ -224,7 +387,7 @@ class _BiasedAttention(torch.autograd.Function):
         gh, n, d = q.shape
         heads = gh // grad.shape[0]
         grad = grad.reshape(-1, n, heads, d).transpose(1, 2).reshape(gh, n, d)
-        scores = torch._softmax_backward_data(torch.bmm(grad, v.transpose(1, 2)), probs, -1, probs.dtype)
+        scores = _softmax_backward(torch.bmm(grad, v.transpose(1, 2)), probs)
         grad_qkv = torch.empty_like(qkv)
         torch.bmm(probs.transpose(1, 2), grad, out=grad_qkv[2])
         torch.baddbmm(grad_qkv[0], scores, k, beta=0, alpha=ctx.scale, out=grad_qkv[0])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.masking import MaskGenerator
+from .fused import PointwiseConv
 
 LOSSES = ("l1", "l2")
 
@@ -89,9 +90,9 @@ class SimMIM(nn.Module):
         out = self.encoder_stride**2 * in_chans
         dim = encoder.num_features
         if decoder == "linear":
-            layers = [nn.Conv2d(dim, out, kernel_size=1)]
+            layers = [PointwiseConv(dim, out)]
         elif decoder == "mlp":
-            layers = [nn.Conv2d(dim, dim, kernel_size=1), nn.GELU(), nn.Conv2d(dim, out, kernel_size=1)]
+            layers = [PointwiseConv(dim, dim), nn.GELU(), PointwiseConv(dim, out)]
         else:
             raise ValueError(f"decoder {decoder!r}: expected 'linear' or 'mlp'")
         self.decoder = nn.Sequential(*layers, nn.PixelShuffle(self.encoder_stride))

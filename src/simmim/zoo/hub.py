@@ -15,15 +15,11 @@ from torch import nn
 
 from ..checkpoint.io import atomic_save_safetensors, check_hash_in_name
 from ..checkpoint.transfer import load_weights
+from ..hardware import cache_dir
 from ..models import Classifier, SimMIM
 from .registry import CLASSIFIER_KEYS, SIMMIM_KEYS, SPECS, arch_of, build_model, get_spec
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-
-
-def cache_dir() -> Path:
-    """Where downloaded weights live: $SIMMIM_CACHE, else ~/.cache/simmim."""
-    return Path(os.environ.get("SIMMIM_CACHE", Path.home() / ".cache" / "simmim"))
 
 
 def download(url: str, cache: Path | None = None) -> Path:

@@ -1,18 +1,10 @@
-"""Training recipes as typed configs: dataclass sections with a docstring per field, loaded from a YAML
-file or a named preset, overridden with dotted keys (`optim.lr=1e-4`), stored as plain data.
-
-Values are converted to each field's declared type when a section is built, so YAML strings such as
-`1e-4` (PyYAML reads them as text), command-line strings and Python values all go through one path;
-every error is one line naming the dotted key and what was expected.
-"""
+"""The config schema: typed dataclass sections with a docstring per field and their range checks, and
+the whole run (`TrainConfig`), built from plain data with unknown keys refused by name."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +12,9 @@ from typing import Any, ClassVar
 
 import yaml
 
+from .values import convert, field_types, plain
+
 TASKS = ("pretrain", "finetune")
-TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-NONE = ("none", "null", "~", "")
 
 
 class _Section:
@@ -31,11 +23,11 @@ class _Section:
     section: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        hints = _hints(type(self))
+        hints = field_types(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not dataclasses.is_dataclass(hints[f.name]):
-                setattr(self, f.name, _convert(value, hints[f.name], self.key(f.name)))
+                setattr(self, f.name, convert(value, hints[f.name], self.key(f.name)))
         self.check()
 
     def check(self) -> None:
@@ -86,7 +78,7 @@ class ModelConfig(_Section):
     supported checkpoint); ignored when resuming."""
 
     def check(self) -> None:
-        from .zoo import get_spec
+        from ..zoo import get_spec
 
         try:
             get_spec(self.name)
@@ -277,7 +269,8 @@ class RuntimeConfig(_Section):
     """'auto' (the GPU when there is one), 'cpu', 'cuda' or 'cuda:N'; under torchrun every process
     takes cuda:LOCAL_RANK."""
     precision: str = "auto"
-    """'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' (autocast) or 'fp16' (autocast + grad scaler)."""
+    """'auto' (bf16 on GPU and on CPUs with native bf16 matrix units, AMX-BF16 or AVX512-BF16; fp32 on
+    other CPUs), 'fp32', 'bf16' (autocast) or 'fp16' (autocast + grad scaler)."""
     parallel: str = "ddp"
     """With several processes: 'ddp' (replicated weights) or 'fsdp' (FSDP2, sharded per block)."""
     compile: bool = False
@@ -378,7 +371,7 @@ class TrainConfig(_Section):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self) -> None:
-        from .zoo import get_spec
+        from ..zoo import get_spec
 
         self.choice("task", TASKS)
         spec = get_spec(self.model.name)
@@ -391,12 +384,12 @@ class TrainConfig(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (dicts, lists, numbers, strings) that YAML and weights-only loading accept."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Builds a config from (possibly partial) plain data; missing keys take their defaults."""
-        return _build(cls, data, "")
+        return build(cls, data, "")
 
     def save(self, path: str | Path) -> Path:
         """Writes the resolved config as YAML."""
@@ -405,79 +398,17 @@ class TrainConfig(_Section):
         return path
 
 
-# ---------------------------------------------------------------------------------------------------------
-# conversion, building and overrides
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) in (tuple, list):
-        return "a comma-separated list of " + {int: "integers", float: "numbers"}.get(typing.get_args(tp)[0], "values")
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "none"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """`value` (a Python value or a command-line/YAML string) as type `tp`, or a one-line error."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    fail = ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in NONE)):
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, key)
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            text = value.strip().removeprefix("[").removeprefix("(").removesuffix("]").removesuffix(")")
-            value = [v.strip() for v in text.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise fail
-        fixed = origin is tuple and not (len(args) == 2 and args[1] is Ellipsis)
-        if fixed and len(value) != len(args):
-            raise ValueError(f"{key}: expected {len(args)} values, got {value!r}")
-        return origin(_convert(v, args[i] if fixed else args[0], key) for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in TRUE + FALSE:
-            return value.strip().lower() in TRUE
-        raise fail
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise fail
-        if isinstance(value, str):
-            try:
-                value = float(value) if tp is float else int(value)
-            except ValueError:
-                raise fail from None
-        if tp is int and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, (int, float)) or (tp is int and not isinstance(value, int)):
-            raise fail
-        return tp(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise fail
-        return value
-    raise TypeError(f"{key}: unsupported config type {tp!r}")
-
-
 def all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     """Every settable dotted key, e.g. 'optim.lr'."""
     keys = []
-    for name, tp in _hints(cls).items():
+    for name, tp in field_types(cls).items():
         if name == "section":
             continue
         keys += all_keys(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [prefix + name]
     return keys
 
 
-def _unknown(key: str) -> ValueError:
+def unknown_key(key: str) -> ValueError:
     keys = all_keys()
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if close:
@@ -489,164 +420,15 @@ def _unknown(key: str) -> ValueError:
     return ValueError(f"unknown config key {key!r}; expected one of {', '.join(valid)}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Section `cls` from (possibly partial) plain data; an unknown key is a one-line error."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
-    hints = {k: v for k, v in _hints(cls).items() if k != "section"}
+    hints = {k: v for k, v in field_types(cls).items() if k != "section"}
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
-            raise _unknown(prefix + str(key))
+            raise unknown_key(prefix + str(key))
         tp = hints[key]
-        kwargs[key] = _build(tp, value, f"{prefix}{key}.") if dataclasses.is_dataclass(tp) else value
+        kwargs[key] = build(tp, value, f"{prefix}{key}.") if dataclasses.is_dataclass(tp) else value
     return cls(**kwargs)
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dict `base` updated by `update`, section by section."""
-    out = copy.deepcopy(dict(base))
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """'optim.lr=1e-4' -> {'optim': {'lr': '1e-4'}}; the value is converted when the config is built."""
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
-    if key not in all_keys():
-        sections = {k.split(".")[0] for k in all_keys() if "." in k}
-        if key in sections:
-            raise ValueError(f"--set {key}: {key!r} is a section; set one of its keys, e.g. {key}.<name>=VALUE")
-        raise _unknown(key)
-    *path, leaf = key.split(".")
-    out: dict[str, Any] = {leaf: value}
-    for part in reversed(path):
-        out = {part: out}
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# presets: the published recipes (microsoft/SimMIM configs, see REFERENCE 1.5/1.6) and small CPU ones
-
-FINETUNE_AUGMENT = dict(crop_scale=(0.08, 1.0), interpolation="bicubic", auto_augment="rand-m9-mstd0.5-inc1",
-                        color_jitter=0.4, reprob=0.25, remode="pixel", recount=1, mixup=0.8, cutmix=1.0,
-                        mixup_prob=1.0, switch_prob=0.5, mixup_mode="batch", label_smoothing=0.1)
-
-
-def _pretrain(model: str, lr: float, warmup_lr: float, schedule: dict, drop_path: float, **extra) -> dict:
-    return merge(dict(task="pretrain", model=dict(name=model, drop_path_rate=drop_path),
-                      optim=dict(lr=lr, warmup_lr=warmup_lr), schedule=schedule), extra)
-
-
-def _finetune(model: str, layer_decay: float, drop_path: float, **extra) -> dict:
-    return merge(dict(task="finetune", model=dict(name=model, drop_path_rate=drop_path),
-                      optim=dict(lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7, layer_decay=layer_decay),
-                      schedule=dict(epochs=100, warmup_epochs=20, name="cosine"), augment=FINETUNE_AUGMENT), extra)
-
-
-COSINE_100E = dict(epochs=100, warmup_epochs=10, name="cosine")
-MULTISTEP_800E = dict(epochs=800, warmup_epochs=10, name="multistep", milestones=(700,), gamma=0.1)
-
-PRESETS: dict[str, dict] = {
-    "swin-base-pretrain-100e": _pretrain("simmim_pretrain__swin_base__img192_window6__100ep", 2e-4, 1e-6,
-                                         COSINE_100E, 0.0, optim=dict(min_lr=1e-5)),
-    "swin-base-pretrain-800e": _pretrain("simmim_pretrain__swin_base__img192_window6__800ep", 1e-4, 5e-7,
-                                         MULTISTEP_800E, 0.0, optim=dict(min_lr=5e-6)),
-    "swin-large-pretrain-800e": _pretrain("simmim_pretrain__swin_large__img192_window12__800ep", 1e-4, 5e-7,
-                                          MULTISTEP_800E, 0.0, optim=dict(min_lr=5e-6)),
-    "vit-base-pretrain-800e": _pretrain("simmim_pretrain__vit_base__img224__800ep", 1e-4, 5e-7,
-                                        MULTISTEP_800E, 0.1, optim=dict(min_lr=5e-6)),
-    "swin-base-finetune-192": _finetune("simmim_finetune__swin_base__img192_window6__100ep", 0.9, 0.1),
-    "swin-base-finetune-224": _finetune("simmim_finetune__swin_base__img224_window7__100ep", 0.9, 0.1),
-    "swin-base-800e-finetune-224": _finetune("simmim_finetune__swin_base__img224_window7__800ep", 0.8, 0.1),
-    "swin-large-finetune-224": _finetune("simmim_finetune__swin_large__img224_window14__800ep", 0.7, 0.2),
-    "vit-base-finetune-224": _finetune("simmim_finetune__vit_base__img224__800ep", 0.65, 0.1),
-    # SwinV2-B fine-tuning of the "On Data Scaling in MIM" releases: their 224 px / window 14 model and
-    # layer decay 0.75; the other settings are the SimMIM fine-tuning recipe above
-    "swinv2-base-finetune-224": _finetune("swinv2-base-w14_simmim-500k-pre_in1k-224px", 0.75, 0.1),
-    # CPU-sized: the 64 px nano Swin on Fashion-MNIST; 16 px mask blocks are 1/4 of the side as 32 px
-    # are 1/6 of 192 px, and the base lrs give ~1e-3 at batch 64
-    "nano-pretrain": _pretrain("simmim_swin-nano_test-64px", 8e-3, 8e-5,
-                               dict(epochs=5, warmup_epochs=1, name="cosine"), 0.0,
-                               optim=dict(min_lr=8e-5), mask=dict(patch_size=16),
-                               data=dict(path="fashion-mnist", batch_size=64), runtime=dict(log_every=50)),
-    # the demo on Fashion-MNIST (`simmim demo`): 48 px, patch 4, window 6 and 8 px mask blocks keep the
-    # paper's proportions (12x12 tokens, 6x6 mask blocks at ratio 0.6); lrs give ~1e-3 at these batches
-    "fashion-mnist-pretrain": _pretrain("simmim_swin-micro-w6_fashion-mnist-48px", 4e-3, 4e-5,
-                                        dict(epochs=3, warmup_epochs=1, name="cosine"), 0.0,
-                                        optim=dict(min_lr=4e-5), mask=dict(patch_size=8),
-                                        data=dict(path="fashion-mnist", batch_size=128), runtime=dict(log_every=50)),
-    # 1,000 labelled 28 px images: with the published fine-tuning augmentation (RandAugment, random
-    # erasing, Mixup/CutMix, crops down to 8%) the pretrained classifier had 54.5% top-1 after 20 of 40
-    # epochs here, 74.5% with crops, flips and label smoothing only, which the demo keeps
-    "fashion-mnist-finetune": _finetune("swin-micro-w6_fashion-mnist-48px", 0.75, 0.1,
-                                        optim=dict(lr=8e-3, warmup_lr=8e-6, min_lr=8e-6),
-                                        schedule=dict(epochs=40, warmup_epochs=4),
-                                        augment=dict(crop_scale=(0.6, 1.0), auto_augment=None, color_jitter=0.0,
-                                                     reprob=0.0, mixup=0.0, cutmix=0.0),
-                                        data=dict(path="fashion-mnist", batch_size=64, labels_per_class=100),
-                                        runtime=dict(log_every=50, eval_every=10)),
-    "nano-finetune": _finetune("swin-nano_test-64px", 0.9, 0.1, optim=dict(lr=1e-2, warmup_lr=1e-5, min_lr=1e-5),
-                               schedule=dict(epochs=10, warmup_epochs=1),
-                               data=dict(path="fashion-mnist", batch_size=64), runtime=dict(log_every=50)),
-}
-
-
-def preset(name: str) -> dict[str, Any]:
-    """The plain data of a preset, or of `--preset <zoo model>`: that model with its recipe."""
-    from .zoo import SPECS, get_spec
-
-    if name in PRESETS:
-        return merge(PRESETS[name], {"preset": name})
-    try:
-        spec = get_spec(name)
-    except KeyError:
-        close = difflib.get_close_matches(name, list(PRESETS) + [s.name for s in SPECS], n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else f" (presets: {', '.join(PRESETS)})"
-        raise ValueError(f"unknown preset {name!r}{hint}") from None
-    recipe = spec.recipe or next((p for p, d in PRESETS.items() if d["model"]["name"] == spec.name), None)
-    if recipe is None:
-        raise ValueError(f"model {spec.name} has no training recipe; pick one with --preset "
-                         f"<{' | '.join(PRESETS)}> --set model.name={spec.name}")
-    return merge(PRESETS[recipe], {"preset": name, "model": {"name": spec.name}})
-
-
-def load_config(preset_name: str | None = None, path: str | Path | None = None,
-                overrides: Iterable[str] = (), base: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Resolves a config: `base` (e.g. a checkpoint's config) or the preset, then the YAML file (which
-    may name its own `preset`), then dotted `key=value` overrides."""
-    data: dict[str, Any] = dict(base or {})
-    file_data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            file_data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(file_data, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(file_data).__name__}")
-    name = preset_name or file_data.get("preset")
-    if name:
-        data = merge(data, preset(name))
-    data = merge(data, file_data)
-    if preset_name:
-        data["preset"] = preset_name
-    for text in overrides:
-        data = merge(data, parse_override(text))
-    return TrainConfig.from_dict(data)

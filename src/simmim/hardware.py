@@ -1,0 +1,72 @@
+"""What this machine is, as far as kernel and precision choices go: the CPU model and its ISA flags,
+whether it has native bf16 matrix units, the precision `runtime.precision=auto` picks, and the
+cache directory where measured choices (fused.py's GEMM route) are kept per machine."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+"""The /proc/cpuinfo flags that change which CPU kernels are fast (named in keys and in the bench)."""
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+"""Native bf16 matrix units: AMX tiles, or AVX-512 bf16 dot products."""
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights and per-machine measurements live: $SIMMIM_CACHE, else ~/.cache/simmim."""
+    return Path(os.environ.get("SIMMIM_CACHE", Path.home() / ".cache" / "simmim"))
+
+
+@functools.cache
+def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
+    """(model name with family and model numbers, flags) of the first CPU in /proc/cpuinfo; the
+    platform's processor name and no flags where it is not readable (not Linux)."""
+    fields: dict[str, str] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block ends here
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:  # virtual machines often name the CPU generically
+        model += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return model, frozenset((fields.get("flags") or fields.get("Features") or "").split())
+
+
+def isa_flags(flags: frozenset[str] | None = None) -> list[str]:
+    """The ISA_FLAGS this CPU has, in ISA_FLAGS order."""
+    flags = cpu_info()[1] if flags is None else flags
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+def cpu_description() -> str:
+    """e.g. 'Intel(R) Xeon(R) Processor [avx2 avx512f ... amx_bf16]'."""
+    model, _ = cpu_info()
+    return f"{model} [{' '.join(isa_flags()) or 'no AVX'}]"
+
+
+def auto_precision(device: torch.device, flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """(precision, why) for runtime.precision=auto: bf16 on a GPU; on the CPU bf16 autocast where it
+    has native bf16 matrix units (there bf16 GEMMs run several times faster than fp32: AMX about 7x on
+    a Sapphire Rapids core), fp32 elsewhere (bf16 is emulated and no faster)."""
+    if device.type != "cpu":
+        return "bf16", f"auto: bf16 on {device.type}"
+    flags = cpu_info()[1] if flags is None else flags
+    native = [f for f in BF16_FLAGS if f in flags]
+    if native:
+        return "bf16", f"auto: bf16, the CPU has native bf16 matrix units ({', '.join(native)})"
+    return "fp32", "auto: fp32, the CPU has no native bf16 matrix units (no amx_bf16 or avx512_bf16)"
+
+
+def machine_key() -> str:
+    """CPU model, ISA flags, torch version and thread count: what a measured kernel choice depends on."""
+    return f"{cpu_description()} torch {torch.__version__} threads {torch.get_num_threads()}"
