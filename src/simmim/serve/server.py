@@ -341,7 +341,7 @@ def serve(source: str, weights: str | None, random_weights: bool, settings: Serv
     server = make_server(model, name, where, settings)
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {name} ({where}) on http://{shown}:{port}/  (Ctrl-C stops)", file=sys.stderr, flush=True)
+    print(f"serving {name} (weights: {where}) on http://{shown}:{port}/  (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
