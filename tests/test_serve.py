@@ -160,6 +160,19 @@ def test_predict_round_trip_equals_inference_model():
         assert status == 400 and "classifier: POST /v1/predict" in err["error"]
 
 
+def test_inference_model_takes_a_mask_and_gives_each_image_its_own_loss():
+    model, images = get_model(PRETRAIN), [photo(0), photo(1)]
+    masks = np.zeros((2, 16, 16), dtype=np.int64)
+    masks[0, :8], masks[1, :, 3:5] = 1, 1
+    batch = inference_model(model, images, mask=masks)
+    for image, mask, result in zip(images, masks, batch, strict=True):
+        alone = inference_model(model, image, mask=mask)
+        assert np.array_equal(result["mask"], mask) and result["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert batch[0]["loss"] != pytest.approx(batch[1]["loss"], rel=1e-3)
+    with pytest.raises(ValueError, match=r"mask of shape \(8, 8\): expected 16x16"):
+        inference_model(model, images[0], mask=np.ones((8, 8), dtype=np.int64))
+
+
 def test_served_model_from_an_exported_directory(tmp_path):
     model = get_model(PRETRAIN)
     export(model, tmp_path / "export", name=PRETRAIN)
@@ -330,7 +343,7 @@ def test_page_in_headless_chromium(pretrain_server, tmp_path):
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     chromium, chromedriver = chromium_and_driver()
     options = webdriver.ChromeOptions()
@@ -353,14 +366,15 @@ def test_page_in_headless_chromium(pretrain_server, tmp_path):
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
         assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", \
             driver.find_element(By.ID, "status").text
-        # the brush: paint the masked panel's centre and the model reruns with that mask
-        before = driver.execute_script("return mask.flat().reduce((a, b) => a + b, 0)")
-        driver.find_element(By.ID, "brush-mode").send_keys("unmask")
+        # the brush flips the masked panel's centre patch, and the model reruns with that mask
+        centre = driver.execute_script("return mask[8][8]")
+        Select(driver.find_element(By.ID, "brush-mode")).select_by_value(str(1 - centre))
+        # a 3-patch brush covers patch 8 whether the centre pixel falls in patch 7 or 8
+        driver.execute_script("const b = $('brush'); b.value = 3; b.dispatchEvent(new Event('input'))")
         canvas = driver.find_element(By.ID, "panel-masked")
-        ActionChains(driver).move_to_element(canvas).click_and_hold().move_by_offset(40, 0).release().perform()
+        ActionChains(driver).move_to_element(canvas).click_and_hold().move_by_offset(3, 0).release().perform()
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
-        after = driver.execute_script("return mask.flat().reduce((a, b) => a + b, 0)")
-        assert after <= before
+        assert driver.execute_script("return mask[8][8]") == 1 - centre  # the server's answer carries the mask
         assert float(driver.find_element(By.ID, "l1").text) > 0
         path = tmp_path / "serve_page.png"
         driver.save_screenshot(str(path))
