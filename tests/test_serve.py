@@ -230,6 +230,7 @@ def test_bad_input_is_a_one_line_4xx_and_the_server_lives_on(pretrain_server, ca
 def test_wrong_endpoint_and_method(pretrain_server):
     assert request(pretrain_server, "GET", "/nope")[0] == 404
     assert request(pretrain_server, "GET", "/v1/reconstruct")[0] == 405
+    assert request(pretrain_server, "PUT", "/v1/reconstruct") == (501, {"error": "Unsupported method ('PUT')"})
     status, out = post_json(pretrain_server, "/v1/predict", {"image": GOOD})
     assert status == 400 and "pretraining model: POST /v1/reconstruct" in out["error"]
 

@@ -84,9 +84,7 @@ def check_mask(model: SimMIM, mask: torch.Tensor | np.ndarray | Sequence, batch_
     h, w = mask_shape(model)
     if mask.shape not in ((h, w), (batch_size, h, w)):
         raise ValueError(f"mask of shape {tuple(mask.shape)}: expected {h}x{w} (one 0/1 entry per model patch)")
-    if mask.dtype == torch.bool:
-        mask = mask.long()
-    if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"mask values {sorted(set(mask.flatten().tolist()))[:5]}: expected only 0 and 1")
     return mask.long().expand(batch_size, h, w)
 

@@ -188,6 +188,8 @@ class App:
         self.model, self.name, self.settings = model.eval(), name, settings
         self.info = model_info(model, name, weights, settings)
         self.is_simmim = isinstance(model, SimMIM)
+        if not self.is_simmim:
+            class_names(model)  # loads ImageNet's names now rather than in the first request
         self.batcher = Batcher(self._forward, settings.batch_window_ms / 1000, settings.max_batch)
 
     def _forward(self, items: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[dict]:
@@ -241,6 +243,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str) -> None:
         self._json(status, {"error": " ".join(str(message).split())})
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (unsupported method, malformed request) as one-line JSON too."""
+        self.close_connection = True
+        self._error(code, message or HTTPStatus(code).phrase)
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
