@@ -388,3 +388,30 @@ def test_page_in_headless_chromium(pretrain_server, tmp_path):
     assert sizes == dict.fromkeys(PANELS, 64)  # each panel holds a 64 px picture from the server
     shot = np.asarray(Image.open(path))
     assert {k: panel_is_drawn(shot, r, ratio) for k, r in rects.items()} == dict.fromkeys(PANELS, True)
+
+
+def test_serve_command_starts_and_refuses_bad_flags(capsys):
+    import re
+    import sys
+
+    from simmim.cli import main
+
+    assert main(["serve", PRETRAIN, "--random-weights", "--weights", "w.pth"]) == 2
+    assert "--weights and --random-weights exclude each other" in capsys.readouterr().err
+    assert main(["serve", PRETRAIN, "--random-weights", "--port", "0", "--max-pixels", "0"]) == 2
+    assert "--max-pixels 0: expected > 0" in capsys.readouterr().err
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
+                                                        os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "simmim.cli", "serve", PRETRAIN, "--random-weights", "--port", "0"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        match = re.search(r"serving (\S+) \(weights: random \(untrained\)\) on http://127\.0\.0\.1:(\d+)/", line)
+        assert match and match[1] == PRETRAIN, line
+        conn = http.client.HTTPConnection("127.0.0.1", int(match[2]), timeout=30)
+        conn.request("GET", "/health")
+        assert json.loads(conn.getresponse().read()) == {"status": "ok", "model": PRETRAIN}
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
