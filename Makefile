@@ -14,12 +14,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-# Fashion-MNIST (real data for the demo) and jemalloc (stable CPU step times) come from Debian.
+# Fashion-MNIST (real data for the demo), jemalloc (stable CPU step times) and headless Chromium with
+# its driver (the browser test of `simmim serve`'s page) come from Debian.
 system-deps:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ] || ! ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1; then \
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] || ! ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 \
+			|| ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist libjemalloc2 >/dev/null; \
-		else echo "note: install Debian packages dataset-fashion-mnist libjemalloc2 for the demo data"; fi; \
+			apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist libjemalloc2 chromium chromium-driver >/dev/null; \
+		else echo "note: install Debian packages dataset-fashion-mnist libjemalloc2 chromium chromium-driver"; fi; \
 	fi
 
 demo: venv system-deps

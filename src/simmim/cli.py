@@ -152,6 +152,13 @@ def _verify_data(args: argparse.Namespace) -> int:
     return 1 if report.bad else 0
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from .serve.server import ServeSettings, serve
+
+    serve(args.model, args.weights, args.random_weights,
+          ServeSettings(args.host, args.port, args.max_upload_mb, args.max_pixels, verbose=args.verbose))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simmim", description="SimMIM masked image modeling")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -203,6 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
     p.add_argument("--scale", type=int, default=1, help="enlarge the panels this many times")
     p.set_defaults(func=_reconstruct)
+
+    p = sub.add_parser("serve", help="a local page and JSON API for a model's reconstructions or predictions")
+    p.add_argument("model", help="zoo name, exported directory or simmim training checkpoint")
+    p.add_argument("--weights", help="checkpoint of any supported format (default: the published weights)")
+    p.add_argument("--random-weights", action="store_true", help="untrained weights (to try the page and API)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
+    p.add_argument("--max-pixels", type=int, default=25_000_000, help="largest image, width x height")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("convert", help="rewrite a checkpoint in another format")
     p.add_argument("src")

@@ -13,6 +13,7 @@ from torch import nn
 
 from .data.transforms import eval_transform
 from .models import SimMIM
+from .models.simmim import masked_reconstruction_loss
 from .viz import reconstruction_panels
 from .zoo.hub import get_model
 
@@ -64,38 +65,78 @@ def load_model(model: str | Path, weights: str | Path | None = None) -> nn.Modul
     return get_model(model, pretrained=weights or not Path(model).is_dir())
 
 
+def preprocess(model: nn.Module, images: Sequence[ImageLike]) -> tuple[list[Image.Image], torch.Tensor]:
+    """The images as RGB PIL images and as one batch through the model's test transform."""
+    pil = [load_image(img) for img in images]
+    transform = eval_transform(model.encoder.cfg.img_size)
+    return pil, torch.stack([transform(img) for img in pil])
+
+
+def mask_shape(model: SimMIM) -> tuple[int, int]:
+    """(h, w) of the model's masks: one entry per model patch."""
+    side = model.encoder.cfg.img_size // model.patch_size
+    return side, side
+
+
+def check_mask(model: SimMIM, mask: torch.Tensor | np.ndarray | Sequence, batch_size: int) -> torch.Tensor:
+    """A 0/1 mask of shape (h, w) or (batch_size, h, w) as an int64 (batch_size, h, w) tensor."""
+    mask = torch.as_tensor(np.asarray(mask))
+    h, w = mask_shape(model)
+    if mask.shape not in ((h, w), (batch_size, h, w)):
+        raise ValueError(f"mask of shape {tuple(mask.shape)}: expected {h}x{w} (one 0/1 entry per model patch)")
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"mask values {sorted(set(mask.flatten().tolist()))[:5]}: expected only 0 and 1")
+    return mask.long().expand(batch_size, h, w)
+
+
+@torch.no_grad()
+def classify(model: nn.Module, batch: torch.Tensor) -> list[dict]:
+    """pred_label, pred_score, pred_class and pred_scores (all class probabilities) per image."""
+    names = class_names(model)
+    scores = model(batch).float().softmax(-1).cpu()
+    return [{"pred_label": int(s.argmax()), "pred_score": float(s.max()), "pred_class": names[int(s.argmax())],
+             "pred_scores": s.numpy()} for s in scores]
+
+
+@torch.no_grad()
+def reconstruct(model: SimMIM, batch: torch.Tensor, mask: torch.Tensor) -> list[dict]:
+    """Per image: loss (its own masked-pixel L1), mask and PIL images original / masked /
+    reconstruction / pasted. `mask` is (B, h, w) at model-patch resolution, 1 = masked."""
+    mask = mask.to(batch.device)
+    out = model(batch, mask)
+    panels = reconstruction_panels(batch, mask, model.in_input_space(batch, out.reconstruction), model.patch_size)
+    keys = ("original", "masked", "reconstruction", "pasted")
+    # each image's own loss, so that an image's result does not depend on the others in its batch
+    target = model.target(batch)
+    losses = [masked_reconstruction_loss(target[i:i + 1], out.reconstruction[i:i + 1], mask[i:i + 1],
+                                         model.patch_size, model.loss_kind) for i in range(len(batch))]
+    return [{"loss": float(loss), "mask": m.cpu().numpy(), **{k: _to_pil(p) for k, p in zip(keys, row, strict=True)}}
+            for loss, m, row in zip(losses, mask, panels, strict=True)]
+
+
 @torch.no_grad()
 def inference_model(model: str | Path | nn.Module, images: ImageLike | Sequence[ImageLike],
                     weights: str | Path | None = None, device: str | torch.device = "cpu",
-                    seed: int = 0) -> dict | list[dict]:
-    """Classifies images (or, for a pretraining model, reconstructs a randomly masked copy).
+                    seed: int = 0, mask: torch.Tensor | np.ndarray | None = None) -> dict | list[dict]:
+    """Classifies images (or, for a pretraining model, reconstructs a masked copy).
 
     `model` is a zoo name (published weights are downloaded unless `weights` names a file), an
     exported directory, or a model. A single image gives a dict, a list gives a list of dicts:
     classifiers: pred_label, pred_score, pred_class, pred_scores (all class probabilities);
     pretraining models: loss, mask (h x w, 1 = masked) and PIL images original / masked /
-    reconstruction / pasted (reconstruction inside the masked patches, the original elsewhere)."""
+    reconstruction / pasted (reconstruction inside the masked patches, the original elsewhere).
+    The mask is random (drawn from `seed`) unless `mask` gives it, (h, w) or (B, h, w)."""
     if not isinstance(model, nn.Module):
         model = load_model(model, weights)
     model = model.to(device).eval()
     single = not isinstance(images, list | tuple)
-    pil = [load_image(img) for img in ([images] if single else images)]
-    transform = eval_transform(model.encoder.cfg.img_size)
-    batch = torch.stack([transform(img) for img in pil]).to(device)
+    _, batch = preprocess(model, [images] if single else images)
+    batch = batch.to(device)
     if isinstance(model, SimMIM):
-        results = _reconstruct(model, batch, np.random.default_rng(seed))
+        if mask is None:
+            mask = model.random_mask(len(batch), np.random.default_rng(seed))
+        mask = check_mask(model, mask, len(batch))
+        results = reconstruct(model, batch, mask)
     else:
-        names = class_names(model)
-        scores = model(batch).float().softmax(-1).cpu()
-        results = [{"pred_label": int(s.argmax()), "pred_score": float(s.max()), "pred_class": names[int(s.argmax())],
-                    "pred_scores": s.numpy()} for s in scores]
+        results = classify(model, batch)
     return results[0] if single else results
-
-
-def _reconstruct(model: SimMIM, batch: torch.Tensor, rng: np.random.Generator) -> list[dict]:
-    mask = model.random_mask(len(batch), rng).to(batch.device)
-    out = model(batch, mask)
-    panels = reconstruction_panels(batch, mask, model.in_input_space(batch, out.reconstruction), model.patch_size)
-    keys = ("original", "masked", "reconstruction", "pasted")
-    return [{"loss": float(out.loss), "mask": m.cpu().numpy(),
-             **{k: _to_pil(p) for k, p in zip(keys, row, strict=True)}} for m, row in zip(mask, panels, strict=True)]

@@ -106,9 +106,12 @@ class SimMIM(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> SimMIMOutput:
         reconstruction = self.decoder(self.encoder(images, mask))
-        target = normalized_target(images, self.norm_target_window) if self.norm_target_window else images
-        loss = masked_reconstruction_loss(target, reconstruction, mask, self.patch_size, self.loss_kind)
+        loss = masked_reconstruction_loss(self.target(images), reconstruction, mask, self.patch_size, self.loss_kind)
         return SimMIMOutput(loss, reconstruction)
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """What the decoder reconstructs: the pixels, or their normalized target."""
+        return normalized_target(images, self.norm_target_window) if self.norm_target_window else images
 
     def in_input_space(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """The reconstruction in the space of `images` (for pictures): a normalized-target model's
