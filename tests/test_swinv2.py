@@ -180,7 +180,7 @@ def test_blocks_start_as_the_identity_and_the_extra_norm_follows_its_period():
     encoder = SwinTransformerV2(cfg).eval()
     blocks = encoder.layers[1].blocks
     assert [i for i, b in enumerate(blocks) if b.norm3 is not None] == [5, 11]
-    block, x = encoder.layers[0].blocks[1], torch.randn(2, 64, 16)
+    block, x = encoder.layers[0].blocks[1], torch.randn(2, 8, 8, 16)
     windows = Windows.build(8, 8, 4, 2, x.device)
     with torch.no_grad():
         assert torch.equal(block(x, windows), x)  # the official zero-initialised post-norms

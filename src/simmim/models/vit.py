@@ -56,6 +56,9 @@ class ViTConfig:
     """Classifier pools patch tokens and applies fc_norm; the encoder's final norm becomes Identity."""
     use_mask_token: bool = False
     use_checkpoint: bool = False
+    fused: bool = True
+    """The MLP's GELU recomputed in fc2's backward and its GEMMs through models/fused.py; False runs
+    the plain fc1 -> GELU -> fc2 (same parameters and outputs)."""
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -142,7 +145,7 @@ class Block(nn.Module):
                               cfg.grid if cfg.use_rel_pos_bias else None)
         self.drop_path = DropPath(drop_path)
         self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate, cfg.fused)
         scale = cfg.init_values > 0
         self.gamma_1 = nn.Parameter(torch.full((dim,), cfg.init_values)) if scale else None
         self.gamma_2 = nn.Parameter(torch.full((dim,), cfg.init_values)) if scale else None
