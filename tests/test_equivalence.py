@@ -39,9 +39,10 @@ def _images_and_mask(model: SimMIM, size: int, batch: int = 2):
     return images.to(DEVICE), model.random_mask(batch, np.random.default_rng(0)).to(DEVICE)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 @pytest.mark.parametrize("case", ["192-w6", "224-w6-padded"])
-def test_swin_simmim_matches_hf_masked_image_modeling(case, tmp_path):
-    cfg = SwinConfig(**SMALL, **SWIN_CASES[case], drop_path_rate=0.0, use_mask_token=True)
+def test_swin_simmim_matches_hf_masked_image_modeling(case, fused, tmp_path):
+    cfg = SwinConfig(**SMALL, **SWIN_CASES[case], drop_path_rate=0.0, use_mask_token=True, fused=fused)
     hf_cfg = transformers.SwinConfig(
         image_size=cfg.img_size, patch_size=4, embed_dim=cfg.embed_dim, depths=list(cfg.depths),
         num_heads=list(cfg.num_heads), window_size=cfg.window_size, drop_path_rate=0.0, encoder_stride=32,
@@ -75,9 +76,10 @@ def _timm_swin(cfg: SwinConfig):
     ).eval()
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 @pytest.mark.parametrize("case", ["192-w6", "128-w8-clamped"])
-def test_swin_encoder_matches_timm(case):
-    cfg = SwinConfig(**SMALL, **SWIN_CASES[case], drop_path_rate=0.0)
+def test_swin_encoder_matches_timm(case, fused):
+    cfg = SwinConfig(**SMALL, **SWIN_CASES[case], drop_path_rate=0.0, fused=fused)
     ours = randomize_(SwinTransformer(cfg)).eval()
     ref = _timm_swin(cfg)
     # timm's own adapter for official-layout checkpoints reads our state dict
@@ -104,8 +106,9 @@ def _timm_beit(cfg: ViTConfig, num_classes: int = 0):
 VIT = dict(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.0)
 
 
-def test_vit_pretraining_encoder_matches_timm_beit_with_shared_bias():
-    cfg = ViTConfig(**VIT, use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mean_pooling=False)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_vit_pretraining_encoder_matches_timm_beit_with_shared_bias(fused):
+    cfg = ViTConfig(**VIT, use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mean_pooling=False, fused=fused)
     ours = randomize_(VisionTransformer(cfg)).eval()
     ref = _timm_beit(cfg)
     ref.load_state_dict(ours.state_dict(), strict=True)
@@ -129,8 +132,9 @@ def test_vit_classifier_matches_timm_beit_with_mean_pooling():
         assert (ours(images) - ref(images)).abs().max() < TOL
 
 
-def test_swin_classifier_matches_hf_image_classification(tmp_path):
-    cfg = SwinConfig(**SMALL, img_size=192, window_size=6, drop_path_rate=0.0)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_swin_classifier_matches_hf_image_classification(fused, tmp_path):
+    cfg = SwinConfig(**SMALL, img_size=192, window_size=6, drop_path_rate=0.0, fused=fused)
     hf_cfg = transformers.SwinConfig(image_size=192, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2],
                                      num_heads=[1, 2, 2, 4], window_size=6, num_labels=7)
     hf = randomize_(transformers.SwinForImageClassification(hf_cfg)).eval()

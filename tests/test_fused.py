@@ -6,8 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
-from simmim.models import SwinConfig, SwinTransformer, SwinTransformerV2, SwinV2Config, VisionTransformer, ViTConfig
-from simmim.models import fused
+from simmim.config import load_config
+from simmim.engine.builders import build_network
+from simmim.models import (
+    SwinConfig,
+    SwinTransformer,
+    SwinTransformerV2,
+    SwinV2Config,
+    VisionTransformer,
+    ViTConfig,
+    fused,
+)
 from simmim.models.swin import Windows
 
 
@@ -91,7 +100,7 @@ def _compare(fast, plain, images, mask=None):
     weights = torch.randn_like(outs[0])
     for out in outs:
         (out * weights).sum().backward()
-    for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
         assert q.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-10, rtol=1e-8), name
 
 
@@ -117,3 +126,9 @@ def test_reference_path_in_float32_training_mode_with_dropout_off():
     plain.load_state_dict(fast.state_dict())
     images = torch.randn(2, 3, 56, 56)
     assert torch.allclose(fast(images), plain(images), atol=1e-5, rtol=1e-5)
+
+
+def test_the_config_key_builds_the_reference_path():
+    cfg = load_config("nano-pretrain", overrides=["model.fused=false"])
+    encoder = build_network(cfg).encoder
+    assert not encoder.cfg.fused and not any(isinstance(m, fused.Linear) for m in encoder.modules())

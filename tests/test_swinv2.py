@@ -52,9 +52,10 @@ def hf_checkpoint(model, tmp_path) -> dict:
     return safetensors.torch.load_file(tmp_path / "model.safetensors")
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_simmim_swinv2_matches_hf_masked_image_modeling(case, tmp_path):
-    cfg = SwinV2Config(**SMALL, **CASES[case], use_mask_token=True)
+def test_simmim_swinv2_matches_hf_masked_image_modeling(case, fused, tmp_path):
+    cfg = SwinV2Config(**SMALL, **CASES[case], use_mask_token=True, fused=fused)
     hf = randomize_(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
     ours = SimMIM(SwinTransformerV2(cfg), mask_patch_size=32).eval()
     ours.load_state_dict(HF.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
@@ -69,10 +70,11 @@ def test_simmim_swinv2_matches_hf_masked_image_modeling(case, tmp_path):
     assert out.reconstruction.std() > 0.01  # a comparison of non-trivial outputs
 
 
-def test_odd_maps_are_padded_for_merging_as_hf_does(tmp_path):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_odd_maps_are_padded_for_merging_as_hf_does(fused, tmp_path):
     # 72 px: 18 -> 9 -> 5 tokens a side; the 9x9 map is padded for its windows and for the merging
     cfg = SwinV2Config(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), drop_path_rate=0.0, img_size=72,
-                       window_size=2, use_mask_token=True)
+                       window_size=2, use_mask_token=True, fused=fused)
     hf = randomize_(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
     ours = SimMIM(SwinTransformerV2(cfg), mask_patch_size=8).eval()
     ours.load_state_dict(HF.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
@@ -93,9 +95,10 @@ def _timm(cfg: SwinV2Config, num_classes: int = 0):
         pretrained_window_sizes=cfg.pretrained_window_sizes or (0,) * len(cfg.depths)).eval()
 
 
-def test_encoder_and_classifier_match_timm():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_encoder_and_classifier_match_timm(fused):
     # timm pads after the shift (the official code never pads), so no padded map here
-    cfg = SwinV2Config(**SMALL, **CASES["128-w4-pretrained"])
+    cfg = SwinV2Config(**SMALL, **CASES["128-w4-pretrained"], fused=fused)
     ours = randomize_(Classifier(SwinTransformerV2(cfg), num_classes=10)).eval()
     ref = _timm(cfg, num_classes=10)
     official = {k.removeprefix("encoder."): v for k, v in ours.state_dict().items()}
