@@ -310,9 +310,11 @@ class SwinStage(nn.Module):
     def __init__(self, stage: int, cfg: SwinConfig, drop_paths: list[float], downsample: bool):
         super().__init__()
         dim = cfg.embed_dim * 2**stage
+        # the build size fixes the window (and so the bias table, as the official code sizes it); the
+        # shift is decided per forward, so that a map larger than that window shifts, as in HF and mmpretrain
         window, shift = window_and_shift((cfg.stage_resolution(stage),) * 2, cfg.window_size,
                                          cfg.window_size // 2, cfg.pad_small_map)
-        self.window, self.shift, self.pad_small_map, self.fused = window, shift, cfg.pad_small_map, cfg.fused
+        self.window, self.shift, self.pad_small_map, self.fused = window, window // 2, cfg.pad_small_map, cfg.fused
         self.use_checkpoint = cfg.use_checkpoint
         self.blocks = nn.ModuleList(
             self.make_block(stage, i, window, 0 if i % 2 == 0 else shift, cfg, drop_paths[i])
@@ -327,6 +329,11 @@ class SwinStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H/2, W/2, 2C), or (B, H, W, C) without merging."""
+        x = self.run_blocks(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks alone: (B, H, W, C) -> (B, H, W, C)."""
         window, shift = window_and_shift(x.shape[1:3], self.window, self.shift, self.pad_small_map)
         # built once per stage and forward, shared by its blocks
         regular = Windows.build(*x.shape[1:3], window, 0, x.device, self.fused)
@@ -337,7 +344,7 @@ class SwinStage(nn.Module):
                 x = checkpoint(block, x, windows, use_reentrant=False)
             else:
                 x = block(x, windows)
-        return self.downsample(x) if self.downsample is not None else x
+        return x
 
 
 class SwinTransformer(nn.Module):
@@ -372,6 +379,30 @@ class SwinTransformer(nn.Module):
         return {"absolute_pos_embed", "mask_token"}
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(x, mask)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x).permute(0, 3, 1, 2)
+
+    def feature_info(self) -> list[tuple[int, int]]:
+        """(channels, stride in pixels) of each stage's feature map."""
+        return [(self.cfg.embed_dim * 2**i, self.patch_size * 2**i) for i in range(len(self.layers))]
+
+    def forward_intermediates(self, x: torch.Tensor, indices: tuple[int, ...]) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> one (B, C_i, H_i, W_i) map per stage index (ascending): the stage's blocks' output before
+        its merging, without a norm (what timm's features_only and HF's reshaped_hidden_states before
+        downsampling return; detection and segmentation necks add their own norms)."""
+        x, maps = self.embed(x), []
+        for i, layer in enumerate(self.layers[: max(indices) + 1]):
+            x = layer.run_blocks(x)
+            if i in indices:
+                maps.append(x.permute(0, 3, 1, 2))
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        return maps
+
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding, mask token and absolute position: (B, 3, H, W) -> (B, H/p, W/p, C)."""
         x = self.patch_embed(x)  # (B, h, w, C)
         b, h, w, c = x.shape
         if mask is not None:
@@ -380,10 +411,7 @@ class SwinTransformer(nn.Module):
             x = apply_mask_token(x.view(b, h * w, c), mask, self.mask_token).view(b, h, w, c)
         if self.absolute_pos_embed is not None:
             x = x + resize_pos_grid(self.absolute_pos_embed, (h, w))
-        x = self.pos_drop(x)
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x).permute(0, 3, 1, 2)
+        return self.pos_drop(x)
 
 
 def resize_pos_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
