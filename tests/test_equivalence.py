@@ -18,6 +18,7 @@ from simmim.models import (
     VisionTransformer,
     ViTConfig,
 )
+from simmim.zoo.hub import get_model
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -215,3 +216,16 @@ def test_feature_maps_name_the_valid_indices():
     expected = r"out_indices \(4,\): expected indices in \[-4, 4\) of the encoder's 4 stages"
     with pytest.raises(ValueError, match=expected):
         FeatureMaps(SwinTransformer(SwinConfig(**SMALL, img_size=64, window_size=4)), out_indices=(4,))
+
+
+def test_get_model_features_only_loads_the_weights_first(tmp_path):
+    classifier = randomize_(get_model("swin-nano_test-64px"))
+    torch.save(classifier.state_dict(), tmp_path / "ours.pt")
+    backbone = get_model("swin-nano_test-64px", pretrained=tmp_path / "ours.pt", features_only=True, out_indices=(-1,))
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # the last stage has no merging: its map under the final norm is the encoder's output
+        (last,) = backbone(images)
+        assert torch.allclose(classifier.encoder.norm(last.permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
+                              classifier.encoder(images), atol=1e-5)
+    with pytest.raises(TypeError, match="out_indices applies only with features_only=True"):
+        get_model("swin-nano_test-64px", out_indices=(0,))

@@ -19,7 +19,7 @@ from simmim.config import load_config
 from simmim.engine import checkpointing as ckpt
 from simmim.engine import finetune, pretrain
 from simmim.engine.optim import layer_id, param_groups
-from simmim.models import Classifier, SimMIM, SwinTransformerV2, SwinV2Config
+from simmim.models import Classifier, FeatureMaps, SimMIM, SwinTransformerV2, SwinV2Config
 from simmim.models.swin import Windows
 from simmim.models.swinv2 import log_spaced_coords
 from simmim.zoo import SPECS, build_model, get_spec, measure
@@ -260,3 +260,37 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model(torch.ones(2, 3, 64, 64), model.random_mask(2, np.random.default_rng(0))).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_feature_maps_match_hf_and_timm_features_only(case, fused, tmp_path):
+    cfg = SwinV2Config(**SMALL, **CASES[case], use_mask_token=True, fused=fused)
+    hf = randomize_(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
+    model = SimMIM(SwinTransformerV2(cfg), mask_patch_size=32)
+    model.load_state_dict(HF.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
+    ours = FeatureMaps(model.encoder).eval().to(DEVICE)
+    images = torch.randn(2, 3, cfg.img_size, cfg.img_size, device=DEVICE)
+    with torch.no_grad():
+        got = ours(images)
+        # each stage's map before its merging, as HF's Swinv2Backbone asks the Swinv2Model's encoder for them
+        hf = hf.swinv2.to(DEVICE)
+        expected = hf.encoder(*hf.embeddings(images), output_hidden_states=True, return_dict=True,
+                              output_hidden_states_before_downsampling=True).reshaped_hidden_states[1:]
+    assert [g.shape[1:] for g in got] == [(16 * 2**i, cfg.img_size // 4 // 2**i, cfg.img_size // 4 // 2**i)
+                                          for i in range(4)]
+    for g, e in zip(got, expected, strict=True):
+        assert (g - e).abs().max() < 1e-5 and g.std() > 0.01
+    if case != "128-w4-pretrained":
+        return  # timm pads after the shift (the official code never pads)
+    official = {k: v for k, v in model.encoder.state_dict().items() if k != "mask_token"}
+    torch.save(official, tmp_path / "swinv2.pth")
+    # timm's loader reads the file through its own checkpoint filter before it wraps the model
+    ref = timm.create_model("swinv2_tiny_window8_256", pretrained=True, features_only=True,
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / "swinv2.pth")), img_size=cfg.img_size,
+                            embed_dim=16, depths=SMALL["depths"], num_heads=SMALL["num_heads"],
+                            window_size=cfg.window_size, pretrained_window_sizes=cfg.pretrained_window_sizes,
+                            drop_path_rate=0.0).eval().to(DEVICE)
+    with torch.no_grad():
+        for g, e in zip(got, ref(images), strict=True):  # timm's Swin maps are NHWC
+            assert (g - e.permute(0, 3, 1, 2)).abs().max() < 1e-5
