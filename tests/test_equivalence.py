@@ -9,7 +9,16 @@ import torch
 from conftest import DEVICE, randomize_
 
 from simmim.checkpoint.formats import HF as HF_SWIN
-from simmim.models import Classifier, SimMIM, SwinConfig, SwinTransformer, VisionTransformer, ViTConfig
+from simmim.models import (
+    Classifier,
+    FeatureMaps,
+    SimMIM,
+    SwinConfig,
+    SwinTransformer,
+    VisionTransformer,
+    ViTConfig,
+)
+from simmim.zoo.hub import get_model
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -39,9 +48,10 @@ def _images_and_mask(model: SimMIM, size: int, batch: int = 2):
     return images.to(DEVICE), model.random_mask(batch, np.random.default_rng(0)).to(DEVICE)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 @pytest.mark.parametrize("case", ["192-w6", "224-w6-padded"])
-def test_swin_simmim_matches_hf_masked_image_modeling(case, tmp_path):
-    cfg = SwinConfig(**SMALL, **SWIN_CASES[case], drop_path_rate=0.0, use_mask_token=True)
+def test_swin_simmim_matches_hf_masked_image_modeling(case, fused, tmp_path):
+    cfg = SwinConfig(**SMALL, **SWIN_CASES[case], drop_path_rate=0.0, use_mask_token=True, fused=fused)
     hf_cfg = transformers.SwinConfig(
         image_size=cfg.img_size, patch_size=4, embed_dim=cfg.embed_dim, depths=list(cfg.depths),
         num_heads=list(cfg.num_heads), window_size=cfg.window_size, drop_path_rate=0.0, encoder_stride=32,
@@ -75,9 +85,10 @@ def _timm_swin(cfg: SwinConfig):
     ).eval()
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 @pytest.mark.parametrize("case", ["192-w6", "128-w8-clamped"])
-def test_swin_encoder_matches_timm(case):
-    cfg = SwinConfig(**SMALL, **SWIN_CASES[case], drop_path_rate=0.0)
+def test_swin_encoder_matches_timm(case, fused):
+    cfg = SwinConfig(**SMALL, **SWIN_CASES[case], drop_path_rate=0.0, fused=fused)
     ours = randomize_(SwinTransformer(cfg)).eval()
     ref = _timm_swin(cfg)
     # timm's own adapter for official-layout checkpoints reads our state dict
@@ -104,8 +115,9 @@ def _timm_beit(cfg: ViTConfig, num_classes: int = 0):
 VIT = dict(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.0)
 
 
-def test_vit_pretraining_encoder_matches_timm_beit_with_shared_bias():
-    cfg = ViTConfig(**VIT, use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mean_pooling=False)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_vit_pretraining_encoder_matches_timm_beit_with_shared_bias(fused):
+    cfg = ViTConfig(**VIT, use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_mean_pooling=False, fused=fused)
     ours = randomize_(VisionTransformer(cfg)).eval()
     ref = _timm_beit(cfg)
     ref.load_state_dict(ours.state_dict(), strict=True)
@@ -129,8 +141,9 @@ def test_vit_classifier_matches_timm_beit_with_mean_pooling():
         assert (ours(images) - ref(images)).abs().max() < TOL
 
 
-def test_swin_classifier_matches_hf_image_classification(tmp_path):
-    cfg = SwinConfig(**SMALL, img_size=192, window_size=6, drop_path_rate=0.0)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_swin_classifier_matches_hf_image_classification(fused, tmp_path):
+    cfg = SwinConfig(**SMALL, img_size=192, window_size=6, drop_path_rate=0.0, fused=fused)
     hf_cfg = transformers.SwinConfig(image_size=192, patch_size=4, embed_dim=16, depths=[2, 2, 2, 2],
                                      num_heads=[1, 2, 2, 4], window_size=6, num_labels=7)
     hf = randomize_(transformers.SwinForImageClassification(hf_cfg)).eval()
@@ -140,3 +153,79 @@ def test_swin_classifier_matches_hf_image_classification(tmp_path):
     images = torch.randn(2, 3, 192, 192, device=DEVICE)
     with torch.no_grad():
         assert (ours(images) - hf(pixel_values=images).logits).abs().max() < TOL
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_swin_feature_maps_match_timm_features_only(fused, tmp_path):
+    cfg = SwinConfig(**SMALL, img_size=192, window_size=6, drop_path_rate=0.0, fused=fused)
+    ours = FeatureMaps(randomize_(SwinTransformer(cfg)), out_indices=(0, 1, 3)).eval()
+    torch.save(ours.encoder.state_dict(), tmp_path / "swin.pth")
+    # timm's loader reads the file through its own checkpoint filter before it wraps the model
+    ref = timm.create_model("swin_tiny_patch4_window7_224", pretrained=True, features_only=True, out_indices=(0, 1, 3),
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / "swin.pth")), img_size=192,
+                            embed_dim=16, depths=SMALL["depths"], num_heads=SMALL["num_heads"], window_size=6,
+                            drop_path_rate=0.0).eval()
+    assert (ours.channels, ours.reductions) == (ref.feature_info.channels(), ref.feature_info.reduction())
+    ours, ref = ours.to(DEVICE), ref.to(DEVICE)
+    images = torch.randn(2, 3, 192, 192, device=DEVICE)
+    with torch.no_grad():
+        got, expected = ours(images), ref(images)  # timm's Swin maps are NHWC
+    assert [g.shape for g in got] == [(2, 16, 48, 48), (2, 32, 24, 24), (2, 128, 6, 6)]
+    for g, e in zip(got, expected, strict=True):
+        assert (g - e.permute(0, 3, 1, 2)).abs().max() < 1e-5 and g.std() > 0.01
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+@pytest.mark.parametrize("size", [192, 224, 200])  # as built; padded windows; odd maps (50/25/13/7)
+def test_swin_feature_maps_match_hf_reshaped_hidden_states(size, fused, tmp_path):
+    cfg = SwinConfig(**SMALL, img_size=192, window_size=6, drop_path_rate=0.0, fused=fused)
+    hf_cfg = transformers.SwinConfig(image_size=192, patch_size=4, embed_dim=16, depths=list(SMALL["depths"]),
+                                     num_heads=list(SMALL["num_heads"]), window_size=6, drop_path_rate=0.0)
+    hf = randomize_(transformers.SwinForMaskedImageModeling(hf_cfg)).eval()
+    ours = SimMIM(SwinTransformer(cfg), mask_patch_size=32)
+    ours.load_state_dict(HF_SWIN.to_ours(hf_checkpoint(hf, tmp_path)), strict=False)  # HF has no mask token here
+    ours = FeatureMaps(ours.encoder).eval().to(DEVICE)
+    hf = hf.swin.to(DEVICE)  # the SwinModel
+    images = torch.randn(2, 3, size, size, device=DEVICE)
+    with torch.no_grad():
+        # each stage's map before its merging, as HF's SwinBackbone asks its SwinModel for them
+        expected = hf(pixel_values=images, output_hidden_states=True,
+                      output_hidden_states_before_downsampling=True).reshaped_hidden_states[1:]
+        got = ours(images)
+    assert len(got) == len(expected) == 4
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape and (g - e).abs().max() < 1e-5
+
+
+def test_vit_feature_maps_match_timm_beit_intermediates():
+    cfg = ViTConfig(**VIT, use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_mean_pooling=True)
+    ours = FeatureMaps(randomize_(VisionTransformer(cfg)), out_indices=(0, -1)).eval()
+    ref = _timm_beit(cfg)
+    ref.load_state_dict(ours.encoder.state_dict(), strict=False)  # timm's fc_norm is the classifier's
+    ours, ref = ours.to(DEVICE), ref.to(DEVICE)
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        got = ours(images)
+        expected = ref.forward_intermediates(images, indices=[0, 1], norm=False, intermediates_only=True)
+    assert ours.out_indices == (0, 1) and [g.shape for g in got] == [(2, 48, 4, 4)] * 2
+    for g, e in zip(got, expected, strict=True):
+        assert (g - e).abs().max() < 1e-5
+
+
+def test_feature_maps_name_the_valid_indices():
+    expected = r"out_indices \(4,\): expected indices in \[-4, 4\) of the encoder's 4 stages"
+    with pytest.raises(ValueError, match=expected):
+        FeatureMaps(SwinTransformer(SwinConfig(**SMALL, img_size=64, window_size=4)), out_indices=(4,))
+
+
+def test_get_model_features_only_loads_the_weights_first(tmp_path):
+    classifier = randomize_(get_model("swin-nano_test-64px"))
+    torch.save(classifier.state_dict(), tmp_path / "ours.pt")
+    backbone = get_model("swin-nano_test-64px", pretrained=tmp_path / "ours.pt", features_only=True, out_indices=(-1,))
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # the last stage has no merging: its map under the final norm is the encoder's output
+        (last,) = backbone(images)
+        assert torch.allclose(classifier.encoder.norm(last.permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
+                              classifier.encoder(images), atol=1e-5)
+    with pytest.raises(TypeError, match="out_indices applies only with features_only=True"):
+        get_model("swin-nano_test-64px", out_indices=(0,))

@@ -19,7 +19,7 @@ from simmim.config import load_config
 from simmim.engine import checkpointing as ckpt
 from simmim.engine import finetune, pretrain
 from simmim.engine.optim import layer_id, param_groups
-from simmim.models import Classifier, SimMIM, SwinTransformerV2, SwinV2Config
+from simmim.models import Classifier, FeatureMaps, SimMIM, SwinTransformerV2, SwinV2Config
 from simmim.models.swin import Windows
 from simmim.models.swinv2 import log_spaced_coords
 from simmim.zoo import SPECS, build_model, get_spec, measure
@@ -52,9 +52,10 @@ def hf_checkpoint(model, tmp_path) -> dict:
     return safetensors.torch.load_file(tmp_path / "model.safetensors")
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_simmim_swinv2_matches_hf_masked_image_modeling(case, tmp_path):
-    cfg = SwinV2Config(**SMALL, **CASES[case], use_mask_token=True)
+def test_simmim_swinv2_matches_hf_masked_image_modeling(case, fused, tmp_path):
+    cfg = SwinV2Config(**SMALL, **CASES[case], use_mask_token=True, fused=fused)
     hf = randomize_(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
     ours = SimMIM(SwinTransformerV2(cfg), mask_patch_size=32).eval()
     ours.load_state_dict(HF.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
@@ -69,10 +70,11 @@ def test_simmim_swinv2_matches_hf_masked_image_modeling(case, tmp_path):
     assert out.reconstruction.std() > 0.01  # a comparison of non-trivial outputs
 
 
-def test_odd_maps_are_padded_for_merging_as_hf_does(tmp_path):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_odd_maps_are_padded_for_merging_as_hf_does(fused, tmp_path):
     # 72 px: 18 -> 9 -> 5 tokens a side; the 9x9 map is padded for its windows and for the merging
     cfg = SwinV2Config(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), drop_path_rate=0.0, img_size=72,
-                       window_size=2, use_mask_token=True)
+                       window_size=2, use_mask_token=True, fused=fused)
     hf = randomize_(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
     ours = SimMIM(SwinTransformerV2(cfg), mask_patch_size=8).eval()
     ours.load_state_dict(HF.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
@@ -93,9 +95,10 @@ def _timm(cfg: SwinV2Config, num_classes: int = 0):
         pretrained_window_sizes=cfg.pretrained_window_sizes or (0,) * len(cfg.depths)).eval()
 
 
-def test_encoder_and_classifier_match_timm():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_encoder_and_classifier_match_timm(fused):
     # timm pads after the shift (the official code never pads), so no padded map here
-    cfg = SwinV2Config(**SMALL, **CASES["128-w4-pretrained"])
+    cfg = SwinV2Config(**SMALL, **CASES["128-w4-pretrained"], fused=fused)
     ours = randomize_(Classifier(SwinTransformerV2(cfg), num_classes=10)).eval()
     ref = _timm(cfg, num_classes=10)
     official = {k.removeprefix("encoder."): v for k, v in ours.state_dict().items()}
@@ -180,7 +183,7 @@ def test_blocks_start_as_the_identity_and_the_extra_norm_follows_its_period():
     encoder = SwinTransformerV2(cfg).eval()
     blocks = encoder.layers[1].blocks
     assert [i for i, b in enumerate(blocks) if b.norm3 is not None] == [5, 11]
-    block, x = encoder.layers[0].blocks[1], torch.randn(2, 64, 16)
+    block, x = encoder.layers[0].blocks[1], torch.randn(2, 8, 8, 16)
     windows = Windows.build(8, 8, 4, 2, x.device)
     with torch.no_grad():
         assert torch.equal(block(x, windows), x)  # the official zero-initialised post-norms
@@ -257,3 +260,37 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model(torch.ones(2, 3, 64, 64), model.random_mask(2, np.random.default_rng(0))).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_feature_maps_match_hf_and_timm_features_only(case, fused, tmp_path):
+    cfg = SwinV2Config(**SMALL, **CASES[case], use_mask_token=True, fused=fused)
+    hf = randomize_(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
+    model = SimMIM(SwinTransformerV2(cfg), mask_patch_size=32)
+    model.load_state_dict(HF.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
+    ours = FeatureMaps(model.encoder).eval().to(DEVICE)
+    images = torch.randn(2, 3, cfg.img_size, cfg.img_size, device=DEVICE)
+    with torch.no_grad():
+        got = ours(images)
+        # each stage's map before its merging, as HF's Swinv2Backbone asks the Swinv2Model's encoder for them
+        hf = hf.swinv2.to(DEVICE)
+        expected = hf.encoder(*hf.embeddings(images), output_hidden_states=True, return_dict=True,
+                              output_hidden_states_before_downsampling=True).reshaped_hidden_states[1:]
+    assert [g.shape[1:] for g in got] == [(16 * 2**i, cfg.img_size // 4 // 2**i, cfg.img_size // 4 // 2**i)
+                                          for i in range(4)]
+    for g, e in zip(got, expected, strict=True):
+        assert (g - e).abs().max() < 1e-5 and g.std() > 0.01
+    if case != "128-w4-pretrained":
+        return  # timm pads after the shift (the official code never pads)
+    official = {k: v for k, v in model.encoder.state_dict().items() if k != "mask_token"}
+    torch.save(official, tmp_path / "swinv2.pth")
+    # timm's loader reads the file through its own checkpoint filter before it wraps the model
+    ref = timm.create_model("swinv2_tiny_window8_256", pretrained=True, features_only=True,
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / "swinv2.pth")), img_size=cfg.img_size,
+                            embed_dim=16, depths=SMALL["depths"], num_heads=SMALL["num_heads"],
+                            window_size=cfg.window_size, pretrained_window_sizes=cfg.pretrained_window_sizes,
+                            drop_path_rate=0.0).eval().to(DEVICE)
+    with torch.no_grad():
+        for g, e in zip(got, ref(images), strict=True):  # timm's Swin maps are NHWC
+            assert (g - e.permute(0, 3, 1, 2)).abs().max() < 1e-5

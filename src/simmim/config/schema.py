@@ -61,6 +61,9 @@ class ModelConfig(_Section):
     (e.g. 12,12,12,6); None keeps the zoo model's."""
     drop_path_rate: float | None = None
     """Stochastic depth of the last block; None keeps the zoo model's."""
+    fused: bool = True
+    """Compute through models/fused.py (index gathers, fused norm+linear, GELU recompute); false runs
+    the plain reference path of the paper (same weights and outputs, slower)."""
     num_classes: int | None = None
     """Classifier outputs; None takes the number of classes of the training data."""
     decoder: str = "linear"

@@ -46,6 +46,8 @@ def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module
                                    ("drop_path_rate", m.drop_path_rate)) if v is not None}
     if cfg.runtime.activation_checkpointing:
         overrides["use_checkpoint"] = True
+    if not m.fused:
+        overrides["fused"] = False
     if cfg.task == "pretrain":
         overrides.update(mask_patch_size=cfg.mask.patch_size, mask_ratio=cfg.mask.ratio, decoder=m.decoder,
                          loss=m.loss)

@@ -76,17 +76,30 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+def linear_layer(fused: bool) -> type[nn.Linear]:
+    """The linear layer class of a path: nn.Linear, or on the fused path the same layer (parameters and
+    state dict) computed through models/fused.py."""
+    return Linear if fused else nn.Linear
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU -> dropout -> fc2 -> dropout."""
 
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, fused: bool = True):
         super().__init__()
-        self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
+        self.fused = fused
+        self.fc1 = linear_layer(fused)(dim, hidden)
+        self.fc2 = linear_layer(fused)(hidden, dim)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
-        """x: (..., dim), normalized by `norm` first when given (fused with fc1)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., dim)."""
+        if self.fused:
+            return self.forward_fused(x)
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+    def forward_fused(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """The same as `forward(norm(x))`, with the norm fused into fc1 and GELU recomputed in fc2's backward."""
         h = self.fc1(x) if norm is None else norm_linear(x, norm, self.fc1)
         if self.training and self.drop.p > 0:  # a dropout between GELU and fc2 needs its output kept
             return self.drop(self.fc2(self.drop(F.gelu(h))))

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import Linear, linear, window_mask
-from .layers import DropPath, Mlp, on_default_device, relative_position_index
-from .swin import SwinConfig, SwinStage, SwinTransformer, Windows, merge_neighbours
+from .fused import linear, window_mask
+from .layers import DropPath, Mlp, linear_layer, on_default_device, relative_position_index
+from .swin import SwinConfig, SwinStage, SwinTransformer, Windows, attend_in_windows, merge_neighbours
 
 LOGIT_SCALE_MAX = math.log(100.0)  # the official clamp: attention logits are at most 100 x cosine
 CPB_HIDDEN = 512
@@ -74,21 +74,23 @@ class WindowAttentionV2(nn.Module):
     """Scaled cosine attention inside windows with a continuous relative position bias."""
 
     def __init__(self, dim: int, num_heads: int, window: int, pretrained_window: int, qkv_bias: bool,
-                 attn_drop: float, proj_drop: float):
+                 attn_drop: float, proj_drop: float, fused: bool = True):
         super().__init__()
         self.num_heads, self.window, self.pretrained_window = num_heads, window, pretrained_window
+        self.linear = linear if fused else F.linear
+        layer = linear_layer(fused)
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
-        self.cpb_mlp = nn.Sequential(Linear(2, CPB_HIDDEN), nn.ReLU(inplace=True),
-                                     Linear(CPB_HIDDEN, num_heads, bias=False))
+        self.cpb_mlp = nn.Sequential(layer(2, CPB_HIDDEN), nn.ReLU(inplace=True),
+                                     layer(CPB_HIDDEN, num_heads, bias=False))
         self.register_buffer("relative_coords_table", on_default_device(log_spaced_coords(window, pretrained_window)),
                              persistent=False)
         self.register_buffer("relative_position_index", on_default_device(relative_position_index(window, window)),
                              persistent=False)
-        self.qkv = Linear(dim, dim * 3, bias=False)
+        self.qkv = layer(dim, dim * 3, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
         self.attn_drop = attn_drop
-        self.proj = Linear(dim, dim)
+        self.proj = layer(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def relative_position_bias(self, window: int) -> torch.Tensor:
@@ -103,15 +105,15 @@ class WindowAttentionV2(nn.Module):
         n = window * window
         return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x: (B*nW, N, C) window tokens; mask: (nW, N, N) additive shift mask or None."""
         g, n, c = x.shape
         bias = None if self.q_bias is None else torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        q, k, v = linear(x, self.qkv.weight, bias).view(g, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.linear(x, self.qkv.weight, bias).view(g, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         # cosine similarity times the per-head scale; SDPA with scale=1 adds the bias to exactly that
         q = F.normalize(q, dim=-1) * torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
         k = F.normalize(k, dim=-1)
-        attn_bias = self.relative_position_bias(window).unsqueeze(0)
+        attn_bias = self.relative_position_bias(math.isqrt(n)).unsqueeze(0)
         attn_bias = attn_bias if mask is None else attn_bias + mask.unsqueeze(1)  # (nW|1, nH, N, N)
         dropout = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(attn_bias, g, q.dtype), dropout_p=dropout,
@@ -126,20 +128,25 @@ class SwinBlockV2(nn.Module):
     def __init__(self, dim: int, num_heads: int, window: int, shift: int, cfg: SwinV2Config, drop_path: float,
                  pretrained_window: int, extra_norm: bool):
         super().__init__()
-        self.window, self.shift = window, shift
+        self.window, self.shift, self.fused = window, shift, cfg.fused
         self.attn = WindowAttentionV2(dim, num_heads, window, pretrained_window, cfg.qkv_bias,
-                                      cfg.attn_drop_rate, cfg.drop_rate)
+                                      cfg.attn_drop_rate, cfg.drop_rate, cfg.fused)
         self.norm1 = nn.LayerNorm(dim)
         self.drop_path = DropPath(drop_path)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate, cfg.fused)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim) if extra_norm else None
 
     def forward(self, x: torch.Tensor, windows: Windows) -> torch.Tensor:
-        """x: (B, L, C) in raster order; padding tokens enter the windows as zeros (as in HF)."""
-        tokens = windows.gather(x)  # (B, nW*N, C)
-        y = self.attn(tokens.view(-1, windows.size**2, tokens.shape[-1]), windows.size, windows.mask)
-        x = x + self.drop_path(self.norm1(windows.reverse(y, x.shape[0])))
+        """x: (B, H, W, C); padding tokens enter the windows as zeros (as in HF)."""
+        if self.fused:  # padding, shift and partition as one token gather, and back
+            b, h, w, c = x.shape
+            tokens = windows.gather(x.view(b, h * w, c))  # (B, nW*N, C)
+            y = self.attn(tokens.view(-1, windows.size**2, c), windows.mask)
+            y = windows.reverse(y, b).view(b, h, w, c)
+        else:
+            y = attend_in_windows(x, self.attn, windows)
+        x = x + self.drop_path(self.norm1(y))
         x = x + self.drop_path(self.norm2(self.mlp(x)))
         return self.norm3(x) if self.norm3 is not None else x
 
@@ -147,9 +154,9 @@ class SwinBlockV2(nn.Module):
 class PatchMergingV2(nn.Module):
     """2x2 neighbourhood concatenation, linear 4C -> 2C, then LayerNorm (V2 normalizes the output)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, fused: bool = True):
         super().__init__()
-        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = linear_layer(fused)(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(2 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

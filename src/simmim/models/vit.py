@@ -56,6 +56,9 @@ class ViTConfig:
     """Classifier pools patch tokens and applies fc_norm; the encoder's final norm becomes Identity."""
     use_mask_token: bool = False
     use_checkpoint: bool = False
+    fused: bool = True
+    """The MLP's GELU recomputed in fc2's backward and its GEMMs through models/fused.py; False runs
+    the plain fc1 -> GELU -> fc2 (same parameters and outputs)."""
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -142,7 +145,7 @@ class Block(nn.Module):
                               cfg.grid if cfg.use_rel_pos_bias else None)
         self.drop_path = DropPath(drop_path)
         self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate, cfg.fused)
         scale = cfg.init_values > 0
         self.gamma_1 = nn.Parameter(torch.full((dim,), cfg.init_values)) if scale else None
         self.gamma_2 = nn.Parameter(torch.full((dim,), cfg.init_values)) if scale else None
@@ -186,6 +189,37 @@ class VisionTransformer(nn.Module):
         return {"pos_embed", "cls_token", "mask_token"}
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, shared_bias = self.embed(x, mask)
+        for block in self.blocks:
+            x = self.run_block(block, x, shared_bias)
+        return self.patch_grid(self.norm(x))
+
+    def feature_info(self) -> list[tuple[int, int]]:
+        """(channels, stride in pixels) of each block's feature map."""
+        return [(self.num_features, self.patch_size)] * len(self.blocks)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: tuple[int, ...]) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> one (B, C, H/p, W/p) map of patch tokens per block index (ascending), without
+        a norm, as BEiT's segmentation backbone (the official fine-tuning of this ViT) takes them."""
+        x, shared_bias = self.embed(x)
+        maps = []
+        for i, block in enumerate(self.blocks[: max(indices) + 1]):
+            x = self.run_block(block, x, shared_bias)
+            if i in indices:
+                maps.append(self.patch_grid(x))
+        return maps
+
+    def run_block(self, block: Block, x: torch.Tensor, shared_bias: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(block, x, shared_bias, use_reentrant=False)
+        return block(x, shared_bias)
+
+    def patch_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + L, C) tokens -> (B, C, g, g) map of the patch tokens."""
+        return x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, self.cfg.grid, self.cfg.grid)
+
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, H, W) -> tokens (B, 1 + L, C) with the class token first, and the shared bias (or None)."""
         x = self.patch_embed.proj(x)
         b, c, h, w = x.shape
         if (h, w) != (self.cfg.grid,) * 2:
@@ -199,12 +233,4 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        x = self.pos_drop(x)
-        shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        for block in self.blocks:
-            if self.cfg.use_checkpoint and torch.is_grad_enabled():
-                x = checkpoint(block, x, shared_bias, use_reentrant=False)
-            else:
-                x = block(x, shared_bias)
-        x = self.norm(x)[:, 1:]
-        return x.transpose(1, 2).reshape(b, c, h, w)
+        return self.pos_drop(x), self.rel_pos_bias() if self.rel_pos_bias is not None else None

@@ -16,7 +16,7 @@ from torch import nn
 from ..checkpoint.io import atomic_save_safetensors, check_hash_in_name
 from ..checkpoint.transfer import load_weights
 from ..hardware import cache_dir
-from ..models import Classifier, SimMIM
+from ..models import Classifier, FeatureMaps, SimMIM
 from .registry import CLASSIFIER_KEYS, SIMMIM_KEYS, SPECS, arch_of, build_model, get_spec
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -100,12 +100,20 @@ def load_directory(path: str | Path) -> nn.Module:
     return model
 
 
-def get_model(name: str | Path, pretrained: bool | str | Path = False, **overrides) -> nn.Module:
+def get_model(name: str | Path, pretrained: bool | str | Path = False, features_only: bool = False,
+              out_indices: tuple[int, ...] | None = None, **overrides) -> nn.Module:
     """A zoo model by name (case-insensitive) or an exported directory, in eval mode.
     pretrained=True downloads the published weights (cached), a path loads a checkpoint of any
-    supported format (official, mmpretrain, HF, ours), adapting windows as needed."""
-    if Path(name).is_dir():
-        return load_directory(name).eval()
+    supported format (official, mmpretrain, HF, ours), adapting windows as needed. features_only=True
+    returns its encoder as `FeatureMaps`: a list of NCHW maps, one per stage (or ViT block) in
+    `out_indices` (all when None)."""
+    if out_indices is not None and not features_only:
+        raise TypeError("out_indices applies only with features_only=True")
+    model = load_directory(name) if Path(name).is_dir() else _zoo_model(str(name), pretrained, **overrides)
+    return (FeatureMaps(model.encoder, out_indices) if features_only else model).eval()
+
+
+def _zoo_model(name: str, pretrained: bool | str | Path, **overrides) -> nn.Module:
     spec = get_spec(str(name))
     model = build_model(spec, **overrides)
     if pretrained is True:
@@ -116,4 +124,4 @@ def get_model(name: str | Path, pretrained: bool | str | Path = False, **overrid
     if pretrained:
         report = load_weights(model, pretrained)
         print(f"{spec.name}: {report.summary()}")
-    return model.eval()
+    return model
