@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .bench.report import cpu_model
+from .cpu import cpu_model
 from .demo import DemoSettings, finetune_run, pretrain_run
 from .viz import save_bars
 
