@@ -57,3 +57,23 @@ def test_the_committed_page_has_one_section_per_cpu():
     assert text == report.markdown(page)
     assert [line for line in text.splitlines() if line.startswith("## ")][1:] == [
         f"## {run['environment']['cpu']}" for run in page["runs"]]
+
+
+def test_a_section_shows_mmpretrain_and_the_demo_pipeline_where_measured():
+    row = {"model": "Swin-T", "img_size": 192, "batch": 8, "precision": "bf16", "ours_step_s": 0.4, "ref_step_s": 0.6,
+           "speedup": 1.5}
+    env = {"cpu": "Xeon (family 6, model 207; AVX-512, AMX-BF16)", "cpu_key": "Xeon (family 6, model 207)",
+           "date": "2026-12-03", "cores": 2, "threads": 1, "device": "cpu", "torch": "2.14.1",
+           "transformers": "5.24.0", "mmpretrain": "1.2.0", "allocator": "jemalloc", "load_average": 8.0}
+    demo = {"preset": "fashion-mnist-pretrain", "size": 48, "batch_size": 128, "images": 1024, "workers": 1,
+            "per_worker_images_per_s": 225.0, "loader_images_per_s": 244.0, "step_images_per_s": 52.0,
+            "precision": "bf16", "threads": 1, "keeps_up": True}
+    run = {"environment": env, "method": ["- how"], "gemm_tflops": {"bf16": 0.9}, "comparison": [row],
+           "cost_curve": [], "pipeline": {"skipped": "no photos"}, "demo_pipeline": demo, "note": "Shared machine."}
+    without = report.markdown({"runs": [run]})
+    assert "mmpretrain s/step" not in without and "Shared machine." in without
+    assert "244.0 img/s through its DataLoader with 1 worker(s), against 52.0 img/s consumed by its bf16 step" \
+        in without and "(keeps up)" in without
+    with_mm = report.markdown({"runs": [{**run, "comparison": [{**row, "mm_step_s": 0.46, "mm_speedup": 1.15}]}]})
+    assert "| HF img/s | mmpretrain s/step | speedup mmpretrain/ours |" in with_mm
+    assert "| 0.460 | 1.15 |" in with_mm and "mmpretrain 1.2.0" in with_mm
