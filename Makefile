@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo study bench test lint venv system-deps
+.PHONY: demo study bench bench-peers test lint venv system-deps
 
 venv: $(STAMP)
 
@@ -33,6 +33,29 @@ study: venv system-deps
 
 # our SimMIM step against HF transformers' on the same input; writes docs/benchmark.{md,json}
 bench: venv system-deps
+	$(VENV)/bin/simmim bench
+
+# mmpretrain, the third column of the bench, in a venv of its own: the project never depends on it.
+# mmcv is built from its source distribution without compiled ops (the wheel pip calls mmcv-lite).
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+PEERS_PIP := $(PEERS)/bin/python -m pip install -q --disable-pip-version-check
+
+$(PEERS_STAMP): pyproject.toml
+	test -x $(PEERS)/bin/python || python3 -m venv $(PEERS)
+	$(PEERS_PIP) torch==2.14.1 torchvision==0.29.1 mmengine==0.10.7 'setuptools>=77.0.3,<81' wheel
+	rm -rf $(PEERS)/src && mkdir -p $(PEERS)/src
+	$(PEERS)/bin/python -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+		-d $(PEERS)/src mmcv==2.1.0
+	tar -xzf $(PEERS)/src/mmcv-2.1.0.tar.gz -C $(PEERS)/src
+	MMCV_WITH_OPS=0 $(PEERS_PIP) --no-build-isolation $(PEERS)/src/mmcv-2.1.0
+	$(PEERS_PIP) --no-deps mmpretrain==1.2.0
+	$(PEERS_PIP) einops importlib-metadata mat4py modelindex rich safetensors
+	$(PEERS_PIP) -e '.[bench]'
+	touch $(PEERS_STAMP)
+
+# the bench with mmpretrain as a third column (ours, HF and mmpretrain timed in one process)
+bench-peers: venv system-deps $(PEERS_STAMP)
 	$(VENV)/bin/simmim bench
 
 test: venv system-deps

@@ -12,10 +12,11 @@ import torch
 
 from simmim import runtime
 from simmim.bench import main, report
-from simmim.bench.measure import gemm_seconds, peak_memory
-from simmim.bench.pair import batch, hf_loss, hf_twin, ours, ours_loss, training_step
+from simmim.bench.measure import gemm_seconds
+from simmim.bench.pair import batch, hf_loss, hf_twin, ours, ours_loss, pretraining_step
 from simmim.bench.run import METHOD, isolated, row_runner
 from simmim.checkpoint.formats import HF
+from simmim.measure import peak_memory
 from simmim.models.fused import matmul_nt
 
 pytest.importorskip("transformers")
@@ -24,12 +25,15 @@ NANO = "simmim_swin-nano_test-64px"
 CPU = torch.device("cpu")
 
 
-def test_quick_benchmark_writes_the_comparison(tmp_path, monkeypatch):
+def test_quick_benchmark_writes_the_comparison(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(runtime.OPT_OUT, "1")  # no re-exec of pytest under jemalloc
     out = tmp_path / "quick.json"
     # 128 px: at 64 px the nano model's last map is smaller than its window, where HF's table differs
-    main(["--quick", "--model", NANO, "--img-size", "128", "--batch", "2", "--repeats", "2", "--json", str(out)])
+    main(["--quick", "--model", NANO, "--img-size", "128", "--batch", "2", "--repeats", "2", "--json", str(out),
+          "--peers", str(tmp_path / "absent")])
+    assert f"mmpretrain: skipped (no {tmp_path / 'absent'}; `make bench-peers` builds it)" in capsys.readouterr().out
     row = json.loads(out.read_text())
+    assert "mm_step_s" not in row
     for key in ("ours_step_s", "ref_step_s", "ours_peak_mb", "ref_peak_mb"):
         assert 0 < row[key] < 1e4, key
     for side in ("ours", "ref"):  # profiled apart from the timed steps, so only roughly below them
@@ -39,15 +43,15 @@ def test_quick_benchmark_writes_the_comparison(tmp_path, monkeypatch):
     assert row["environment"]["allocator"] and row["environment"]["torch"] == torch.__version__
 
     # the full run's page, from this row standing in for every table
-    page = report.markdown({"environment": row.pop("environment"), "method": METHOD, "gemm_tflops": {"bf16": 0.5},
-                            "comparison": [row], "cost_curve": [row], "pipeline": {"skipped": "no photos"},
-                            "command": "simmim bench --threads 1"})
+    page = report.markdown({"runs": [{
+        "environment": row.pop("environment"), "method": METHOD, "gemm_tflops": {"bf16": 0.5}, "comparison": [row],
+        "cost_curve": [row], "pipeline": {"skipped": "no photos"}, "command": "simmim bench --threads 1"}]})
     assert "`simmim bench --threads 1`" in page and "| ours GEMM s | HF GEMM s |" in page
     assert f"| {row['ours_gemm_s']:.3f} | {row['ref_gemm_s']:.3f} |" in page
     assert 0 <= row["ours_system_s"] < row["ours_step_s"] and 0 <= row["ref_system_s"] < row["ref_step_s"]
     quiet = {**row, "ours_system_s": 0.0, "ref_system_s": 0.0}
     faulting = {**quiet, "ref_system_s": 0.5 * row["ref_step_s"]}  # as when page faults slow HF's steps
-    assert report.kernel_time_notes([quiet]) == ["System (kernel) time stayed under 10% of every step on both sides."]
+    assert report.kernel_time_notes([quiet]) == ["System (kernel) time stayed under 10% of every step on every side."]
     assert report.kernel_time_notes([quiet, faulting]) == [
         f"- {row['model']} {row['precision']}: HF spent {faulting['ref_system_s']:.3f} s of its "
         f"{row['ref_step_s']:.3f} s step in the kernel (page faults, mostly); that row's ratio is less certain."]
@@ -107,13 +111,13 @@ def test_bf16_step_stays_near_fp32():
     data = batch(model, 2, CPU)
     with torch.no_grad():
         fp32 = ours_loss(model, data).item()
-    assert training_step(model, ours_loss, data, "bf16")() == pytest.approx(fp32, rel=0.02)
+    assert pretraining_step(model, ours_loss, data, "bf16")() == pytest.approx(fp32, rel=0.02)
 
 
 def test_dropout_paths_train():
     model = ours(NANO, img_size=128, drop_rate=0.1, attn_drop_rate=0.1)
     data = batch(model, 2, CPU)
-    assert np.isfinite(training_step(model, ours_loss, data, "fp32")())
+    assert np.isfinite(pretraining_step(model, ours_loss, data, "fp32")())
 
 
 def test_gemm_seconds_count_matrix_products_only():

@@ -22,36 +22,58 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SIMMIM_CACHE", Path.home() / ".cache" / "simmim"))
 
 
-@functools.cache
-def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
-    """(model name with family and model numbers, flags) of the first CPU in /proc/cpuinfo; the
-    platform's processor name and no flags where it is not readable (not Linux)."""
+ISA_NAMES = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+"""/proc/cpuinfo flags and the names the benchmark page gives them."""
+
+
+def cpu_fields(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo; {} where there is none (not Linux)."""
     fields: dict[str, str] = {}
     try:
         with open(path) as f:
             for line in f:
-                if not line.strip():
+                if not line.strip() and fields:
                     break  # the first processor's block ends here
                 key, _, value = line.partition(":")
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    model = fields.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in fields:  # virtual machines often name the CPU generically
-        model += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
-    return model, frozenset((fields.get("flags") or fields.get("Features") or "").split())
+        return {}
+    return fields
+
+
+def isa_names(fields: dict[str, str]) -> list[str]:
+    """The instruction sets of ISA_NAMES the CPU of `fields` has, by their page names."""
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return [name for flag, name in ISA_NAMES if flag in flags]
+
+
+def cpu_model(fields: dict[str, str] | None = None, isa: bool = True) -> str:
+    """e.g. 'Intel(R) Xeon(R) Processor (family 6, model 207; AVX2, AVX-512, AVX512-BF16, AMX-BF16)';
+    without `isa`, the name and family/model only (virtual machines often name the CPU generically)."""
+    fields = cpu_fields() if fields is None else fields
+    if not fields:
+        return platform.processor() or platform.machine()
+    name = fields.get("model name", platform.machine())
+    details = []
+    if "cpu family" in fields:
+        details.append(f"family {fields['cpu family']}, model {fields.get('model', '?')}")
+    if isa and isa_names(fields):
+        details.append(", ".join(isa_names(fields)))
+    return f"{name} ({'; '.join(details)})" if details else name
+
+
+@functools.cache
+def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
+    """(model name with family and model numbers, flags) of the first CPU; no flags where
+    /proc/cpuinfo is not readable (not Linux)."""
+    fields = cpu_fields(path)
+    return cpu_model(fields, isa=False), frozenset((fields.get("flags") or fields.get("Features") or "").split())
 
 
 def isa_flags(flags: frozenset[str] | None = None) -> list[str]:
     """The ISA_FLAGS this CPU has, in ISA_FLAGS order."""
     flags = cpu_info()[1] if flags is None else flags
     return [f for f in ISA_FLAGS if f in flags]
-
-
-def cpu_description() -> str:
-    """e.g. 'Intel(R) Xeon(R) Processor [avx2 avx512f ... amx_bf16]'."""
-    model, _ = cpu_info()
-    return f"{model} [{' '.join(isa_flags()) or 'no AVX'}]"
 
 
 def auto_precision(device: torch.device, flags: frozenset[str] | None = None) -> tuple[str, str]:
@@ -69,4 +91,4 @@ def auto_precision(device: torch.device, flags: frozenset[str] | None = None) ->
 
 def machine_key() -> str:
     """CPU model, ISA flags, torch version and thread count: what a measured kernel choice depends on."""
-    return f"{cpu_description()} torch {torch.__version__} threads {torch.get_num_threads()}"
+    return f"{cpu_info()[0]} [{' '.join(isa_flags())}] torch {torch.__version__} threads {torch.get_num_threads()}"

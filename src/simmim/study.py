@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .bench.report import cpu_model
 from .config import load_config
 from .demo import PRETRAIN_PRESET, DemoSettings, finetune_run, pretrain_run
 from .engine.builders import build_network, eval_source, first, labelled_source
 from .engine.evaluation import load_run_model
 from .engine.logging import read_metrics
 from .engine.probe import extract_features, probe_features
+from .hardware import cpu_model
 from .viz import save_bars, save_curves
 
 FINETUNE_EVALS = 5

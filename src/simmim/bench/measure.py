@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from ..models.fused import _ONEDNN, matmul_nt
@@ -60,36 +59,6 @@ def alternate(steps: dict[str, Callable[[], object]], device: torch.device, warm
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
-
-
-def peak_memory(step: Callable[[], object], device: torch.device) -> int:
-    """Bytes the step allocates on top of what was held before it (weights, optimizer state), at its peak.
-
-    CUDA: the caching allocator's max_memory_allocated. CPU: the same quantity from the profiler's
-    record of every CPU tensor allocation and free with the running total; unlike the process's RSS it
-    does not depend on what the malloc keeps cached (jemalloc with decay off keeps every freed page)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    allocations = []
-    pending = list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        event = pending.pop()
-        pending.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            fields = event.extra_fields
-            allocations.append((event.start_time_ns, fields.alloc_size, fields.total_allocated))
-    if not allocations:
-        return 0
-    allocations.sort()
-    start = allocations[0][2] - allocations[0][1]  # the running total just before the first event
-    return max(total for _, _, total in allocations) - start
 
 
 GEMM_OPS = frozenset({

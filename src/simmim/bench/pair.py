@@ -1,20 +1,23 @@
-"""The two sides of the comparison: our SimMIM model and HF transformers' SwinForMaskedImageModeling
-holding the same weights, and one pretraining step (forward, backward, AdamW) for each."""
+"""The sides of the comparison: our SimMIM model, HF transformers' SwinForMaskedImageModeling and (in its
+own environment, `make bench-peers`) mmpretrain's SimMIM holding the same weights, and one pretraining step
+(forward, backward, AdamW) for each."""
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint.formats import HF
+from ..checkpoint.formats import HF, MMPRETRAIN
+from ..measure import training_step
 from ..models import SimMIM
 from ..zoo import build_model, get_spec
 
@@ -68,6 +71,39 @@ def hf_twin(model: SimMIM) -> nn.Module:
     return hf.to(next(model.parameters()).device)
 
 
+def mm_twin(model: SimMIM) -> nn.Module:
+    """mmpretrain's SimMIM (SimMIMSwinTransformer, SimMIMLinearDecoder, SimMIMHead with its L1 loss) with the
+    same configuration and weights, written in its checkpoint layout; only in the peer environment."""
+    with warnings.catch_warnings():  # mmcv without compiled ops says so: the SimMIM modules need none
+        warnings.filterwarnings("ignore", "Fail to import ``MultiScaleDeformableAttention``")
+        from mmpretrain.registry import MODELS  # the peer environment's, never the project's dependency
+        from mmpretrain.utils import register_all_modules
+
+        register_all_modules(init_default_scope=True)
+
+    cfg = model.encoder.cfg
+    if cfg.drop_rate or cfg.attn_drop_rate or cfg.mlp_ratio != 4 or not cfg.qkv_bias:
+        raise ValueError("the mmpretrain side runs mlp_ratio 4 with qkv bias and without dropout")
+    mm = MODELS.build(dict(
+        type="SimMIM",
+        backbone=dict(type="SimMIMSwinTransformer", arch=dict(embed_dims=cfg.embed_dim, depths=list(cfg.depths),
+                                                              num_heads=list(cfg.num_heads)),
+                      img_size=cfg.img_size, in_channels=cfg.in_chans, drop_path_rate=0.0,
+                      use_abs_pos_embed=cfg.ape, pad_small_map=cfg.pad_small_map,
+                      stage_cfgs=dict(block_cfgs=dict(window_size=cfg.window_size))),
+        neck=dict(type="SimMIMLinearDecoder", in_channels=cfg.embed_dim * 2 ** (len(cfg.depths) - 1),
+                  encoder_stride=cfg.encoder_stride),
+        head=dict(type="SimMIMHead", patch_size=cfg.patch_size,
+                  loss=dict(type="PixelReconstructionLoss", criterion="L1", channel=cfg.in_chans)),
+    ))
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    missing, unexpected = mm.load_state_dict(MMPRETRAIN.from_ours(state), strict=False)
+    missing = [k for k in missing if not k.endswith("relative_position_index")]  # buffers built from the config
+    if missing or unexpected:
+        raise RuntimeError(f"mmpretrain did not load every weight: missing {missing}, unexpected {unexpected}")
+    return mm.to(next(model.parameters()).device)
+
+
 def batch(model: SimMIM, size: int, device: torch.device, seed: int = 0) -> Batch:
     """Seeded images and masks at the model's resolution."""
     generator = torch.Generator().manual_seed(seed)
@@ -84,32 +120,18 @@ def hf_loss(model: nn.Module, data: Batch) -> torch.Tensor:
     return model(pixel_values=data.images, bool_masked_pos=data.mask.flatten(1).bool()).loss
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the device, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision != "bf16":
+def mm_loss(model: nn.Module, data: Batch) -> torch.Tensor:
+    return model.loss(data.images, [SimpleNamespace(mask=m) for m in data.mask])["loss"]
+
+
+def pretraining_step(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], data: Batch,
+                     precision: str) -> Step:
+    """One pretraining step as the training loop runs it (`measure.training_step`) with AdamW, fused where
+    torch has it, as for every side here."""
+    if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision {precision!r}: expected 'fp32' or 'bf16'")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def training_step(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], data: Batch,
-                  precision: str) -> Step:
-    """One pretraining step as the training loop runs it: forward under autocast, backward, AdamW
-    (fused where torch has it, as for both sides here), gradients freed between steps."""
-    device = data.images.device
-    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
-
-    def step() -> float:
-        with autocast(precision, device):
-            loss = loss_fn(model, data)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    return step
+    return training_step(model, optimizer, lambda: loss_fn(model, data), precision, data.images.device)
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:

@@ -1,5 +1,6 @@
-"""Throughput of the pretraining input pipeline on real photographs: JPEG decode, RandomResizedCrop,
-flip, normalize and mask generation, per worker and through a DataLoader with the default workers."""
+"""Throughput of the pretraining input pipeline, per worker and through a DataLoader with the default
+workers: on real photographs (JPEG decode, RandomResizedCrop, flip, normalize, masks), and the demo's
+(Fashion-MNIST, its preset's transform) beside the demo step's consumption in bf16."""
 
 from __future__ import annotations
 
@@ -32,21 +33,56 @@ def _dataset(paths: list[Path], images: int, size: int) -> tuple[SeededSamples, 
     return SeededSamples(files, train_transform(AugmentConfig(), size)), keys
 
 
-def throughput(images: int = 128, size: int = 192, batch_size: int = 8, workers: int | None = None) -> dict:
-    """Images/s of one worker (the pipeline in this process) and of a DataLoader with `workers`
-    processes (None: the training default, min(8, CPUs - 1))."""
-    collate = MaskCollate(MaskGenerator(size, 32, 4, 0.6))
+def _rates(dataset: SeededSamples, keys: list, collate: MaskCollate, batch_size: int,
+           workers: int | None) -> dict:
+    """Images/s of one worker (the pipeline in this process) and of a DataLoader with `workers` processes
+    (None: the training default, min(8, CPUs - 1)), over `keys`."""
     settings = loader_settings(workers, torch.device("cpu"))
+    start = time.perf_counter()
+    for i in range(0, len(keys), batch_size):
+        collate([dataset[key] for key in keys[i:i + batch_size]])
+    per_worker = len(keys) / (time.perf_counter() - start)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, collate_fn=collate, **settings)
+    start = time.perf_counter()
+    for _ in loader:  # includes starting the workers, as every epoch of a short run does
+        pass
+    loaded = len(keys) / (time.perf_counter() - start)
+    return {"images": len(keys), "batch_size": batch_size, "workers": settings["num_workers"],
+            "per_worker_images_per_s": per_worker, "loader_images_per_s": loaded}
+
+
+def throughput(images: int = 128, size: int = 192, batch_size: int = 8, workers: int | None = None) -> dict:
+    """Images/s of the pipeline on JPEG photographs (`_rates`)."""
+    collate = MaskCollate(MaskGenerator(size, 32, 4, 0.6))
     with tempfile.TemporaryDirectory() as tmp:
         dataset, keys = _dataset(write_jpegs(Path(tmp)), images, size)
-        start = time.perf_counter()
-        for i in range(0, images, batch_size):
-            collate([dataset[key] for key in keys[i:i + batch_size]])
-        per_worker = images / (time.perf_counter() - start)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, collate_fn=collate, **settings)
-        start = time.perf_counter()
-        for _ in loader:  # includes starting the workers, as every epoch of a short run does
-            pass
-        loaded = images / (time.perf_counter() - start)
-    return {"images": images, "size": size, "batch_size": batch_size, "workers": settings["num_workers"],
-            "per_worker_images_per_s": per_worker, "loader_images_per_s": loaded}
+        return {"size": size, **_rates(dataset, keys, collate, batch_size, workers)}
+
+
+def demo_throughput(batches: int = 8, steps: int = 3, precision: str = "bf16") -> dict:
+    """The demo's pretraining input (Fashion-MNIST through its preset's transform and masks, its batch and
+    default workers) against the demo model's training step in `precision` on the same batches."""
+    from ..config import load_config
+    from ..data.fashion_mnist import FashionMNIST
+    from ..demo import PRETRAIN_PRESET
+    from ..engine.builders import build_network, img_size
+    from ..measure import training_step
+
+    cfg = load_config(PRETRAIN_PRESET)
+    size, batch_size = img_size(cfg), cfg.data.batch_size
+    torch.manual_seed(0)
+    model = build_network(cfg)
+    collate = MaskCollate(model.mask_generator)
+    dataset = SeededSamples(FashionMNIST("train"), train_transform(cfg.augment, size))
+    keys = [(i, derive_seed(0, i)) for i in range(batches * batch_size)]
+    rates = _rates(dataset, keys, collate, batch_size, cfg.data.num_workers)
+    images, masks = collate([dataset[key] for key in keys[:batch_size]])[:2]
+    optimizer = torch.optim.AdamW(model.parameters())
+    step = training_step(model, optimizer, lambda: model(images, masks).loss, precision, torch.device("cpu"))
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    consumed = steps * batch_size / (time.perf_counter() - start)
+    return {"preset": PRETRAIN_PRESET, "size": size, "precision": precision, "threads": torch.get_num_threads(),
+            "step_images_per_s": consumed, **rates, "keeps_up": rates["loader_images_per_s"] > consumed}

@@ -4,6 +4,7 @@ the `simmim bench` command."""
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -13,10 +14,12 @@ from typing import TypeVar
 
 import torch
 
+from ..hardware import cpu_model
+from ..measure import peak_memory
 from ..zoo import build_model, get_spec
 from ..zoo.flops import count_macs
-from . import measure, report
-from .pair import batch, compile_blocks, hf_loss, hf_twin, ours, ours_loss, training_step
+from . import measure, peers, report
+from .pair import batch, compile_blocks, hf_loss, hf_twin, mm_loss, mm_twin, ours, ours_loss, pretraining_step
 
 TINY, SMALL, BASE, LARGE = (
     "simmim_swin-tiny-w6_in1k-192px", "simmim_swin-small-w6_in1k-192px",
@@ -47,11 +50,14 @@ class Plan:
 PLANS = {"cpu": Plan(8, (1, 2, 4, 8), 4, 2, 2048, 1, 5), "cuda": Plan(64, (16, 32, 64, 128), 64, 32, 8192, 2, 8)}
 METHOD = [
     "- A step is one SimMIM pretraining step as training runs it: forward (under `torch.autocast` for bf16), "
-    "L1 loss on masked pixels, backward, fused AdamW; both sides in one process on the same seeded images, "
+    "L1 loss on masked pixels, backward, fused AdamW; every side in one process on the same seeded images, "
     "masks and weights (ours written in HF's on-disk layout and read by `from_pretrained`), HF with "
-    "`attn_implementation=\"sdpa\"`, dropout and drop path 0 on both.",
-    "- Step time: median over steps timed alternately (ours, HF, ours, HF, ...) after untimed warm-up rounds, "
-    "so that other load on the machine slows both sides alike; both sides use the same torch threads "
+    "`attn_implementation=\"sdpa\"`, dropout and drop path 0 on all.",
+    "- mmpretrain 1.2.0 (its SimMIM: SimMIMSwinTransformer, linear decoder, L1 head), where its environment "
+    "exists (`make bench-peers`): our weights converted to its checkpoint layout and loaded, the row run by "
+    "that venv's python with this package first on its path, so the three sides are timed in one process.",
+    "- Step time: median over steps timed alternately (ours, HF[, mmpretrain], ours, HF, ...) after untimed "
+    "warm-up rounds, so that other load on the machine slows every side alike; all use the same torch threads "
     "(`--threads`: on a CPU shared with other jobs one thread gives steadier times than OpenMP regions "
     "that wait for a busy core).",
     "- System time: the kernel's CPU time within a timed step (median); a row where it passes a tenth of a "
@@ -85,17 +91,19 @@ def forward_macs(name: str, **overrides) -> int:
 
 
 def _sides(name: str, batch_size: int, precision: str, device: torch.device, plan: Plan, reference: bool,
-           compile: str | None, **overrides) -> dict[str, dict]:
-    """Times and measures our model (and HF's twin if `reference`) on one configuration."""
+           compile: str | None, peer: bool = False, **overrides) -> dict[str, dict]:
+    """Times and measures our model (and HF's twin if `reference`, mmpretrain's if `peer`) on one configuration."""
     model = ours(name, **overrides).to(device)
     data = batch(model, batch_size, device)
     models = {"ours": (model, ours_loss)}
     if reference:
         models["ref"] = (hf_twin(model), hf_loss)
+    if peer:
+        models["mm"] = (mm_twin(model), mm_loss)
     if compile:
         for m, _ in models.values():
             compile_blocks(m, compile)
-    steps = {side: training_step(m, loss_fn, data, precision) for side, (m, loss_fn) in models.items()}
+    steps = {side: pretraining_step(m, loss_fn, data, precision) for side, (m, loss_fn) in models.items()}
     losses = {side: step() for side, step in steps.items()}  # first step: same weights on both sides
     timings = measure.alternate(steps, device, plan.warmup, plan.repeats)
     flops = 6 * forward_macs(name, **overrides) * batch_size
@@ -104,22 +112,26 @@ def _sides(name: str, batch_size: int, precision: str, device: torch.device, pla
         models[side][0].zero_grad(set_to_none=True)  # memory measured on top of weights and optimizer state
         seconds = measure.median(timings.wall[side])
         out[side] = {"step_s": seconds, "images_per_s": batch_size / seconds, "tflops": flops / seconds / 1e12,
-                     "peak_mb": measure.peak_memory(step, device) / MB, "gemm_s": measure.gemm_seconds(step, device),
+                     "peak_mb": peak_memory(step, device) / MB, "gemm_s": measure.gemm_seconds(step, device),
                      "system_s": measure.median(timings.system[side]), "loss": losses[side],
                      "times": timings.wall[side]}
     return out
 
 
 def compare(name: str, batch_size: int, precision: str, device: torch.device, plan: Plan,
-            compile: str | None = None, **overrides) -> dict:
-    """One row of the comparison with HF: our and HF's figures side by side, with their ratios."""
-    sides = _sides(name, batch_size, precision, device, plan, reference=True, compile=compile, **overrides)
+            compile: str | None = None, peer: bool = False, **overrides) -> dict:
+    """One row of the comparison with HF (and mmpretrain if `peer`): the sides' figures side by side, with
+    their ratios to ours."""
+    sides = _sides(name, batch_size, precision, device, plan, reference=True, compile=compile, peer=peer,
+                   **overrides)
     cfg = {**get_spec(name).encoder, **overrides}
     row = {"model": SHORT.get(name, name), "name": name, "img_size": cfg["img_size"], "window": cfg["window_size"],
            "batch": batch_size, "precision": precision, "device": device.type, "compile": compile}
     for side, figures in sides.items():
         row.update({f"{side}_{key}": value for key, value in figures.items()})
     row["speedup"] = row["ref_step_s"] / row["ours_step_s"]
+    if peer:
+        row["mm_speedup"] = row["mm_step_s"] / row["ours_step_s"]
     row["memory_ratio"] = row["ours_peak_mb"] / row["ref_peak_mb"] if row["ref_peak_mb"] else None
     return row
 
@@ -144,11 +156,11 @@ def cost_curve(precision: str, device: torch.device, plan: Plan) -> list[dict]:
 
 
 def quick(device: torch.device, precision: str = "fp32", name: str = TINY, batch_size: int = 8,
-          warmup: int = 1, repeats: int = 3, compile: str | None = None, **overrides) -> dict:
-    """Ours against HF on one configuration (Swin-T 192/w6, batch 8 by default) in about a minute;
-    overrides change the zoo model's encoder (e.g. img_size)."""
+          warmup: int = 1, repeats: int = 3, compile: str | None = None, peer: bool = False, **overrides) -> dict:
+    """Ours against HF (and mmpretrain if `peer`) on one configuration (Swin-T 192/w6, batch 8 by default)
+    in about a minute; overrides change the zoo model's encoder (e.g. img_size)."""
     plan = Plan(batch_size, (), 0, 0, 0, warmup, repeats)
-    row = compare(name, batch_size, precision, device, plan, compile, **overrides)
+    row = compare(name, batch_size, precision, device, plan, compile, peer, **overrides)
     return {"environment": report.environment(device), **row}
 
 
@@ -177,9 +189,11 @@ def row_runner(device: torch.device) -> Callable[..., dict]:
     return in_process
 
 
-def full(device: torch.device, precisions: list[str], compile: str | None = None) -> dict:
+def full(device: torch.device, precisions: list[str], compile: str | None = None,
+         peer: Callable[..., dict] | None = None) -> dict:
     """Comparison (Swin-T and Swin-B in every precision), cost curve and data pipeline; on the CPU each
-    row and point measured in a process of its own."""
+    row and point measured in a process of its own; with a `peer` runner (`peers.in_peers`) the comparison
+    rows run there, with mmpretrain as a third side."""
     plan = PLANS["cuda" if device.type == "cuda" else "cpu"]
     results = {"environment": report.environment(device), "method": METHOD, "plan": plan.__dict__}
     print("measuring the dense-GEMM rate", flush=True)
@@ -187,15 +201,19 @@ def full(device: torch.device, precisions: list[str], compile: str | None = None
     results["comparison"] = []
     for name in (TINY, BASE):
         for precision in precisions:
-            print(f"ours against HF: {SHORT[name]} batch {plan.batch} {precision}", flush=True)
-            results["comparison"].append(row_runner(device)(compare, name, plan.batch, precision, device, plan,
-                                                            compile))
+            print(f"ours against HF{' and mmpretrain' if peer else ''}: {SHORT[name]} batch {plan.batch} "
+                  f"{precision}", flush=True)
+            runner = peer or row_runner(device)
+            results["comparison"].append(runner(compare, name, plan.batch, precision, device, plan, compile,
+                                                peer is not None))
     print("cost curve", flush=True)
     results["cost_curve"] = cost_curve(precisions[0], device, plan)
     print("data pipeline", flush=True)
     consumer = next(r for r in results["comparison"] if r["name"] == BASE and r["precision"] == precisions[0])
     results["pipeline"] = data_pipeline(plan.batch, f"Swin-B {precisions[0]} batch {plan.batch}",
                                         consumer["ours_images_per_s"])
+    print("the demo's data pipeline against its bf16 step", flush=True)
+    results["demo_pipeline"] = row_runner(device)(demo_pipeline)
     return results
 
 
@@ -212,6 +230,16 @@ def data_pipeline(batch_size: int, consumer: str, consumer_images_per_s: float) 
     return pipe
 
 
+def demo_pipeline() -> dict:
+    """The demo's loader beside its bf16 step on the CPU (skipped without the Fashion-MNIST files)."""
+    from . import pipeline
+
+    try:
+        return pipeline.demo_throughput()
+    except (FileNotFoundError, ImportError) as err:
+        return {"skipped": f"{err}"}
+
+
 def _print_rows(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     print("\n".join(report.table(rows, columns)))
 
@@ -221,16 +249,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="ours against HF on Swin-T 192/w6, batch 8, only")
     parser.add_argument("--json", help="write the results here (default with the full run: docs/benchmark.json)")
     parser.add_argument("--markdown", help="full run: write the tables here (default docs/benchmark.md)")
+    parser.add_argument("--note", help="full run: a line under this CPU's heading on the page (e.g. the machine "
+                                       "was shared)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when there is one)")
     parser.add_argument("--precision", help="fp32, bf16 or both comma-separated (default: fp32 with --quick, "
                                             "fp32,bf16 otherwise)")
     parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                         help="torch.compile every block, ours and HF's (backend: inductor)")
+    parser.add_argument("--peers", default=peers.VENV, help="the venv holding mmpretrain, the third side "
+                                                             "(`make bench-peers` builds it; default %(default)s)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--model", default=TINY, help="--quick: the zoo model to compare")
     parser.add_argument("--batch", type=int, default=8, help="--quick: the batch size")
     parser.add_argument("--img-size", type=int, help="--quick: the input size (default: the model's)")
     parser.add_argument("--repeats", type=int, default=3, help="--quick: timed steps per side")
+
+
+def _here(fn: Callable[..., T], *args, **kwargs) -> T:
+    return fn(*args, **kwargs)
+
+
+def peer_runner(venv: str, here: Callable[..., dict]) -> Callable[..., dict] | None:
+    """Where rows with mmpretrain run: as `here` runs rows when this python has mmpretrain, in the peers' venv
+    when that exists, nowhere (None, said in one line) otherwise."""
+    if peers.has_mmpretrain():
+        return here
+    python = peers.peers_python(venv)
+    if python is None:
+        print(f"mmpretrain: skipped (no {venv}; `make bench-peers` builds it)", flush=True)
+        return None
+    return peers.in_peers(python)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -242,25 +290,30 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     precisions = (args.precision or ("fp32" if args.quick else "fp32,bf16")).split(",")
-    cpu = f" ({report.cpu_model()}, fp32 GEMM route {gemm_route()})" if device.type == "cpu" else ""
+    cpu = f" ({cpu_model()}, fp32 GEMM route {gemm_route()})" if device.type == "cpu" else ""
     print(f"simmim bench on {device.type}{cpu}, {torch.get_num_threads()} threads, allocator "
           f"{allocator_description()}", flush=True)
     if args.quick:
+        peer = peer_runner(args.peers, _here)
         overrides = {"img_size": args.img_size} if args.img_size else {}
-        results = quick(device, precisions[0], args.model, args.batch, repeats=args.repeats, compile=args.compile,
-                        **overrides)
-        _print_rows([results], report.COMPARISON)
+        results = (peer or _here)(quick, device, precisions[0], args.model, args.batch, repeats=args.repeats,
+                                  compile=args.compile, peer=peer is not None, **overrides)
+        _print_rows([results], report.comparison_columns([results]))
         if args.json:
             report.write_json(results, args.json)
         return results
-    results = full(device, precisions, args.compile)
+    results = full(device, precisions, args.compile, peer_runner(args.peers, row_runner(device)))
     options = {"--device": args.device if args.device != "auto" else None, "--precision": args.precision,
                "--compile": args.compile, "--threads": args.threads}
     results["command"] = " ".join(["simmim bench", *(f"{k} {v}" for k, v in options.items() if v)])
-    _print_rows(results["comparison"], report.COMPARISON)
+    if args.note:
+        results["note"] = args.note
+    _print_rows(results["comparison"], report.comparison_columns(results["comparison"]))
     _print_rows(results["cost_curve"], report.CURVE)
-    json_path = report.write_json(results, args.json or "docs/benchmark.json")
+    json_path = Path(args.json or "docs/benchmark.json")
+    page = report.merge_runs(json.loads(json_path.read_text()) if json_path.exists() else None, results)
+    report.write_json(page, json_path)
     markdown_path = Path(args.markdown or "docs/benchmark.md")
-    markdown_path.write_text(report.markdown(results))
+    markdown_path.write_text(report.markdown(page))
     print(f"wrote {json_path} and {markdown_path}")
     return results

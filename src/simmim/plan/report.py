@@ -107,7 +107,7 @@ def markdown(sections: Sequence[Sequence[Plan]], checks: Sequence[Check], comman
                   "One training step (forward, backward, AdamW step, after a first step created AdamW's state) "
                   "on the CPU: the measured peak is what a process held before the step (parameters, buffers, "
                   "AdamW's state, the batch; its shards under FSDP2) plus the most the step allocated on top "
-                  "of it (the profiler's allocation records, `bench.measure.peak_memory`), the highest over "
+                  "of it (the profiler's allocation records, `measure.peak_memory`), the highest over "
                   "the processes; the prediction is the planner's figure for the same model, batch and "
                   "precision on the CPU path: one plain process, or FSDP2 as the engine wraps the model "
                   "(each block and the root; bf16 gathers under bf16) over 2 processes under torchrun with gloo.", ""]

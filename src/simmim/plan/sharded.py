@@ -13,13 +13,12 @@ import sys
 
 import torch
 
-from ..bench.measure import peak_memory
 from ..engine.distributed import gather_objects, setup, teardown
 from ..engine.parallelize import parallelize
+from ..measure import held_bytes, peak_memory, training_step
 from ..runtime import exit_worker, run_local_torchrun
 from ..zoo import build_model, get_spec
-from .activations import example_inputs
-from .validate import held_bytes, training_step
+from .activations import example_inputs, training_loss
 
 
 def measure(name: str, batch: int, precision: str) -> int:
@@ -33,7 +32,7 @@ def measure(name: str, batch: int, precision: str) -> int:
         wrapped = parallelize(model, env, "fsdp", precision=precision)
         optimizer = torch.optim.AdamW(model.parameters())
         inputs = example_inputs(model, spec, batch, "cpu")
-        step = training_step(wrapped, optimizer, spec, inputs, precision)
+        step = training_step(wrapped, optimizer, lambda: training_loss(wrapped, spec, inputs), precision, env.device)
         step()
         peaks = gather_objects(held_bytes(model, optimizer, *inputs) + peak_memory(step, env.device), env)
         if env.is_main:

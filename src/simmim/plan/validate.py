@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..bench.measure import peak_memory
-from ..engine.parallelize import autocast
-from ..zoo import ModelSpec, build_model, get_spec
+from ..measure import held_bytes, peak_memory, training_step
+from ..zoo import build_model, get_spec
 from .activations import example_inputs, training_loss
 from .estimate import profile_model, strategy_memory
 
@@ -64,34 +61,10 @@ def measured_peak(name: str, batch: int, precision: str, checkpointing: bool, de
     where = torch.device(device)
     model = build_model(spec, use_checkpoint=checkpointing).train().to(where)
     optimizer = torch.optim.AdamW(model.parameters())
-    step = training_step(model, optimizer, spec, example_inputs(model, spec, batch, where), precision)
+    inputs = example_inputs(model, spec, batch, where)
+    step = training_step(model, optimizer, lambda: training_loss(model, spec, inputs), precision, where)
     step()  # AdamW creates its state in the first step
     return held_bytes(model, optimizer) + peak_memory(step, where)
-
-
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, spec: ModelSpec, inputs: tuple,
-                  precision: str) -> Callable[[], None]:
-    """One training step of `model` (or the module wrapping it) on `inputs`: forward under autocast,
-    backward, optimizer step."""
-    device = inputs[0].device
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(precision, device):
-            loss = training_loss(model, spec, inputs)
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
-def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, *tensors: torch.Tensor) -> int:
-    """Bytes of this process's parameters, buffers, optimizer state and `tensors` (its local shards of
-    FSDP2's DTensors)."""
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    local = (t.to_local() if hasattr(t, "to_local") else t
-             for t in [*model.parameters(), *model.buffers(), *state, *tensors])
-    return sum(t.numel() * t.element_size() for t in local)
 
 
 def predicted_peak(name: str, batch: int, precision: str, checkpointing: bool, device: str = "cpu") -> int:
