@@ -41,30 +41,51 @@ def _study(args: argparse.Namespace) -> None:
     run_study(quick(settings) if args.quick else settings)
 
 
-def _predict(args: argparse.Namespace) -> None:
-    from .inference import class_names, inference_model, load_model
+def _load_model(args: argparse.Namespace):
+    """The model of `predict` / `reconstruct`, with the CLI's remedy when published weights are missing."""
+    from .inference import load_model
+    from .zoo.hub import WeightsUnavailable
 
-    model = load_model(args.model, args.weights)
+    if args.random_weights:
+        print("warning: --random-weights: the model is untrained and its output meaningless", file=sys.stderr)
+    try:
+        return load_model(args.model, args.weights, random_weights=args.random_weights)
+    except WeightsUnavailable as err:
+        raise ValueError(f"{err.reason}; pass --weights PATH to a local file "
+                         "(or --random-weights to try the command on an untrained model)") from None
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .inference import class_names, inference_model
+
+    model = _load_model(args)
     if not hasattr(model, "num_classes"):
         raise ValueError(f"{args.model} is a pretraining model: use `simmim reconstruct` for it")
     names = class_names(model)
     for image, result in zip(args.images, inference_model(model, list(args.images)), strict=True):
         top = result["pred_scores"].argsort()[::-1][: args.topk]
         print(image)
+        print(f"  {'rank':>4s}  {'score':>6s}  {'label':>5s}  class")
         for rank, label in enumerate(top, 1):
-            print(f"  {rank}. {result['pred_scores'][label]:.4f}  {label:4d}  {names[label]}")
+            print(f"  {rank:4d}  {result['pred_scores'][label]:.4f}  {label:5d}  {names[label]}")
 
 
 def _reconstruct(args: argparse.Namespace) -> None:
     import torch
     from torchvision.transforms.functional import to_tensor
 
-    from .inference import inference_model, load_model
+    from .inference import checkpoint_mask_settings, inference_model, set_mask
     from .viz import save_grid
 
-    model = load_model(args.model, args.weights)
+    model = _load_model(args)
     if hasattr(model, "num_classes"):
         raise ValueError(f"{args.model} is a classifier: reconstructions need a pretraining model")
+    # the mask the weights were trained with (a zoo model's default may differ), then the flags
+    settings = checkpoint_mask_settings(args.weights) if args.weights else {}
+    flags = {"mask_patch_size": args.mask_patch_size, "mask_ratio": args.mask_ratio}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    set_mask(model, **settings)
+    print(f"mask: {model.mask_generator.mask_ratio:g} of {model.mask_generator.mask_patch_size} px blocks")
     result = inference_model(model, args.image, seed=args.seed)
     panels = torch.stack([to_tensor(result[k]) for k in ("original", "masked", "reconstruction", "pasted")])
     path = save_grid(panels.unsqueeze(0), args.out, scale=args.scale)
@@ -118,6 +139,14 @@ def _verify_data(args: argparse.Namespace) -> int:
     return 1 if report.bad else 0
 
 
+def _add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", metavar="PATH",
+                         help="checkpoint of any supported format (default: the published weights)")
+    weights.add_argument("--random-weights", action="store_true",
+                         help="an untrained model (to try the command; its output is meaningless)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simmim", description="SimMIM masked image modeling")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -157,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify images")
     p.add_argument("model", help="zoo name or exported directory")
     p.add_argument("images", nargs="+")
-    p.add_argument("--weights", help="checkpoint of any supported format (default: the published weights)")
+    _add_weights_arguments(p)
     p.add_argument("--topk", type=int, default=5)
     p.set_defaults(func=_predict)
 
@@ -165,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="zoo name or exported directory")
     p.add_argument("image")
     p.add_argument("--out", default="reconstruction.png")
-    p.add_argument("--weights", help="checkpoint of any supported format (default: the published weights)")
+    _add_weights_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
+    p.add_argument("--mask-ratio", type=float, help="default: the checkpoint's (else the model's)")
+    p.add_argument("--mask-patch-size", type=int, help="default: the checkpoint's (else the model's)")
     p.add_argument("--scale", type=int, default=1, help="enlarge the panels this many times")
     p.set_defaults(func=_reconstruct)
 

@@ -103,7 +103,7 @@ def _vit(img: int = 224, **extra) -> dict:
 MMPRE_B100 = MMPRETRAIN_URL + "simmim_swin-base_8xb256-amp-coslr-100e_in1k-192/"
 MMPRE_B800 = MMPRETRAIN_URL + "simmim_swin-base_16xb128-amp-coslr-800e_in1k-192/"
 MMPRE_L800 = MMPRETRAIN_URL + "simmim_swin-large_16xb128-amp-coslr-800e_in1k-192/"
-OFFICIAL_NOTE = "official microsoft/SimMIM release (Google Drive only): load a downloaded file with pretrained=PATH"
+OFFICIAL_NOTE = "official microsoft/SimMIM release, on Google Drive only: download the file and load it"
 
 SPECS: tuple[ModelSpec, ...] = (
     # mmpretrain's metafile (configs/simmim/metafile.yml)
