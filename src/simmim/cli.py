@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 
 def _models(args: argparse.Namespace) -> None:
-    from .zoo import SPECS, list_models, measure
+    from .zoo import SPECS, list_models, measured
 
     names = set(list_models(args.pattern or "*"))
-    rows = [measure(s) for s in SPECS if s.name in names]
+    rows = measured([s for s in SPECS if s.name in names])
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -147,7 +148,17 @@ def _add_weights_arguments(parser: argparse.ArgumentParser) -> None:
                          help="an untrained model (to try the command; its output is meaningless)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# subcommands whose arguments are defined next to torch-importing code: mounted in full only when
+# they run (or for a full parser), else by name and help, so that `simmim --help` starts in well under
+# a second (tests check these help lines against the modules' own)
+HEAVY_COMMANDS = {
+    "bench": ("simmim.bench", "time a pretraining step against HF transformers"),
+    "plan": ("simmim.plan.command", "per-GPU memory and step time under DDP / FSDP / FSDP+checkpointing"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `simmim` parser; `command` names the one subcommand that will run (None: all in full)."""
     parser = argparse.ArgumentParser(prog="simmim", description="SimMIM masked image modeling")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,13 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=_models)
 
-    from .bench import add_command as add_bench_command
     from .engine import add_commands
-    from .plan.command import add_command as add_plan_command
 
     add_commands(sub)  # pretrain, finetune, evaluate
-    add_bench_command(sub)
-    add_plan_command(sub)
+    for name, (module, summary) in HEAVY_COMMANDS.items():
+        if command in (None, name):
+            importlib.import_module(module).add_command(sub)
+        else:
+            sub.add_parser(name, help=summary)
 
     p = sub.add_parser("demo", help="the main job: SimMIM vs from-scratch on Fashion-MNIST, with a report")
     p.add_argument("--out", default="report", help="report folder")
@@ -235,8 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
 TRAINING_COMMANDS = ("demo", "study", "pretrain", "finetune")
 
 
+def _command_of(argv: list[str]) -> str:
+    """The subcommand an argument list runs ("" for none, e.g. `--help`): its first non-option word."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command_of(sys.argv[1:] if argv is None else argv)).parse_args(argv)
     if argv is None and args.command in TRAINING_COMMANDS:
         # glibc's malloc hands freed memory back and makes some CPU steps 6-10x slower; restarting
         # the command under jemalloc (when installed) keeps them steady. Only for the real command

@@ -16,6 +16,7 @@ from torch import nn
 from ..checkpoint.io import atomic_save_safetensors, check_hash_in_name
 from ..checkpoint.transfer import load_weights
 from ..models import Classifier, SimMIM
+from . import cache_dir
 from .registry import SPECS, arch_of, build_model, get_spec
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -29,11 +30,6 @@ class WeightsUnavailable(ConnectionError):
     def __init__(self, reason: str):
         super().__init__(f"{reason}; {PYTHON_HINT}")
         self.reason = reason
-
-
-def cache_dir() -> Path:
-    """Where downloaded weights live: $SIMMIM_CACHE, else ~/.cache/simmim."""
-    return Path(os.environ.get("SIMMIM_CACHE", Path.home() / ".cache" / "simmim"))
 
 
 def download(url: str, cache: Path | None = None) -> Path:
