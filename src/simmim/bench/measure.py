@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -62,6 +63,15 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def cpu_profile(**kwargs) -> profile:
+    """torch's CPU profiler without kineto's lines on stderr: `USDT ... profiler_start/stop` at every
+    use and, on a machine without a GPU, `ERROR: ... gpuGetDeviceCount failed`, which reads like a
+    failure of the benchmark. Kineto reads KINETO_LOG_LEVEL when a profiler first starts; 6 is above
+    its highest level (USDT, 5). A level the user set is kept."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    return profile(activities=[ProfilerActivity.CPU], **kwargs)
+
+
 def peak_memory(step: Callable[[], object], device: torch.device) -> int:
     """Bytes the step allocates on top of what was held before it (weights, optimizer state), at its peak.
 
@@ -75,7 +85,7 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> int:
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with cpu_profile(profile_memory=True) as prof:
         step()
     allocations = []
     pending = list(prof.profiler.kineto_results.experimental_event_tree())
@@ -104,7 +114,7 @@ def gemm_seconds(step: Callable[[], object], device: torch.device) -> float | No
     the rest of the step is elementwise work, data movement and overhead. None on other devices."""
     if device.type != "cpu":
         return None
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with cpu_profile() as prof:
         step()
     return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6
 
