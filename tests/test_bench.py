@@ -183,3 +183,18 @@ def test_reexec_preloads_jemalloc_once(monkeypatch):
     monkeypatch.delenv("SIMMIM_REEXEC")
     monkeypatch.setenv(runtime.OPT_OUT, "1")
     runtime.maybe_reexec_with_jemalloc()
+
+
+def test_profiled_measurements_write_nothing_on_stderr():
+    """kineto's `USDT ... profiler_start` and (without a GPU) `ERROR: ... gpuGetDeviceCount failed` lines
+    read like a failure of the benchmark; a fresh process shows them at its first profiler start."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom simmim.bench.measure import gemm_seconds, peak_memory\n"
+            "step = lambda: torch.randn(64, 64) @ torch.randn(64, 64)\n"
+            "assert peak_memory(step, torch.device('cpu')) > 0 and gemm_seconds(step, torch.device('cpu')) >= 0\n")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr

@@ -2,8 +2,10 @@
 round trip; pretraining weights transfer into classifiers; export, inference and reconstruction."""
 
 import hashlib
+import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,7 +237,7 @@ def test_download_cache_hash_and_offline_error(tmp_path, monkeypatch):
         hub.download(bad.as_uri())
     with pytest.raises(ConnectionError, match=r"could not download http://127\.0\.0\.1:9/x\.pth .*pretrained=PATH"):
         hub.download("http://127.0.0.1:9/x.pth")
-    with pytest.raises(ValueError, match="no downloadable weights"):
+    with pytest.raises(hub.WeightsUnavailable, match="no downloadable weights.*pretrained=PATH"):
         simmim.get_model("swin-base-w7_simmim-100e-pre_8xb256-coslr-100e_in1k", pretrained=True)
 
 
@@ -273,7 +275,7 @@ def test_predict_cli(tmp_path, exported_classifier, capsys):
     load_photo("astronaut").save(photo)
     assert main(["predict", str(exported_classifier), str(photo), "--topk", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == str(photo) and len(lines) == 4 and "class" in lines[1]
+    assert lines[0] == str(photo) and len(lines) == 5 and "class" in lines[2]
 
 
 def test_reconstruct_writes_the_four_panels(tmp_path):
@@ -304,3 +306,89 @@ def test_pretraining_model_in_predict_is_a_clear_error(tmp_path, capsys):
     load_photo("coffee").save(tmp_path / "c.png")
     assert main(["predict", str(tmp_path / "pre"), str(tmp_path / "c.png")]) == 2
     assert "use `simmim reconstruct`" in capsys.readouterr().err
+
+
+QUIET_RUN = ["--epochs", "1", "--batch-size", "8", "--set", "data.num_workers=0", "--set", "runtime.threads=1",
+             "--set", "runtime.tensorboard=false", "--set", "runtime.vis_every=0"]
+
+
+@pytest.fixture(scope="module")
+def named_classes(tmp_path_factory):
+    """train/ and val/ with two classes named by their folders."""
+    from test_engine import make_image_folder
+
+    root = make_image_folder(tmp_path_factory.mktemp("named"))
+    for split in ("train", "val"):
+        for old, new in (("class_0", "heron"), ("class_1", "kingfisher")):
+            (root / split / old).rename(root / split / new)
+    return root
+
+
+def test_export_of_a_finetuning_run_keeps_the_class_names(tmp_path, named_classes, capsys):
+    assert main(["finetune", "--preset", "nano-finetune", "--data", str(named_classes), "--out", str(tmp_path / "f"),
+                 *QUIET_RUN]) == 0
+    ckpt = sorted((tmp_path / "f").glob("ckpt-*.pt"))[-1]
+    assert main(["export", str(ckpt), str(tmp_path / "exp")]) == 0
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["classes"] == ["heron", "kingfisher"]
+    capsys.readouterr()
+    image = next((named_classes / "val" / "heron").iterdir())
+    assert main(["predict", str(tmp_path / "exp"), str(image)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(image) and lines[1].split() == ["rank", "score", "label", "class"]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["1", "2"] and {(r[2], r[3]) for r in rows} == {("0", "heron"), ("1", "kingfisher")}
+
+
+def _masked_block_fraction(png: Path, block: int) -> float:
+    """Fraction of `block`-px blocks that are grey in the masked panel of a scale-1 reconstruction grid."""
+    from simmim.viz import GAP
+
+    img = np.asarray(Image.open(png)).astype(int)
+    top, tile = 14 + GAP, 64
+    masked = img[top: top + tile, GAP + tile + GAP: GAP + 2 * tile + GAP]
+    grey = (np.abs(masked - 128) <= 1).all(-1)
+    blocks = grey.reshape(tile // block, block, tile // block, block).all(axis=(1, 3))
+    return float(blocks.mean())
+
+
+def test_reconstruct_uses_the_mask_of_the_checkpoint_unless_flags_say_otherwise(tmp_path, named_classes, capsys):
+    assert main(["pretrain", "--preset", "nano-pretrain", "--data", str(named_classes), "--out", str(tmp_path / "p"),
+                 "--set", "mask.patch_size=16", "--set", "mask.ratio=0.3", *QUIET_RUN]) == 0
+    ckpt = sorted((tmp_path / "p").glob("ckpt-*.pt"))[-1]
+    photo = tmp_path / "coffee.png"
+    load_photo("coffee").save(photo)
+    out = tmp_path / "rec.png"
+    assert main(["reconstruct", PRE, str(photo), "--weights", str(ckpt), "--out", str(out)]) == 0
+    assert _masked_block_fraction(out, 16) == 5 / 16  # ceil(0.3 x 16 blocks of 16 px)
+    assert main(["reconstruct", PRE, str(photo), "--weights", str(ckpt), "--out", str(out),
+                 "--mask-ratio", "0.5", "--mask-patch-size", "32"]) == 0
+    assert _masked_block_fraction(out, 32) == 2 / 4
+
+
+def test_panel_titles_fit_at_scale_1():
+    from PIL import ImageDraw
+
+    from simmim.viz import PANELS, fitting_title
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    for width in (64, 128, 192):
+        for alternatives in PANELS:
+            title = fitting_title(draw, alternatives, width)
+            assert title in alternatives and draw.textlength(title) <= width
+    assert [fitting_title(draw, t, 192) for t in PANELS][2] == "reconstruction"
+
+
+def test_predict_and_reconstruct_on_random_weights_and_the_cli_remedy_for_missing_weights(tmp_path, capsys):
+    photo = tmp_path / "coffee.png"
+    load_photo("coffee").save(photo)
+    assert main(["predict", CLS, str(photo), "--random-weights", "--topk", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "output meaningless" in captured.err and len(captured.out.splitlines()) == 4
+    assert main(["reconstruct", PRE, str(photo), "--random-weights", "--out", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").is_file()
+    capsys.readouterr()
+    assert main(["predict", "swin-base-w7_simmim-100e-pre_8xb256-coslr-100e_in1k", str(photo)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("simmim: error: ") and "--weights PATH" in err and "pretrained=" not in err
+    with pytest.raises(SystemExit, match="2"):  # argparse: the two exclude each other
+        main(["predict", CLS, str(photo), "--random-weights", "--weights", "w.pt"])

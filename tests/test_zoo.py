@@ -5,8 +5,15 @@ import pytest
 import torch
 
 import simmim
+from simmim import zoo
 from simmim.cli import main
 from simmim.zoo import SPECS, build_model, get_spec, measure
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """`simmim models` caches its figures: each test starts with an empty cache of its own."""
+    monkeypatch.setenv("SIMMIM_CACHE", str(tmp_path / "cache"))
 
 PUBLISHED = {s.name: s for s in SPECS if s.published_params}
 TEST_MODELS = [s.name for s in SPECS if s.name.endswith("_test-64px")]
@@ -113,3 +120,20 @@ def test_cli_models_json(capsys):
 def test_cli_pattern_without_match_lists_nothing(capsys):
     assert main(["models", "--json", "nothing-like-this"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_models_are_measured_once_then_read_from_the_cache(monkeypatch, capsys):
+    specs = [get_spec(n) for n in TEST_MODELS[:3]]
+    first = zoo.measured(specs)
+    assert first == [measure(s) for s in specs]
+
+    def fail(spec):
+        raise AssertionError(f"{spec.name} measured again")
+
+    monkeypatch.setattr(zoo, "measure", fail)
+    assert zoo.measured(specs) == first
+    assert main(["models", "--json", TEST_MODELS[0]]) == 0
+    assert json.loads(capsys.readouterr().out) == first[:1]
+    monkeypatch.setattr(zoo, "_torch_version", lambda: "0.0.0")  # another torch: figures measured afresh
+    with pytest.raises(AssertionError, match="measured again"):
+        zoo.measured(specs)

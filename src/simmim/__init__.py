@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from .zoo import list_models
-from .zoo.hub import get_model
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["get_model", "inference_model", "list_models", "__version__"]
 
+# imported on first use, so that `simmim --help` starts without torch; inference_model also pulls in
+# the image stack and timm
+_HOMES = {"get_model": ".zoo.hub", "inference_model": ".inference", "list_models": ".zoo"}
 
-def __getattr__(name: str):
-    if name == "inference_model":  # imported on use: it pulls in the image stack and timm
-        from .inference import inference_model
 
-        return inference_model
-    raise AttributeError(f"module 'simmim' has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'simmim' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name], __name__), name)

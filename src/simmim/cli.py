@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 
 def _models(args: argparse.Namespace) -> None:
-    from .zoo import SPECS, list_models, measure
+    from .zoo import SPECS, list_models, measured
 
     names = set(list_models(args.pattern or "*"))
-    rows = [measure(s) for s in SPECS if s.name in names]
+    rows = measured([s for s in SPECS if s.name in names])
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -41,30 +42,51 @@ def _study(args: argparse.Namespace) -> None:
     run_study(quick(settings) if args.quick else settings)
 
 
-def _predict(args: argparse.Namespace) -> None:
-    from .inference import class_names, inference_model, load_model
+def _load_model(args: argparse.Namespace):
+    """The model of `predict` / `reconstruct`, with the CLI's remedy when published weights are missing."""
+    from .inference import load_model
+    from .zoo.hub import WeightsUnavailable
 
-    model = load_model(args.model, args.weights)
+    if args.random_weights:
+        print("warning: --random-weights: the model is untrained and its output meaningless", file=sys.stderr)
+    try:
+        return load_model(args.model, args.weights, random_weights=args.random_weights)
+    except WeightsUnavailable as err:
+        raise ValueError(f"{err.reason}; pass --weights PATH to a local file "
+                         "(or --random-weights to try the command on an untrained model)") from None
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .inference import class_names, inference_model
+
+    model = _load_model(args)
     if not hasattr(model, "num_classes"):
         raise ValueError(f"{args.model} is a pretraining model: use `simmim reconstruct` for it")
     names = class_names(model)
     for image, result in zip(args.images, inference_model(model, list(args.images)), strict=True):
         top = result["pred_scores"].argsort()[::-1][: args.topk]
         print(image)
+        print(f"  {'rank':>4s}  {'score':>6s}  {'label':>5s}  class")
         for rank, label in enumerate(top, 1):
-            print(f"  {rank}. {result['pred_scores'][label]:.4f}  {label:4d}  {names[label]}")
+            print(f"  {rank:4d}  {result['pred_scores'][label]:.4f}  {label:5d}  {names[label]}")
 
 
 def _reconstruct(args: argparse.Namespace) -> None:
     import torch
     from torchvision.transforms.functional import to_tensor
 
-    from .inference import inference_model, load_model
+    from .inference import checkpoint_mask_settings, inference_model, set_mask
     from .viz import save_grid
 
-    model = load_model(args.model, args.weights)
+    model = _load_model(args)
     if hasattr(model, "num_classes"):
         raise ValueError(f"{args.model} is a classifier: reconstructions need a pretraining model")
+    # the mask the weights were trained with (a zoo model's default may differ), then the flags
+    settings = checkpoint_mask_settings(args.weights) if args.weights else {}
+    flags = {"mask_patch_size": args.mask_patch_size, "mask_ratio": args.mask_ratio}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    set_mask(model, **settings)
+    print(f"mask: {model.mask_generator.mask_ratio:g} of {model.mask_generator.mask_patch_size} px blocks")
     result = inference_model(model, args.image, seed=args.seed)
     panels = torch.stack([to_tensor(result[k]) for k in ("original", "masked", "reconstruction", "pasted")])
     path = save_grid(panels.unsqueeze(0), args.out, scale=args.scale)
@@ -159,7 +181,25 @@ def _serve(args: argparse.Namespace) -> None:
           ServeSettings(args.host, args.port, args.max_upload_mb, args.max_pixels, verbose=args.verbose))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", metavar="PATH",
+                         help="checkpoint of any supported format (default: the published weights)")
+    weights.add_argument("--random-weights", action="store_true",
+                         help="an untrained model (to try the command; its output is meaningless)")
+
+
+# subcommands whose arguments are defined next to torch-importing code: mounted in full only when
+# they run (or for a full parser), else by name and help, so that `simmim --help` starts in well under
+# a second (tests check these help lines against the modules' own)
+HEAVY_COMMANDS = {
+    "bench": ("simmim.bench", "time a pretraining step against HF transformers"),
+    "plan": ("simmim.plan.command", "per-GPU memory and step time under DDP / FSDP / FSDP+checkpointing"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `simmim` parser; `command` names the one subcommand that will run (None: all in full)."""
     parser = argparse.ArgumentParser(prog="simmim", description="SimMIM masked image modeling")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,13 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=_models)
 
-    from .bench import add_command as add_bench_command
     from .engine import add_commands
-    from .plan.command import add_command as add_plan_command
 
     add_commands(sub)  # pretrain, finetune, evaluate
-    add_bench_command(sub)
-    add_plan_command(sub)
+    for name, (module, summary) in HEAVY_COMMANDS.items():
+        if command in (None, name):
+            importlib.import_module(module).add_command(sub)
+        else:
+            sub.add_parser(name, help=summary)
 
     p = sub.add_parser("demo", help="the main job: SimMIM vs from-scratch on Fashion-MNIST, with a report")
     p.add_argument("--out", default="report", help="report folder")
@@ -198,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify images")
     p.add_argument("model", help="zoo name or exported directory")
     p.add_argument("images", nargs="+")
-    p.add_argument("--weights", help="checkpoint of any supported format (default: the published weights)")
+    _add_weights_arguments(p)
     p.add_argument("--topk", type=int, default=5)
     p.set_defaults(func=_predict)
 
@@ -206,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="zoo name or exported directory")
     p.add_argument("image")
     p.add_argument("--out", default="reconstruction.png")
-    p.add_argument("--weights", help="checkpoint of any supported format (default: the published weights)")
+    _add_weights_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
+    p.add_argument("--mask-ratio", type=float, help="default: the checkpoint's (else the model's)")
+    p.add_argument("--mask-patch-size", type=int, help="default: the checkpoint's (else the model's)")
     p.add_argument("--scale", type=int, default=1, help="enlarge the panels this many times")
     p.set_defaults(func=_reconstruct)
 
@@ -275,8 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
 TRAINING_COMMANDS = ("demo", "study", "pretrain", "finetune")
 
 
+def _command_of(argv: list[str]) -> str:
+    """The subcommand an argument list runs ("" for none, e.g. `--help`): its first non-option word."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command_of(sys.argv[1:] if argv is None else argv)).parse_args(argv)
     if argv is None and args.command in TRAINING_COMMANDS:
         # glibc's malloc hands freed memory back and makes some CPU steps 6-10x slower; restarting
         # the command under jemalloc (when installed) keeps them steady. Only for the real command

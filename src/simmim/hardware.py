@@ -8,8 +8,10 @@ import functools
 import os
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 """The /proc/cpuinfo flags that change which CPU kernels are fast (named in keys and in the bench)."""
@@ -91,4 +93,6 @@ def auto_precision(device: torch.device, flags: frozenset[str] | None = None) ->
 
 def machine_key() -> str:
     """CPU model, ISA flags, torch version and thread count: what a measured kernel choice depends on."""
+    import torch
+
     return f"{cpu_info()[0]} [{' '.join(isa_flags())}] torch {torch.__version__} threads {torch.get_num_threads()}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -60,9 +61,38 @@ def _to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray((t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
 
 
-def load_model(model: str | Path, weights: str | Path | None = None) -> nn.Module:
-    """A zoo name with its published weights (or `weights`), or an exported directory."""
-    return get_model(model, pretrained=weights or not Path(model).is_dir())
+def load_model(model: str | Path, weights: str | Path | None = None, random_weights: bool = False) -> nn.Module:
+    """A zoo name with its published weights (or `weights`, or none with `random_weights`), or an
+    exported directory."""
+    if random_weights and weights:
+        raise ValueError("random weights and a weights file exclude each other: pass one of them")
+    return get_model(model, pretrained=weights or not (random_weights or Path(model).is_dir()))
+
+
+def checkpoint_mask_settings(weights: str | Path) -> dict:
+    """The mask a checkpoint's run was trained with, as SimMIM overrides (mask_patch_size, mask_ratio):
+    from the config of a simmim training checkpoint (file or sharded directory) or an official one;
+    {} for formats that do not record it."""
+    from .checkpoint.io import load_checkpoint_file
+    from .engine.checkpointing import FORMAT, STATE_FILE
+
+    path = Path(weights)
+    state = load_checkpoint_file(path / STATE_FILE if path.is_dir() else path)
+    config = state.get("config")
+    if not isinstance(config, dict):
+        return {}
+    if state.get("format") == FORMAT:  # ours: a TrainConfig as plain data
+        return {"mask_patch_size": config["mask"]["patch_size"], "mask_ratio": config["mask"]["ratio"]}
+    data = config.get("DATA", {})  # official: the yacs config
+    if "MASK_PATCH_SIZE" in data and "MASK_RATIO" in data:
+        return {"mask_patch_size": data["MASK_PATCH_SIZE"], "mask_ratio": data["MASK_RATIO"]}
+    return {}
+
+
+def set_mask(model: SimMIM, **settings) -> SimMIM:
+    """The model with another mask generator (mask_patch_size and/or mask_ratio), checked as at build."""
+    model.mask_generator = dataclasses.replace(model.mask_generator, **settings)
+    return model
 
 
 def preprocess(model: nn.Module, images: Sequence[ImageLike]) -> tuple[list[Image.Image], torch.Tensor]:

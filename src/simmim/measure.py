@@ -3,6 +3,7 @@ step allocates at its peak, and the bytes a process holds between steps."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -30,6 +31,15 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Call
     return step
 
 
+def cpu_profile(**kwargs) -> profile:
+    """torch's CPU profiler without kineto's lines on stderr: `USDT ... profiler_start/stop` at every
+    use and, on a machine without a GPU, `ERROR: ... gpuGetDeviceCount failed`, which reads like a
+    failure of the benchmark. Kineto reads KINETO_LOG_LEVEL when a profiler first starts; 6 is above
+    its highest level (USDT, 5). A level the user set is kept."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    return profile(activities=[ProfilerActivity.CPU], **kwargs)
+
+
 def peak_memory(step: Callable[[], object], device: torch.device) -> int:
     """Bytes the step allocates on top of what was held before it (weights, optimizer state), at its peak.
 
@@ -43,7 +53,7 @@ def peak_memory(step: Callable[[], object], device: torch.device) -> int:
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with cpu_profile(profile_memory=True) as prof:
         step()
     allocations = []
     pending = list(prof.profiler.kineto_results.experimental_event_tree())

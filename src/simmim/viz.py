@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from .models.simmim import upsample_mask
 
-PANELS = ("original", "masked", "reconstruction", "visible + reconstruction")
+# each panel's titles, longest first: a grid shows the longest that fits its panel width
+PANELS = (("original", "input"), ("masked",), ("reconstruction", "recon."), ("visible + reconstruction", "pasted"))
 GAP = 4
 
 
@@ -29,15 +30,23 @@ def reconstruction_panels(images: torch.Tensor, mask: torch.Tensor, reconstructi
     return torch.stack([original, masked, rec, pasted], dim=1)
 
 
-def save_grid(panels: torch.Tensor, path: str | Path, titles: Sequence[str] = PANELS, scale: int = 1) -> Path:
-    """Writes (rows, cols, 3, H, W) panels in [0, 1] as one PNG with a title row."""
+def fitting_title(draw: ImageDraw.ImageDraw, titles: str | Sequence[str], width: int) -> str:
+    """The first (longest) of `titles` that fits `width` pixels, else the shortest."""
+    titles = (titles,) if isinstance(titles, str) else titles
+    return next((t for t in titles if draw.textlength(t) <= width), titles[-1])
+
+
+def save_grid(panels: torch.Tensor, path: str | Path, titles: Sequence[str | Sequence[str]] = PANELS,
+              scale: int = 1) -> Path:
+    """Writes (rows, cols, 3, H, W) panels in [0, 1] as one PNG with a title row; a title may be a
+    sequence of alternatives, longest first."""
     rows, cols, _, h, w = panels.shape
     h, w = h * scale, w * scale
     title_h = 14
     canvas = Image.new("RGB", (cols * (w + GAP) + GAP, title_h + rows * (h + GAP) + GAP), "white")
     draw = ImageDraw.Draw(canvas)
     for c, title in enumerate(titles[:cols]):
-        draw.text((GAP + c * (w + GAP), 1), title[: max(4, w // 6)], fill="black")
+        draw.text((GAP + c * (w + GAP), 1), fitting_title(draw, title, w), fill="black")
     pixels = (panels.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
     for r in range(rows):
         for c in range(cols):

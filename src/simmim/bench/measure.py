@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from ..measure import cpu_profile
 from ..models.fused import _ONEDNN, matmul_nt
 
 
@@ -73,7 +73,7 @@ def gemm_seconds(step: Callable[[], object], device: torch.device) -> float | No
     the rest of the step is elementwise work, data movement and overhead. None on other devices."""
     if device.type != "cpu":
         return None
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with cpu_profile() as prof:
         step()
     return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6
 

@@ -104,8 +104,12 @@ def _sides(name: str, batch_size: int, precision: str, device: torch.device, pla
         for m, _ in models.values():
             compile_blocks(m, compile)
     steps = {side: pretraining_step(m, loss_fn, data, precision) for side, (m, loss_fn) in models.items()}
+    label = f"{SHORT.get(name, name)} batch {batch_size} {precision}"
+    print(f"  {label}: {' and '.join(steps)} built; {plan.warmup} warm-up + {plan.repeats} timed steps each",
+          flush=True)
     losses = {side: step() for side, step in steps.items()}  # first step: same weights on both sides
     timings = measure.alternate(steps, device, plan.warmup, plan.repeats)
+    print(f"  {label}: timed; measuring peak memory and GEMM time (one profiled step each)", flush=True)
     flops = 6 * forward_macs(name, **overrides) * batch_size
     out = {}
     for side, step in steps.items():

@@ -54,6 +54,8 @@ def load_run_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     num_classes = weights["head.weight"].shape[0] if cfg.task == "finetune" else None
     model = build_network(cfg, num_classes=num_classes)
     model.load_state_dict(weights)
+    if state.get("task", {}).get("classes"):
+        model.classes = list(state["task"]["classes"])
     return model, cfg
 
 

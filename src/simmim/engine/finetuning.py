@@ -90,7 +90,8 @@ class FinetuneTask:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_top1": self.best_top1, "last": self.last}
+        # the class names travel with the weights, so `simmim export` and `predict` can name them
+        return {"best_top1": self.best_top1, "last": self.last, "classes": list(self.train_source.classes)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_top1, self.last = state["best_top1"], dict(state["last"])

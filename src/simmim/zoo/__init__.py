@@ -1,14 +1,26 @@
-"""The named models: build them, list them, and measure them against their published figures."""
+"""The named models: build them, list them, and measure them against their published figures.
+
+Importing this needs no torch (`simmim models` reads cached figures without it)."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import hashlib
+import importlib.metadata
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .flops import count_macs
+from ..hardware import cache_dir
 from .registry import SPECS, ModelSpec, build_model, get_spec, list_models
 
-__all__ = ["SPECS", "ModelSpec", "build_model", "get_spec", "list_models", "measure", "published_flops_fn"]
+__all__ = ["SPECS", "ModelSpec", "build_model", "cache_dir", "get_spec", "list_models", "measure", "measured",
+           "published_flops_fn"]
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def published_flops_fn(model: nn.Module):
@@ -21,6 +33,10 @@ def measure(spec: ModelSpec) -> dict:
     """Parameters and multiply-adds of a spec's model, counted on the meta device (no memory, no
     weights): `flops` the published way at `spec.flops_size`, `flops_train` the whole forward
     (decoder or head included) at the training resolution."""
+    import torch
+
+    from .flops import count_macs
+
     with torch.device("meta"):
         model = build_model(spec).eval()
         images = torch.zeros(1, 3, spec.flops_size, spec.flops_size)
@@ -48,3 +64,38 @@ def measure(spec: ModelSpec) -> dict:
         "source": spec.source,
         "notes": spec.notes,
     }
+
+
+def _torch_version() -> str:
+    return importlib.metadata.version("torch")  # without importing torch
+
+
+def _measure_key() -> str:
+    """What the figures depend on: the torch version and the code of the models and the zoo."""
+    root = Path(__file__).parent.parent
+    digest = hashlib.sha256(_torch_version().encode())
+    for path in sorted([*root.glob("models/*.py"), *root.glob("zoo/*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def measured(specs: Sequence[ModelSpec]) -> list[dict]:
+    """`measure` of each spec, read from a cache under the weights cache dir (one file per torch
+    version and model code, so a change of either measures afresh); measuring every zoo model takes
+    tens of seconds on a small CPU, and `simmim models` would pay them at every call."""
+    path = cache_dir() / f"measured-{_measure_key()}.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    missing = [s for s in specs if s.name not in cached]
+    if missing:
+        cached.update({s.name: measure(s) for s in missing})
+        try:  # atomic: a concurrent reader sees the old file or the new one
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+                json.dump(cached, tmp)
+            os.replace(tmp.name, path)
+        except OSError:  # a read-only cache only costs the time
+            pass
+    return [cached[s.name] for s in specs]

@@ -20,6 +20,16 @@ from ..models import Classifier, FeatureMaps, SimMIM
 from .registry import CLASSIFIER_KEYS, SIMMIM_KEYS, SPECS, arch_of, build_model, get_spec
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+PYTHON_HINT = "pass pretrained=PATH to a local file"
+
+
+class WeightsUnavailable(ConnectionError):
+    """Published weights that cannot be had (none released, or the download failed); `reason` says
+    why without the remedy, which differs between Python (`pretrained=PATH`) and the CLI."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"{reason}; {PYTHON_HINT}")
+        self.reason = reason
 
 
 def download(url: str, cache: Path | None = None) -> Path:
@@ -35,8 +45,8 @@ def download(url: str, cache: Path | None = None) -> Path:
                 shutil.copyfileobj(response, tmp)
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise ConnectionError(f"could not download {url} ({reason}); fetch it on a connected machine and pass "
-                                  f"pretrained=PATH (or put it in {cache})") from None
+            raise WeightsUnavailable(f"could not download {url} ({reason}); fetch it on a connected machine "
+                                     f"(or put it in {cache})") from None
         os.replace(tmp.name, target)
     check_hash_in_name(target)
     return target
@@ -71,12 +81,14 @@ def build_from_config(config: dict) -> nn.Module:
 
 
 def export(model: nn.Module, out_dir: str | Path, name: str | None = None, classes: list[str] | None = None) -> Path:
-    """Writes `model.safetensors` (our layout) and `config.json` to out_dir."""
+    """Writes `model.safetensors` (our layout) and `config.json` to out_dir; `classes` defaults to
+    the model's own class names (a fine-tuning run's, set by `load_run_model`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_save_safetensors(state, out / WEIGHTS_FILE, metadata={"format": "simmim"})
-    (out / CONFIG_FILE).write_text(json.dumps(model_config(model, name, classes), indent=2) + "\n")
+    config = model_config(model, name, classes or getattr(model, "classes", None))
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -118,8 +130,7 @@ def _zoo_model(name: str, pretrained: bool | str | Path, **overrides) -> nn.Modu
     model = build_model(spec, **overrides)
     if pretrained is True:
         if spec.weights is None:
-            raise ValueError(f"{spec.name} has no downloadable weights ({spec.notes or 'none were released'}); "
-                             "pass pretrained=PATH to a local file")
+            raise WeightsUnavailable(f"{spec.name} has no downloadable weights ({spec.notes or 'none were released'})")
         pretrained = download(spec.weights)
     if pretrained:
         report = load_weights(model, pretrained)

@@ -1,4 +1,7 @@
-"""The model zoo: published names, how to build each model, and the figures published for it."""
+"""The model zoo: published names, how to build each model, and the figures published for it.
+
+The names and figures need no torch (`simmim models` and `--help` start without it); the model
+classes are imported when a model is built."""
 
 from __future__ import annotations
 
@@ -6,19 +9,13 @@ import dataclasses
 import difflib
 import fnmatch
 from dataclasses import dataclass, field
+from functools import cache
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from ..models import (
-    Classifier,
-    SimMIM,
-    SwinConfig,
-    SwinTransformer,
-    SwinTransformerV2,
-    SwinV2Config,
-    VisionTransformer,
-    ViTConfig,
-)
+    from ..models import SwinConfig, ViTConfig
 
 MMPRETRAIN_URL = "https://download.openmmlab.com/mmselfsup/1.x/simmim/"
 
@@ -56,7 +53,7 @@ class ModelSpec:
     task: str
     """"pretrain" (SimMIM: encoder + decoder) or "classification" (encoder + head)."""
     arch: str
-    """A key of ARCHS: "swin", "swinv2" or "vit"."""
+    """A key of archs(): "swin", "swinv2" or "vit"."""
     encoder: dict
     """Encoder config fields (SwinConfig / SwinV2Config / ViTConfig)."""
     num_classes: int = 1000
@@ -105,7 +102,7 @@ def _vit(img: int = 224, **extra) -> dict:
 MMPRE_B100 = MMPRETRAIN_URL + "simmim_swin-base_8xb256-amp-coslr-100e_in1k-192/"
 MMPRE_B800 = MMPRETRAIN_URL + "simmim_swin-base_16xb128-amp-coslr-800e_in1k-192/"
 MMPRE_L800 = MMPRETRAIN_URL + "simmim_swin-large_16xb128-amp-coslr-800e_in1k-192/"
-OFFICIAL_NOTE = "official microsoft/SimMIM release (Google Drive only): load a downloaded file with pretrained=PATH"
+OFFICIAL_NOTE = "official microsoft/SimMIM release, on Google Drive only: download the file and load it"
 
 SPECS: tuple[ModelSpec, ...] = (
     # mmpretrain's metafile (configs/simmim/metafile.yml)
@@ -261,27 +258,31 @@ class Arch:
     encoder: type[nn.Module]
 
 
-ARCHS = {
-    "swin": Arch(SwinConfig, SwinTransformer),
-    "swinv2": Arch(SwinV2Config, SwinTransformerV2),
-    "vit": Arch(ViTConfig, VisionTransformer),
-}
+@cache
+def archs() -> dict[str, Arch]:
+    """The architectures by the names specs use ("swin", "swinv2", "vit")."""
+    from ..models import SwinConfig, SwinTransformer, SwinTransformerV2, SwinV2Config, VisionTransformer, ViTConfig
+
+    return {"swin": Arch(SwinConfig, SwinTransformer), "swinv2": Arch(SwinV2Config, SwinTransformerV2),
+            "vit": Arch(ViTConfig, VisionTransformer)}
 
 
 def arch_of(cfg: object) -> str:
-    """The ARCHS key of an encoder config."""
-    return next(name for name, arch in ARCHS.items() if type(cfg) is arch.config)
+    """The archs() key of an encoder config."""
+    return next(name for name, arch in archs().items() if type(cfg) is arch.config)
 
 
 def encoder_config(spec: ModelSpec, **overrides) -> SwinConfig | ViTConfig:
-    return ARCHS[spec.arch].config(**{**spec.encoder, "use_mask_token": spec.task == "pretrain", **overrides})
+    return archs()[spec.arch].config(**{**spec.encoder, "use_mask_token": spec.task == "pretrain", **overrides})
 
 
 def build_model(spec: ModelSpec, **overrides) -> nn.Module:
     """Builds the model of a spec with random weights. Overrides take the usual names: any encoder
     field (img_size, embed_dim, depths, num_heads, window_size, pad_small_map, drop_path_rate, ...),
     num_classes for classifiers, mask_patch_size / mask_ratio / loss / decoder for SimMIM."""
-    arch = ARCHS[spec.arch]
+    from ..models import Classifier, SimMIM
+
+    arch = archs()[spec.arch]
     head_keys = SIMMIM_KEYS if spec.task == "pretrain" else CLASSIFIER_KEYS
     allowed = {f.name for f in dataclasses.fields(arch.config)} | set(head_keys)
     unknown = sorted(set(overrides) - allowed)
