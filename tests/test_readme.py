@@ -13,8 +13,12 @@ Commands that need several processes, a GPU or installing packages are skipped w
 New README sections are picked up by themselves; a command the tables do not cover fails here."""
 
 import dataclasses
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +39,7 @@ NAMES = {
     "simmim_swin-base-w6_8xb256-amp-coslr-100e_in1k-192px": "simmim_swin-nano_test-64px",
     "swin-base-w6_simmim-100e-pre_8xb256-coslr-100e_in1k-192px": "swin-nano_test-64px",
     "swinv2_base_1k_500k": "simmim_swinv2-nano_test-64px",
+    "swin-base-w7_simmim-100e-pre_8xb256-coslr-100e_in1k": "swin-nano_test-64px",
     "simmim_swinv2-G-w12_in22k-ext-192px": "simmim_swinv2-nano_test-64px",  # a 3B model's plan: 2 min here
     "torch.randn(2, 3, 192, 192)": "torch.randn(2, 3, 64, 64)",
 }
@@ -42,6 +47,7 @@ NAMES = {
 FILES = {
     "simmim_pretrain__swin_base__img192_window6__100ep.pth": "simmim_swin-nano_test-64px",
     "simmim_swinv2-nano_test-64px.pth": "simmim_swinv2-nano_test-64px",  # swinv2_base_1k_500k.pth
+    "swin_base_finetune.pth": "swin-nano_test-64px",  # a published classifier (official layout)
 }
 # training commands run at tiny size: the presets of big models become the tiny ones with the same task
 PRESETS = {
@@ -90,8 +96,9 @@ def scratch(tmp_path, monkeypatch):
     """A working folder with the stand-ins; the tiny models "publish" random weights."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SIMMIM_CACHE", str(tmp_path / "cache"))
-    for file, name in FILES.items():
-        torch.save({"model": simmim.get_model(name).state_dict()}, tmp_path / file)
+    for file, name in FILES.items():  # a classifier file: one fine-tuned on the tiny folder's two classes
+        classes = {"num_classes": 2} if get_spec(name).task == "classification" else {}
+        torch.save({"model": simmim.get_model(name, **classes).state_dict()}, tmp_path / file)
 
     def published(name: str):
         spec = get_spec(name)
@@ -108,6 +115,25 @@ def scratch(tmp_path, monkeypatch):
     return make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2, size=64)
 
 
+def skip_reason(command: str) -> str | None:
+    return next((why for pattern, why in SKIPS.items() if re.search(pattern, command)), None)
+
+
+def run_shell_block(block: str) -> None:
+    """A block that is a shell script (a server started, curl, kill) runs as one, with this
+    environment's `simmim` and `python` first on the PATH; whatever it left running is ended."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(["bash", "-ec", stand_in(block)], env=env, start_new_session=True)
+    try:
+        assert proc.wait(timeout=300) == 0, f"README shell block failed: {block.splitlines()[0]}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_every_block_of_the_readme_runs(scratch, capsys):
     namespace: dict = {}
     ran, skipped = 0, []
@@ -118,8 +144,12 @@ def test_every_block_of_the_readme_runs(scratch, capsys):
             print(f"README timing {time.perf_counter() - start:.1f} s: python block {block.splitlines()[0]}")
             ran += 1
             continue
+        if any(not c.startswith("simmim ") and not skip_reason(c) for c in commands(block)):
+            run_shell_block(block)
+            ran += 1
+            continue
         for command in commands(block):
-            reason = next((why for pattern, why in SKIPS.items() if re.search(pattern, command)), None)
+            reason = skip_reason(command)
             if reason:
                 skipped.append(command)
                 continue
