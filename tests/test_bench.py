@@ -112,8 +112,21 @@ def test_bf16_step_stays_near_fp32():
 
 def test_dropout_paths_train():
     model = ours(NANO, img_size=128, drop_rate=0.1, attn_drop_rate=0.1)
+    plain = ours(NANO, img_size=128)
+    plain.load_state_dict(model.state_dict())
     data = batch(model, 2, CPU)
-    assert np.isfinite(training_step(model, ours_loss, data, "fp32")())
+
+    def loss(m: torch.nn.Module, seed: int) -> float:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return ours_loss(m, data).item()
+
+    model.train(), plain.train()
+    assert loss(model, 0) == loss(model, 0) != loss(model, 1)  # dropout draws from the seeded generator
+    assert loss(plain, 0) == loss(plain, 1)  # and is all that differs between the two seeds
+    model.eval(), plain.eval()
+    assert loss(model, 1) == pytest.approx(loss(plain, 1), abs=1e-6)  # off in eval
+    assert np.isfinite(training_step(model.train(), ours_loss, data, "fp32")())
 
 
 def test_gemm_seconds_count_matrix_products_only():
@@ -130,7 +143,7 @@ def test_full_run_rows_are_measured_in_fresh_processes_with_the_same_threads():
         torch.set_num_threads(1)
         assert isolated(os.getpid) != os.getpid()
         assert isolated(torch.get_num_threads) == 1
-        assert row_runner(CPU) is isolated
+        assert row_runner(CPU)(os.getpid) != os.getpid()  # the full run's CPU rows run out of process
     finally:
         torch.set_num_threads(threads)
 
