@@ -23,6 +23,9 @@ from simmim.runtime import run_local_torchrun
 LAUNCHER = """\
 import sys
 from simmim.cli import main
+
+
+pytestmark = pytest.mark.distributed  # torchrun: several processes
 sys.exit(main(sys.argv[1:]))
 """
 SETTINGS = ["data.num_workers=0", "runtime.tensorboard=false", "runtime.vis_every=0", "runtime.log_every=1",
