@@ -24,6 +24,7 @@ NANO = "simmim_swin-nano_test-64px"
 CPU = torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_the_comparison(tmp_path, monkeypatch):
     monkeypatch.setenv(runtime.OPT_OUT, "1")  # no re-exec of pytest under jemalloc
     out = tmp_path / "quick.json"
@@ -62,6 +63,7 @@ def _hf_grads_in_our_layout(hf: torch.nn.Module, tmp_path) -> dict[str, torch.Te
     return HF.to_ours(safetensors.torch.load_file(tmp_path / "model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [128, 224])  # at 224 the last two maps are padded to whole windows
 def test_both_sides_compute_the_same_training_step(size, tmp_path):
     model = ours(NANO, img_size=size)
@@ -83,6 +85,7 @@ def _grads(model: torch.nn.Module, loss_fn, data, precision: str) -> None:
     loss.backward()
 
 
+@pytest.mark.slow
 def test_bf16_gradients_are_as_close_to_fp32_as_hfs():
     """Our bf16 backward recomputes norms and activations, casts before reordering tokens and orders its
     weight-gradient products unlike autograd: its error against the fp32 gradients stays at HF's."""
@@ -137,6 +140,7 @@ def test_gemm_seconds_count_matrix_products_only():
     assert 0 < seconds < time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_full_run_rows_are_measured_in_fresh_processes_with_the_same_threads():
     threads = torch.get_num_threads()
     try:
