@@ -3,11 +3,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo study bench bench-peers test lint venv system-deps
+.PHONY: demo study bench bench-peers test test-fast lint venv system-deps
 
 venv: $(STAMP)
 
-# torch/torchvision are pinned to the releases this machine's pip serves from disk.
+# torch/torchvision: the pinned releases (pyproject.toml states only the lowest supported ones).
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
@@ -60,6 +60,10 @@ bench-peers: venv system-deps $(PEERS_STAMP)
 
 test: venv system-deps
 	$(PY) -m pytest tests
+
+# the inner loop: everything but the tests marked slow (training runs, full-size models) or distributed
+test-fast: venv system-deps
+	$(PY) -m pytest tests -m "not slow and not distributed"
 
 lint: venv
 	$(VENV)/bin/ruff check src tests

@@ -25,6 +25,7 @@ NANO = "simmim_swin-nano_test-64px"
 CPU = torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_the_comparison(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(runtime.OPT_OUT, "1")  # no re-exec of pytest under jemalloc
     out = tmp_path / "quick.json"
@@ -66,6 +67,7 @@ def _hf_grads_in_our_layout(hf: torch.nn.Module, tmp_path) -> dict[str, torch.Te
     return HF.to_ours(safetensors.torch.load_file(tmp_path / "model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [128, 224])  # at 224 the last two maps are padded to whole windows
 def test_both_sides_compute_the_same_training_step(size, tmp_path):
     model = ours(NANO, img_size=size)
@@ -87,6 +89,7 @@ def _grads(model: torch.nn.Module, loss_fn, data, precision: str) -> None:
     loss.backward()
 
 
+@pytest.mark.slow
 def test_bf16_gradients_are_as_close_to_fp32_as_hfs():
     """Our bf16 backward recomputes norms and activations, casts before reordering tokens and orders its
     weight-gradient products unlike autograd: its error against the fp32 gradients stays at HF's."""
@@ -116,8 +119,21 @@ def test_bf16_step_stays_near_fp32():
 
 def test_dropout_paths_train():
     model = ours(NANO, img_size=128, drop_rate=0.1, attn_drop_rate=0.1)
+    plain = ours(NANO, img_size=128)
+    plain.load_state_dict(model.state_dict())
     data = batch(model, 2, CPU)
-    assert np.isfinite(pretraining_step(model, ours_loss, data, "fp32")())
+
+    def loss(m: torch.nn.Module, seed: int) -> float:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return ours_loss(m, data).item()
+
+    model.train(), plain.train()
+    assert loss(model, 0) == loss(model, 0) != loss(model, 1)  # dropout draws from the seeded generator
+    assert loss(plain, 0) == loss(plain, 1)  # and is all that differs between the two seeds
+    model.eval(), plain.eval()
+    assert loss(model, 1) == pytest.approx(loss(plain, 1), abs=1e-6)  # off in eval
+    assert np.isfinite(pretraining_step(model.train(), ours_loss, data, "fp32")())
 
 
 def test_gemm_seconds_count_matrix_products_only():
@@ -128,13 +144,14 @@ def test_gemm_seconds_count_matrix_products_only():
     assert 0 < seconds < time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_full_run_rows_are_measured_in_fresh_processes_with_the_same_threads():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         assert isolated(os.getpid) != os.getpid()
         assert isolated(torch.get_num_threads) == 1
-        assert row_runner(CPU) is isolated
+        assert row_runner(CPU)(os.getpid) != os.getpid()  # the full run's CPU rows run out of process
     finally:
         torch.set_num_threads(threads)
 

@@ -7,7 +7,8 @@ import pytest
 from simmim.cli import main
 from simmim.data.fashion_mnist import FASHION_MNIST_DIR
 
-pytestmark = pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is missing")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is missing")]
 
 
 def test_demo_writes_a_report_with_both_classifiers(tmp_path, capsys):
@@ -24,7 +25,10 @@ def test_demo_writes_a_report_with_both_classifiers(tmp_path, capsys):
     text = (out / "summary.md").read_text()
     assert f"| from scratch | {summary['scratch']['top1']:.2f} |" in text
     assert "Held-out reconstruction loss" in text and "![reconstructions](reconstruction.png)" in text
-    assert "== 3/3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    stages = [line for line in out.splitlines() if line.startswith("== ")]
+    assert [line[:7] for line in stages] == ["== 1/3 ", "== 2/3 ", "== 3/3 "]  # the three runs, in order
+    assert f"scratch {summary['scratch']['top1']:.2f} vs SimMIM {summary['simmim']['top1']:.2f}" in out
 
 
 def test_study_writes_summary_tables_and_plots_and_resumes(tmp_path):

@@ -23,6 +23,9 @@ from simmim.runtime import run_local_torchrun
 LAUNCHER = """\
 import sys
 from simmim.cli import main
+
+
+pytestmark = pytest.mark.distributed  # torchrun: several processes
 sys.exit(main(sys.argv[1:]))
 """
 # fp32: runtime.precision=auto is bf16 on CPUs with AMX or AVX512-BF16, beyond these tolerances

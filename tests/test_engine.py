@@ -217,6 +217,7 @@ def test_loader_workers_and_pinning_follow_the_machine():
     assert loader_settings(None, torch.device("cpu"), local_world_size=cpus)["num_workers"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_splits_and_labelled_subsets():
     train = labelled_source("fashion-mnist", "train", labels_per_class=3, seed=1)
@@ -230,6 +231,7 @@ def test_fashion_mnist_splits_and_labelled_subsets():
 
 # -- end-to-end runs -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pretraining_overfits_one_batch_and_writes_its_run_folder(images, tmp_path):
     out = tmp_path / "pretrain"
     cfg = load_config("nano-pretrain", overrides=settings(
@@ -251,6 +253,7 @@ def test_pretraining_overfits_one_batch_and_writes_its_run_folder(images, tmp_pa
     assert result.images_per_second > 0 and result.skipped_steps == 0 and not result.skipped_files
 
 
+@pytest.mark.slow
 def test_pretraining_measures_reconstruction_on_held_out_images(images, tmp_path):
     out = tmp_path / "pretrain"
     cfg = load_config("nano-pretrain", overrides=settings(
@@ -262,6 +265,7 @@ def test_pretraining_measures_reconstruction_on_held_out_images(images, tmp_path
     assert heldout[-1] < 0.8 * heldout[0], heldout
 
 
+@pytest.mark.slow
 def test_finetuning_overfits_one_batch_and_evaluate_reads_its_checkpoint(images, tmp_path):
     out = tmp_path / "finetune"
     train = images / "train"
@@ -287,6 +291,7 @@ def test_finetuning_overfits_one_batch_and_evaluate_reads_its_checkpoint(images,
         evaluate(pretrained.checkpoint, str(images))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["pretrain", "finetune"])
 def test_resuming_mid_epoch_gives_bit_identical_weights(images, tmp_path, task):
     # random crops, flips, drop path, and for fine-tuning RandAugment, erasing and mixup all draw from
@@ -380,6 +385,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(images, tmp_path, point):
     out = tmp_path / "run"
@@ -442,6 +448,7 @@ def cli(*argv: str) -> None:
 QUIET = ["--set", "data.num_workers=0", "--set", "runtime.tensorboard=false", "--set", "runtime.vis_every=0"]
 
 
+@pytest.mark.slow
 def test_commands_train_resume_and_evaluate(images, tmp_path, capsys):
     cli("pretrain", "--preset", "nano-pretrain", "--data", images, "--out", tmp_path / "p", "--epochs", "1",
         "--batch-size", "8", *QUIET)
@@ -458,6 +465,7 @@ def test_commands_train_resume_and_evaluate(images, tmp_path, capsys):
     assert "(6 images)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_finetuning_starts_from_a_pretraining_run(images, tmp_path, capsys):
     cli("pretrain", "--preset", "nano-pretrain", "--data", images, "--out", tmp_path / "p", "--epochs", "1",
         "--batch-size", "8", *QUIET)
@@ -474,6 +482,7 @@ def test_finetuning_starts_from_a_pretraining_run(images, tmp_path, capsys):
     assert not torch.equal(task.build_model(resuming=True).state_dict()[key], params_of(pretrained)[key])
 
 
+@pytest.mark.slow
 def test_mounting_the_commands_leaves_the_training_stack_unimported():
     code = ("import argparse, sys; from simmim.engine import add_commands; "
             "add_commands(argparse.ArgumentParser().add_subparsers()); "

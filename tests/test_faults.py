@@ -16,6 +16,8 @@ from simmim.config import load_config
 from simmim.engine import checkpointing as ckpt
 from simmim.engine import pretrain
 
+pytestmark = pytest.mark.slow  # training runs in subprocesses, killed and resumed
+
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

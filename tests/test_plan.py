@@ -3,6 +3,9 @@ the CPU (the issue's 15%), how it shards and checkpoints, and its errors on bad 
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
@@ -24,11 +27,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("simmim_vit-nano_test-64px", 32, "bf16", True),
     ("simmim_swinv2-nano_test-64px", 32, "bf16", True),
 ])
+@pytest.mark.slow
 def test_predicted_peak_within_15_percent_of_measured(model, batch, precision, checkpointing):
     result = check(model, batch, precision, checkpointing)
     assert abs(result.error) < 0.15, result
 
 
+@pytest.mark.slow
 def test_fsdp_peak_within_15_percent_of_two_processes():
     result = sharded_check(NANO, 32, "bf16", processes=2)  # torchrun, gloo, bf16 gathers: about 15 s
     assert abs(result.error) < 0.15, result
@@ -39,6 +44,7 @@ def nano_profile():
     return profile_model(NANO, 8, "bf16")
 
 
+@pytest.mark.slow
 def test_fsdp_shards_parameters_and_optimizer_state(nano_profile):
     p = nano_profile.params
     for gpus in (1, 4, 16):
@@ -65,6 +71,7 @@ def test_checkpointing_keeps_less_and_costs_a_forward(nano_profile):
         plan(PlanConfig(NANO, gpus=8, batch=16), nano_profile)
 
 
+@pytest.mark.slow
 def test_activations_scale_linearly_with_batch():
     spec = get_spec(NANO)
     s2, s4, s8 = (saved_bytes(spec, b, "fp32", "cpu").total for b in (2, 4, 8))
@@ -72,6 +79,7 @@ def test_activations_scale_linearly_with_batch():
     assert s4 == pytest.approx(2 * s2, rel=0.05)  # almost nothing is independent of the batch
 
 
+@pytest.mark.slow
 def test_communication_and_step_time():
     profile = profile_model(NANO, 4, "bf16")
     ddp, fsdp, _ = plan(PlanConfig(NANO, gpus=16, batch=4), profile).strategies
@@ -94,10 +102,26 @@ def test_bad_input_is_one_line(argv, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_command_prints_the_table(capsys):
     assert main(["plan", NANO, "--gpus", "1,8", "--batch", "4"]) == 0
     out = capsys.readouterr().out
-    assert "fsdp+ac" in out and out.count("ddp") == 2
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("GPUs"))
+    names = re.split(r"\s{2,}", lines[start].strip())  # columns are two spaces apart
+    table = {(r[0], r[1]): dict(zip(names, r, strict=True)) for r in map(str.split, lines[start + 1:]) if r}
+    assert set(table) == {(g, s) for g in ("1", "8") for s in ("ddp", "fsdp", "fsdp+ac")}
+    assert main(["plan", NANO, "--gpus", "1,8", "--batch", "4", "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)
+    strategies = {(str(p["config"]["gpus"]), s["strategy"]): s for p in plans for s in p["strategies"]}
+    for key, row in table.items():  # the table shows the plan's figures
+        assert row["img/s"] == f"{strategies[key]['images_per_s']:,.0f}"
+        assert row["peak GiB"] == f"{strategies[key]['peak'] / 2**30:.2f}"
+    # FSDP shards optimizer state over the GPUs (and parameters, less the gathered layer); DDP replicates them
+    assert strategies["8", "fsdp"]["optimizer"] == pytest.approx(strategies["8", "ddp"]["optimizer"] / 8, rel=0.01)
+    assert strategies["8", "fsdp"]["params"] < strategies["8", "ddp"]["params"]
+    assert strategies["8", "ddp"]["params"] == strategies["1", "ddp"]["params"]
+    assert strategies["8", "fsdp+ac"]["activations"] < strategies["8", "fsdp"]["activations"]
 
 
 def test_cuda_attention_keeps_what_the_memory_efficient_kernel_keeps():

@@ -80,6 +80,7 @@ def one_process(tmp_path_factory) -> tuple[Path, Run]:
     return data, run
 
 
+@pytest.mark.distributed
 def test_world_size_changes_at_sharded_checkpoints_continue_the_run(one_process, tmp_path, capsys):
     data, whole = one_process
     final = consolidate(whole.last_checkpoint)
@@ -201,6 +202,7 @@ exit_worker(0)
 """
 
 
+@pytest.mark.distributed
 def test_fsdp_bf16_gathers_bf16_parameters_and_reduces_fp32_gradients(tmp_path):
     script = tmp_path / "bf16_check.py"
     script.write_text(BF16_CHECK)

@@ -315,6 +315,7 @@ def test_exported_shards_pretrain_with_held_out_images_and_fine_tune(tmp_path):
             "finetune", str(tmp_path / "fm"), tmp_path / "run2", "data.labels_per_class=1")))
 
 
+@pytest.mark.distributed
 def test_two_processes_with_loader_workers_stream_uneven_shards_in_lockstep(tmp_path):
     from test_distributed import torchrun
 

@@ -170,9 +170,8 @@ def quick(device: torch.device, precision: str = "fp32", name: str = TINY, batch
 
 def isolated(fn: Callable[..., T], *args, **kwargs) -> T:
     """fn(*args, **kwargs) in a fresh process (spawned, with this one's torch threads and environment, so
-    its allocator too). A row's figures must not depend on the rows measured before it: here Swin-B in
-    bf16 measured after Swin-B in fp32 in the same process ran its steps 1.2-1.5x slower (and HF's more
-    than ours), the extra time spent in the kernel on page faults."""
+    its allocator too): a row's figures must not depend on the rows measured before it, whose freed
+    pages the allocator keeps (docs/notes.md)."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=context, initializer=torch.set_num_threads,
                              initargs=(torch.get_num_threads(),)) as pool:
