@@ -12,6 +12,7 @@ What a test cannot have is stood in for, by the tables below (each entry says wh
 Commands that need several processes, a GPU or installing packages are skipped with the reason.
 New README sections are picked up by themselves; a command the tables do not cover fails here."""
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -128,10 +129,8 @@ def run_shell_block(block: str) -> None:
     try:
         assert proc.wait(timeout=300) == 0, f"README shell block failed: {block.splitlines()[0]}"
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_every_block_of_the_readme_runs(scratch, capsys):
