@@ -20,12 +20,12 @@ from simmim.engine import checkpointing as ckpt
 from simmim.engine import pretrain
 from simmim.runtime import run_local_torchrun
 
+pytestmark = pytest.mark.distributed  # torchrun: several processes
+
 LAUNCHER = """\
 import sys
 from simmim.cli import main
 
-
-pytestmark = pytest.mark.distributed  # torchrun: several processes
 sys.exit(main(sys.argv[1:]))
 """
 # fp32: runtime.precision=auto is bf16 on CPUs with AMX or AVX512-BF16, beyond these tolerances

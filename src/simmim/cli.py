@@ -343,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(args: argparse.Namespace) -> int:
     """Runs a parsed command: its exit status, 2 with a one-line message for a bad input."""
     try:
-        from .models.fused import forced_route
+        from .hardware import requested_gemm_route
 
-        forced_route()  # a bad SIMMIM_GEMM_ROUTE stops the command before it starts its work
+        requested_gemm_route()  # a bad SIMMIM_GEMM_ROUTE stops the command before it starts its work
         return args.func(args) or 0
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()

@@ -19,6 +19,20 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 """Native bf16 matrix units: AMX tiles, or AVX-512 bf16 dot products."""
 
 
+GEMM_ROUTE_ENV = "SIMMIM_GEMM_ROUTE"
+"""Environment variable forcing the CPU float32 GEMM route: 'onednn', 'aten' or 'auto' (calibrated)."""
+GEMM_ROUTES = ("onednn", "aten")
+
+
+def requested_gemm_route() -> str | None:
+    """The route SIMMIM_GEMM_ROUTE forces, None for 'auto' or unset; a ValueError for a bad value (checked
+    without torch, so that a command refuses it before its work starts)."""
+    forced = os.environ.get(GEMM_ROUTE_ENV, "auto")
+    if forced not in ("auto", *GEMM_ROUTES):
+        raise ValueError(f"{GEMM_ROUTE_ENV}={forced!r}: expected 'onednn', 'aten' or 'auto'")
+    return None if forced == "auto" else forced
+
+
 def cache_dir() -> Path:
     """Where downloaded weights and per-machine measurements live: $SIMMIM_CACHE, else ~/.cache/simmim."""
     return Path(os.environ.get("SIMMIM_CACHE", Path.home() / ".cache" / "simmim"))

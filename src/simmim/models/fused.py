@@ -36,9 +36,7 @@ from torch import nn
 from .. import hardware
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-ROUTE_ENV = "SIMMIM_GEMM_ROUTE"
-"""Environment variable forcing the CPU float32 GEMM route: 'onednn', 'aten' or 'auto' (calibrated)."""
-ROUTES = ("onednn", "aten")
+ROUTE_ENV, ROUTES = hardware.GEMM_ROUTE_ENV, hardware.GEMM_ROUTES
 RECOMPUTE_ENV = "SIMMIM_RECOMPUTE"
 """Environment variable: 1 (default) recomputes norm and GELU outputs in the backward, 0 keeps them."""
 CACHE_FILE = "gemm-route.json"
@@ -74,13 +72,11 @@ _routes: dict[tuple[str | None, int], str] = {}  # ($SIMMIM_CACHE, threads) -> c
 
 def forced_route() -> str | None:
     """The route SIMMIM_GEMM_ROUTE forces, None for 'auto' or unset; a ValueError for a bad value."""
-    forced = os.environ.get(ROUTE_ENV, "auto")
-    if forced not in ("auto", *ROUTES):
-        raise ValueError(f"{ROUTE_ENV}={forced!r}: expected 'onednn', 'aten' or 'auto'")
+    forced = hardware.requested_gemm_route()
     if forced == "onednn" and not _ONEDNN:
         raise ValueError(f"{ROUTE_ENV}=onednn: this torch build has no oneDNN linear "
                          "(torch.ops.mkldnn._linear_pointwise)")
-    return None if forced == "auto" else forced
+    return forced
 
 
 def gemm_route() -> str:

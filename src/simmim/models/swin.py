@@ -276,7 +276,9 @@ class SwinBlock(nn.Module):
         qkv = norm_linear(x, self.norm1, self.attn.qkv, windows.gather)  # (B, nW*N, 3C)
         y = self.attn.attend(qkv.view(-1, windows.size**2, qkv.shape[-1]), windows.mask)
         x = x + self.drop_path(windows.reverse(y, b))
-        return (x + self.drop_path(self.mlp.forward_fused(x, self.norm2))).view(b, h, w, c)
+        # the sum of two views, not a view of the sum: FSDP2 warns of (and an in-place op would break) a
+        # wrapped block returning a view
+        return x.view(b, h, w, c) + self.drop_path(self.mlp.forward_fused(x, self.norm2)).view(b, h, w, c)
 
 
 def merge_neighbours(x: torch.Tensor) -> torch.Tensor:
