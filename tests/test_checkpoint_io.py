@@ -20,7 +20,7 @@ import pytest
 import safetensors
 import torch
 
-from simmim.checkpoint import io as ckpt_io
+from simmim import fsutil
 from simmim.checkpoint.io import (
     UnsafeCheckpointError,
     atomic_save,
@@ -203,7 +203,7 @@ def test_disk_full_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.Monke
 
     save(old)
     # Only the module's own `open` is replaced, so torch and safetensors internals are untouched.
-    monkeypatch.setattr(ckpt_io, "open", _full_disk_open, raising=False)
+    monkeypatch.setattr(fsutil, "open", _full_disk_open, raising=False)
     with pytest.raises(OSError) as info:
         save(new)
     monkeypatch.undo()

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from torch import nn
 
+from ..fsutil import atomic_write_text
 from ..models import Classifier, SimMIM, SwinTransformer, SwinTransformerV2
 from .formats import HF, OFFICIAL, StateDict
-from .io import atomic_save_safetensors, atomic_write
+from .io import atomic_save_safetensors
 
 HF_ARCHITECTURES = {  # (generation, task) -> (model_type, architecture class)
     ("swin", "pretrain"): ("swin", "SwinForMaskedImageModeling"),
@@ -80,7 +81,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, classes: list[str] | None =
     state = {k: v.detach().contiguous() for k, v in HF.from_ours(model.state_dict()).items()}
     atomic_save_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
     text = json.dumps(config, indent=2) + "\n"
-    atomic_write(out / "config.json", lambda writer: writer.write(text.encode()))
+    atomic_write_text(out / "config.json", text, "config")
     return out
 
 

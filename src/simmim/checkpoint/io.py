@@ -13,26 +13,22 @@ every other global *before* calling it. On top of torch's defaults we allow:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import hashlib
-import os
 import pickle
 import re
 import struct
 import threading
-import uuid
 from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import safetensors
 import safetensors.torch
 import torch
 
-PathLike = str | os.PathLike[str]
+from ..fsutil import PathLike, atomic_write
 
 # torch hub / mmpretrain naming: `<name>-<first hex digits of sha256>.<ext>`.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.(pth|pt|bin|safetensors)$")
@@ -83,80 +79,6 @@ def _numpy_safe_globals() -> list[Any]:
 def _safe_globals() -> list[Any]:
     """Globals allowed on top of torch's weights-only defaults (see the module docstring)."""
     return [(_CfgNodeStub, "yacs.config.CfgNode"), argparse.Namespace, *_numpy_safe_globals()]
-
-
-class _ErrorRecordingWriter:
-    """File wrapper that keeps the first OSError from `write`.
-
-    torch's zip writer swallows exceptions raised by `write` and fails later with an unrelated
-    "unexpected pos" RuntimeError, so the real cause (e.g. ENOSPC) would otherwise be lost.
-    """
-
-    def __init__(self, file: IO[bytes]) -> None:
-        self._file = file
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        """Write to the wrapped file, remembering the first OSError."""
-        try:
-            return self._file.write(data)
-        except OSError as exc:
-            if self.error is None:
-                self.error = exc
-            raise
-
-    def flush(self) -> None:
-        """Flush the wrapped file (torch.save calls this when it finishes)."""
-        self._file.flush()
-
-    def tell(self) -> int:
-        """The wrapped file's position (tarfile asks for it)."""
-        return self._file.tell()
-
-
-def _fsync_directory(directory: Path) -> None:
-    """fsync a directory so a rename inside it survives a power loss (POSIX only)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        # Some filesystems (e.g. certain network mounts) cannot fsync directories; the rename is done.
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: PathLike, write: Callable[[_ErrorRecordingWriter], None], what: str = "checkpoint") -> None:
-    """Write via `write` to a temp file next to `path`, fsync it, then rename it onto `path`: readers see
-    the old file or the whole new one. Failures are one line, "could not save <what> <path>: ..."."""
-    target = Path(path)
-    # Same directory, so os.replace is an atomic rename on one filesystem; a random name, so concurrent
-    # writers never share a temp file; "x" mode so the file mode follows the umask like a plain open.
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as file:
-            writer = _ErrorRecordingWriter(file)
-            try:
-                write(writer)
-            except Exception as exc:
-                raise (writer.error or exc) from None
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            reason = exc.strerror or str(exc)
-            raise OSError(exc.errno, f"could not save {what} {target}: {reason}") from exc
-        if isinstance(exc, Exception):
-            first_line = (str(exc).splitlines() or [""])[0]
-            raise RuntimeError(
-                f"could not save {what} {target}: {type(exc).__name__}: {first_line}"
-            ) from exc
-        raise  # KeyboardInterrupt and friends: cleaned up, passed on unchanged
-    _fsync_directory(target.parent)
 
 
 def atomic_save(obj: Any, path: PathLike) -> None:

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..checkpoint.io import atomic_write
+from ..fsutil import atomic_write, atomic_write_text
 from .datasets import EpochSampler, UnreadableImage, derive_seed, load_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "pnm", "bmp", "gif", "tif", "tiff")
@@ -198,7 +198,7 @@ def shard_counts(paths: Sequence[Path]) -> list[int]:
         with contextlib.suppress(OSError):  # only a cache: a read-only home just means scanning again
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps(cache)
-            atomic_write(cache_path, lambda file: file.write(text.encode()), "shard count cache")
+            atomic_write_text(cache_path, text, "shard count cache")
     return counts
 
 
@@ -389,5 +389,5 @@ def write_shards(samples: Iterable[tuple[str, dict[str, bytes]]], folder: str | 
     if classes:
         index["classes"] = list(classes)
     text = json.dumps(index, indent=1) + "\n"
-    atomic_write(folder / INDEX_NAME, lambda file: file.write(text.encode()), "shard index")
+    atomic_write_text(folder / INDEX_NAME, text, "shard index")
     return [entry["nsamples"] for entry in entries]

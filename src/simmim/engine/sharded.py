@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..checkpoint.dcp import single_process_allowed
-from ..checkpoint.io import _fsync_directory
+from ..fsutil import fsync_directory
 from . import checkpointing
 from .distributed import DistEnv, barrier
 
@@ -57,7 +57,7 @@ def save(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, An
         dcp.save(tensors(model, optimizer), storage_writer=FileSystemWriter(tmp, sync_files=True))
     if env.is_main:
         checkpointing.save(state, tmp / checkpointing.STATE_FILE)
-        _fsync_directory(tmp)
+        fsync_directory(tmp)
         replace_directory(tmp, path)
     barrier(env)
 
@@ -69,7 +69,7 @@ def replace_directory(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(dst, old)
     os.replace(src, dst)
-    _fsync_directory(dst.parent)
+    fsync_directory(dst.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

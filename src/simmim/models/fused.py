@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import hardware
+from ..fsutil import atomic_write_text
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ROUTE_ENV, ROUTES = hardware.GEMM_ROUTE_ENV, hardware.GEMM_ROUTES
@@ -107,12 +108,9 @@ def _cached_or_calibrated(path: str, key: str) -> str:
     seconds = calibrate()
     route = min(ROUTES, key=seconds.__getitem__)
     cache = {**(cache if isinstance(cache, dict) else {}), key: {"route": route, "seconds": seconds}}
-    from ..checkpoint.io import atomic_write  # lazily: only calibration writes
-
     with contextlib.suppress(OSError):  # only a cache: an unwritable one means calibrating again
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        text = json.dumps(cache, indent=1)
-        atomic_write(path, lambda file: file.write(text.encode()), "GEMM route cache")
+        atomic_write_text(path, json.dumps(cache, indent=1), "GEMM route cache")
     return route
 
 

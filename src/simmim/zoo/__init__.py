@@ -4,15 +4,15 @@ Importing this needs no torch (`simmim models` reads cached figures without it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..fsutil import atomic_write_text
 from ..hardware import cache_dir
 from .registry import SPECS, ModelSpec, build_model, get_spec, list_models
 
@@ -91,11 +91,7 @@ def measured(specs: Sequence[ModelSpec]) -> list[dict]:
     missing = [s for s in specs if s.name not in cached]
     if missing:
         cached.update({s.name: measure(s) for s in missing})
-        try:  # atomic: a concurrent reader sees the old file or the new one
+        with contextlib.suppress(OSError):  # a read-only cache only costs the time
             path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-                json.dump(cached, tmp)
-            os.replace(tmp.name, path)
-        except OSError:  # a read-only cache only costs the time
-            pass
+            atomic_write_text(path, json.dumps(cached), "measured figures")
     return [cached[s.name] for s in specs]

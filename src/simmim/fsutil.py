@@ -1,0 +1,93 @@
+"""Writing files so that a crash or a kill never leaves a half-written one: a temp file next to the
+target, fsynced, renamed over it, and the directory fsynced. Checkpoints, shards, indexes and caches
+all go through `atomic_write`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+PathLike = str | os.PathLike[str]
+
+
+class ErrorRecordingWriter:
+    """File wrapper that keeps the first OSError from `write`.
+
+    torch's zip writer swallows exceptions raised by `write` and fails later with an unrelated
+    "unexpected pos" RuntimeError, so the real cause (e.g. ENOSPC) would otherwise be lost.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        """Write to the wrapped file, remembering the first OSError."""
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def flush(self) -> None:
+        """Flush the wrapped file (torch.save calls this when it finishes)."""
+        self._file.flush()
+
+    def tell(self) -> int:
+        """The wrapped file's position (tarfile asks for it)."""
+        return self._file.tell()
+
+
+def fsync_directory(directory: Path) -> None:
+    """fsync a directory so a rename inside it survives a power loss (POSIX only)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        # Some filesystems (e.g. certain network mounts) cannot fsync directories; the rename is done.
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: PathLike, write: Callable[[ErrorRecordingWriter], None], what: str = "checkpoint") -> None:
+    """Write via `write` to a temp file next to `path`, fsync it, then rename it onto `path`: readers see
+    the old file or the whole new one. Failures are one line, "could not save <what> <path>: ..."."""
+    target = Path(path)
+    # Same directory, so os.replace is an atomic rename on one filesystem; a random name, so concurrent
+    # writers never share a temp file; "x" mode so the file mode follows the umask like a plain open.
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as file:
+            writer = ErrorRecordingWriter(file)
+            try:
+                write(writer)
+            except Exception as exc:
+                raise (writer.error or exc) from None
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, target)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+            raise OSError(exc.errno, f"could not save {what} {target}: {reason}") from exc
+        if isinstance(exc, Exception):
+            first_line = (str(exc).splitlines() or [""])[0]
+            raise RuntimeError(
+                f"could not save {what} {target}: {type(exc).__name__}: {first_line}"
+            ) from exc
+        raise  # KeyboardInterrupt and friends: cleaned up, passed on unchanged
+    fsync_directory(target.parent)
+
+
+def atomic_write_text(path: PathLike, text: str, what: str) -> None:
+    """`text` written to `path` atomically (UTF-8)."""
+    atomic_write(path, lambda file: file.write(text.encode()), what)
