@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..fsutil import atomic_write_text
 from ..hardware import cpu_fields, cpu_model, isa_names
 from ..models.fused import gemm_route
 from ..runtime import allocator_description
@@ -54,7 +55,7 @@ def environment(device: torch.device) -> dict:
 def write_json(results: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n", "benchmark results")
     return path
 
 
@@ -160,11 +161,17 @@ def _run_section(results: dict) -> list[str]:
         f"JPEG decode + RandomResizedCrop + flip + normalize + mask, {pipe['size']} px, batches of "
         f"{pipe['batch_size']}, {pipe['images']} images: {pipe['per_worker_images_per_s']:.1f} img/s per worker; "
         f"{pipe['loader_images_per_s']:.1f} img/s through a DataLoader with the default {pipe['workers']} "
-        f"worker(s), against {pipe['consumer_images_per_s']:.1f} img/s consumed by the {pipe['consumer']} step "
+        f"worker(s){_started(pipe)}, against {pipe['consumer_images_per_s']:.1f} img/s consumed by the "
+        f"{pipe['consumer']} step "
         f"({'keeps up' if pipe['keeps_up'] else 'does NOT keep up'}).",
         "",
         *_demo_pipeline(results.get("demo_pipeline")),
     ]
+
+
+def _started(pipe: dict) -> str:
+    """When the loader's rate leaves out the workers' start (paid once per epoch): how long that took."""
+    return f" once started (first batch after {pipe['first_batch_s']:.1f} s)" if "first_batch_s" in pipe else ""
 
 
 def _demo_pipeline(demo: dict | None) -> list[str]:
@@ -176,7 +183,8 @@ def _demo_pipeline(demo: dict | None) -> list[str]:
         f"The demo's pipeline (`{demo['preset']}`: Fashion-MNIST, its transform and masks, {demo['size']} px, "
         f"batches of {demo['batch_size']}, {demo['images']} images): {demo['per_worker_images_per_s']:.1f} img/s "
         f"per worker, {demo['loader_images_per_s']:.1f} img/s through its DataLoader with {demo['workers']} "
-        f"worker(s), against {demo['step_images_per_s']:.1f} img/s consumed by its {demo['precision']} step "
+        f"worker(s){_started(demo)}, against {demo['step_images_per_s']:.1f} img/s consumed by its "
+        f"{demo['precision']} step "
         f"({demo['threads']} thread(s), measured after the loader) "
         f"({'keeps up' if demo['keeps_up'] else 'does NOT keep up'}).",
         "",

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import torch
 
+from ..fsutil import atomic_write_text
 from ..hardware import cpu_model
 from ..measure import peak_memory
 from ..zoo import build_model, get_spec
@@ -317,6 +318,6 @@ def run(args: argparse.Namespace) -> dict:
     page = report.merge_runs(json.loads(json_path.read_text()) if json_path.exists() else None, results)
     report.write_json(page, json_path)
     markdown_path = Path(args.markdown or "docs/benchmark.md")
-    markdown_path.write_text(report.markdown(page))
+    atomic_write_text(markdown_path, report.markdown(page), "benchmark page")
     print(f"wrote {json_path} and {markdown_path}")
     return results
