@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Plan:
+class BenchPlan:
     """Sizes of a full run on one kind of device."""
 
     batch: int
@@ -48,7 +48,8 @@ class Plan:
     repeats: int
 
 
-PLANS = {"cpu": Plan(8, (1, 2, 4, 8), 4, 2, 2048, 1, 5), "cuda": Plan(64, (16, 32, 64, 128), 64, 32, 8192, 2, 8)}
+PLANS = {"cpu": BenchPlan(8, (1, 2, 4, 8), 4, 2, 2048, 1, 5),
+         "cuda": BenchPlan(64, (16, 32, 64, 128), 64, 32, 8192, 2, 8)}
 METHOD = [
     "- A step is one SimMIM pretraining step as training runs it: forward (under `torch.autocast` for bf16), "
     "L1 loss on masked pixels, backward, fused AdamW; every side in one process on the same seeded images, "
@@ -91,7 +92,7 @@ def forward_macs(name: str, **overrides) -> int:
         return count_macs(model, torch.zeros(1, 3, size, size), model.random_mask(1).to("meta")).total
 
 
-def _sides(name: str, batch_size: int, precision: str, device: torch.device, plan: Plan, reference: bool,
+def _sides(name: str, batch_size: int, precision: str, device: torch.device, plan: BenchPlan, reference: bool,
            compile: str | None, peer: bool = False, **overrides) -> dict[str, dict]:
     """Times and measures our model (and HF's twin if `reference`, mmpretrain's if `peer`) on one configuration."""
     model = ours(name, **overrides).to(device)
@@ -123,7 +124,7 @@ def _sides(name: str, batch_size: int, precision: str, device: torch.device, pla
     return out
 
 
-def compare(name: str, batch_size: int, precision: str, device: torch.device, plan: Plan,
+def compare(name: str, batch_size: int, precision: str, device: torch.device, plan: BenchPlan,
             compile: str | None = None, peer: bool = False, **overrides) -> dict:
     """One row of the comparison with HF (and mmpretrain if `peer`): the sides' figures side by side, with
     their ratios to ours."""
@@ -141,7 +142,7 @@ def compare(name: str, batch_size: int, precision: str, device: torch.device, pl
     return row
 
 
-def cost_point(name: str, batch_size: int, precision: str, device: torch.device, plan: Plan,
+def cost_point(name: str, batch_size: int, precision: str, device: torch.device, plan: BenchPlan,
                **overrides) -> dict:
     """One point of our cost curve."""
     figures = _sides(name, batch_size, precision, device, plan, reference=False, compile=None, **overrides)["ours"]
@@ -150,7 +151,7 @@ def cost_point(name: str, batch_size: int, precision: str, device: torch.device,
             "batch": batch_size, "precision": precision, **figures}
 
 
-def cost_curve(precision: str, device: torch.device, plan: Plan) -> list[dict]:
+def cost_curve(precision: str, device: torch.device, plan: BenchPlan) -> list[dict]:
     """Step time and memory against batch size, image size and model size."""
     points = [(TINY, b, ()) for b in plan.batches]
     points += [(TINY, plan.image_batch, ()), (TINY, plan.image_batch, (("img_size", 224), ("window_size", 7)))]
@@ -164,7 +165,7 @@ def quick(device: torch.device, precision: str = "fp32", name: str = TINY, batch
           warmup: int = 1, repeats: int = 3, compile: str | None = None, peer: bool = False, **overrides) -> dict:
     """Ours against HF (and mmpretrain if `peer`) on one configuration (Swin-T 192/w6, batch 8 by default)
     in about a minute; overrides change the zoo model's encoder (e.g. img_size)."""
-    plan = Plan(batch_size, (), 0, 0, 0, warmup, repeats)
+    plan = BenchPlan(batch_size, (), 0, 0, 0, warmup, repeats)
     row = compare(name, batch_size, precision, device, plan, compile, peer, **overrides)
     return {"environment": report.environment(device), **row}
 

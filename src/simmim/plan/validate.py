@@ -82,7 +82,7 @@ def check(name: str, batch: int, precision: str, checkpointing: bool, device: st
 
 def sharded_check(name: str, batch: int, precision: str, processes: int = 2) -> Check:
     """Measures (torchrun, gloo) and predicts one configuration under FSDP2 on the CPU."""
-    from .sharded import sharded_peaks
+    from .fsdp_peaks import sharded_peaks
 
     profile = profile_model(name, batch, precision, device="cpu")
     predicted = strategy_memory(profile, "fsdp", processes, device="cpu")[-1]

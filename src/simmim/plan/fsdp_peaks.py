@@ -1,6 +1,6 @@
 """The planner against a sharded run: per-process peak memory of FSDP2 training steps on the CPU (gloo).
 
-    python -m torch.distributed.run --nproc_per_node 2 -m simmim.plan.sharded MODEL BATCH PRECISION
+    python -m torch.distributed.run --nproc_per_node 2 -m simmim.plan.fsdp_peaks MODEL BATCH PRECISION
 
 prints, on the first process, one JSON line with each process's peak in bytes. `sharded_peaks` runs
 that and returns the list.
@@ -21,7 +21,7 @@ from ..zoo import build_model, get_spec
 from .activations import example_inputs, training_loss
 
 
-def measure(name: str, batch: int, precision: str) -> int:
+def measure_peak(name: str, batch: int, precision: str) -> int:
     """This process's peak bytes of a steady-state FSDP2 training step (the engine's wrapping), as
     `validate.measured_peak` counts them."""
     env = setup("cpu")
@@ -44,7 +44,7 @@ def measure(name: str, batch: int, precision: str) -> int:
 
 def sharded_peaks(name: str, batch: int, precision: str, processes: int = 2) -> list[int]:
     """Runs `measure` in `processes` CPU processes under torchrun; -> each one's peak bytes."""
-    run = run_local_torchrun(processes, ["-m", "simmim.plan.sharded", name, str(batch), precision], timeout=600)
+    run = run_local_torchrun(processes, ["-m", "simmim.plan.fsdp_peaks", name, str(batch), precision], timeout=600)
     result = [line for line in run.stdout.splitlines() if line.startswith("[")]
     if run.returncode or not result:
         raise RuntimeError(f"the sharded measurement failed (exit status {run.returncode}):\n{run.stderr[-2000:]}")
@@ -52,5 +52,5 @@ def sharded_peaks(name: str, batch: int, precision: str, processes: int = 2) -> 
 
 
 if __name__ == "__main__":
-    measure(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    measure_peak(sys.argv[1], int(sys.argv[2]), sys.argv[3])
     exit_worker(0)
