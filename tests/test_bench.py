@@ -202,6 +202,7 @@ def test_reexec_preloads_jemalloc_once(monkeypatch):
     runtime.maybe_reexec_with_jemalloc()
 
 
+@pytest.mark.slow
 def test_profiled_measurements_write_nothing_on_stderr():
     """kineto's `USDT ... profiler_start` and (without a GPU) `ERROR: ... gpuGetDeviceCount failed` lines
     read like a failure of the benchmark; a fresh process shows them at its first profiler start."""

@@ -4,6 +4,8 @@ name agreeing with their modules."""
 import subprocess
 import sys
 
+import pytest
+
 from simmim.cli import HEAVY_COMMANDS, build_parser
 
 NO_TORCH = """
@@ -22,6 +24,7 @@ def _subcommands(parser):
     return {c.dest: c.help for c in action._choices_actions}
 
 
+@pytest.mark.slow
 def test_help_and_cached_models_start_without_torch(tmp_path):
     env = {"SIMMIM_CACHE": str(tmp_path), "PYTHONPATH": ":".join(sys.path)}
     for argv in (["--help"], ["models", "--json", "swin-nano"]):

@@ -624,6 +624,7 @@ def test_evaluate_reads_exported_folders_and_published_checkpoint_layouts(images
     assert status == 2 and "--model NAME" in err, err
 
 
+@pytest.mark.slow
 def test_images_per_second_leave_out_evaluation_and_checkpoints(images, tmp_path, monkeypatch):
     import time
 

@@ -133,6 +133,7 @@ def run_shell_block(block: str) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_every_block_of_the_readme_runs(scratch, capsys):
     namespace: dict = {}
     ran, skipped = 0, []

@@ -261,6 +261,7 @@ def test_50_mb_upload_is_refused(pretrain_server):
     assert post_json(pretrain_server, "/v1/reconstruct", {"image": GOOD})[0] == 200
 
 
+@pytest.mark.slow
 def test_200_requests_from_8_clients(pretrain_server):
     images = [png_bytes(photo(i)) for i in range(8)]
     sizes_before = len(pretrain_server.app.batcher.batch_sizes)
@@ -339,6 +340,7 @@ def panel_is_drawn(screenshot: np.ndarray, rect: dict, ratio: float) -> bool:
     return region.size > 0 and region.std() > 10
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium(pretrain_server, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -390,6 +392,7 @@ def test_page_in_headless_chromium(pretrain_server, tmp_path):
     assert {k: panel_is_drawn(shot, r, ratio) for k, r in rects.items()} == dict.fromkeys(PANELS, True)
 
 
+@pytest.mark.slow
 def test_serve_command_starts_and_refuses_bad_flags(capsys):
     import re
     import sys

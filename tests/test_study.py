@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from simmim.cli import main
@@ -21,6 +22,7 @@ def make_folder(root, classes=6, train_per_class=4, val_per_class=2, size=28):
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_study_probes_lengths_and_curves_on_a_tiny_folder(tmp_path):
     make_folder(tmp_path / "data")
     out, work = tmp_path / "results", tmp_path / "work"
