@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from ..fsutil import atomic_write_text
 from .values import convert, field_types, plain
 
 TASKS = ("pretrain", "finetune")
@@ -397,7 +398,7 @@ class TrainConfig(_Section):
     def save(self, path: str | Path) -> Path:
         """Writes the resolved config as YAML."""
         path = Path(path)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False), "config")
         return path
 
 

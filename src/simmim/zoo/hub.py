@@ -15,6 +15,7 @@ from torch import nn
 
 from ..checkpoint.io import atomic_save_safetensors, check_hash_in_name
 from ..checkpoint.transfer import load_weights
+from ..fsutil import atomic_write_text
 from ..hardware import cache_dir
 from ..models import Classifier, FeatureMaps, SimMIM
 from .registry import CLASSIFIER_KEYS, SIMMIM_KEYS, SPECS, arch_of, build_model, get_spec
@@ -88,7 +89,7 @@ def export(model: nn.Module, out_dir: str | Path, name: str | None = None, class
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_save_safetensors(state, out / WEIGHTS_FILE, metadata={"format": "simmim"})
     config = model_config(model, name, classes or getattr(model, "classes", None))
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n", "exported config")
     return out
 
 
