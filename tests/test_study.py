@@ -50,3 +50,27 @@ def test_study_probes_lengths_and_curves_on_a_tiny_folder(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert main(argv) == 0  # everything is in results.jsonl: nothing runs again
     assert len((work / "results.jsonl").read_text().splitlines()) == len(records)
+
+
+@pytest.mark.slow
+def test_study_precision_part_runs_the_demo_recipe_at_each_precision(tmp_path):
+    make_folder(tmp_path / "data")
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = ["study", "--quick", "--only", "precision", "--out", str(out), "--work", str(work),
+            "--set", f"data.path={tmp_path / 'data'}", "--set", "data.num_workers=0", "--set", "runtime.threads=1"]
+    assert main(argv) == 0
+    records = {r["key"]: r for r in map(json.loads, (work / "results.jsonl").read_text().splitlines())}
+    # per seed and precision: a pretraining and two fine-tunings, nothing of the main part
+    assert len(records) == 2 * 2 * 3
+    assert {"pretrain/demo-bf16/seed1", "finetune/scratch-fp32/demo/seed0", "finetune/simmim-bf16/demo/seed1"} \
+        <= set(records)
+    configs = {p: (work / f"pretrain/demo-{p}/seed0").rglob("config.yaml") for p in ("fp32", "bf16")}
+    for precision, found in configs.items():
+        assert f"precision: {precision}" in next(found).read_text()
+    summary = json.loads((out / "precision.json").read_text())
+    for precision in ("fp32", "bf16"):
+        gaps = [records[f"finetune/simmim-{precision}/demo/seed{s}"]["top1"]
+                - records[f"finetune/scratch-{precision}/demo/seed{s}"]["top1"] for s in (0, 1)]
+        assert summary[precision]["gap"]["seeds"] == pytest.approx(gaps, abs=0.01)
+    text = (out / "precision.md").read_text()
+    assert "| fp32 |" in text and "| bf16 |" in text and not (out / "README.md").exists()

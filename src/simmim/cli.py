@@ -232,7 +232,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/results")
     p.add_argument("--work", default="runs/study", help="run folders and results.jsonl (resumable)")
     p.add_argument("--quick", action="store_true", help="a smoke-sized study on a few images")
-    p.add_argument("--only", choices=["main", "ablations"], help="run one part (e.g. in two processes); no report")
+    p.add_argument("--only", choices=["main", "ablations", "precision"],
+                   help="main or ablations: that part (e.g. in two processes), no report; precision: the demo per "
+                   "precision and seed -> precision.md")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.set_defaults(func=_study)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import load_config
-from .demo import PRETRAIN_PRESET, DemoSettings, finetune_run, pretrain_run
+from .demo import FINETUNE_PRESET, PRETRAIN_PRESET, DemoSettings, finetune_run, pretrain_run
 from .engine.builders import build_network, eval_source, first, labelled_source
 from .engine.evaluation import load_run_model
 from .engine.logging import read_metrics
@@ -47,9 +47,15 @@ class StudySettings:
     ablations: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """(table row, overrides of the pretraining); see ABLATIONS."""
     extra: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ("fp32", "bf16")
+    """The precision part: the demo's recipe at each of these, per seed."""
+    precision_budget: tuple[str, int, int] | None = None
+    """The precision part's (name, labels per class, fine-tuning epochs); None: the demo's."""
     only: str | None = None
     """'main' or 'ablations' runs just that part and writes no report (two processes or machines can
-    share the work and results.jsonl); None runs what is missing of both and writes the report."""
+    share the work and results.jsonl); None runs what is missing of both and writes the report.
+    'precision' runs the demo at each precision per seed and writes precision.md (not part of None:
+    it answers whether the demo may train in bf16, not what pretraining learned)."""
 
 
 # the paper's ablations at 48 px
@@ -92,17 +98,19 @@ def run_study(s: StudySettings) -> dict:
         if key not in done:
             demo = DemoSettings(s.work / key, seed, pretrain_epochs=epochs, extra=s.extra + overrides)
             run = pretrain_run(demo)
+            heldout = [r["heldout_loss"] for r in read_metrics(run.run_dir, "eval") if "heldout_loss" in r]
             done[key] = _record(results, key, checkpoint=str(run.checkpoint), seconds=round(run.seconds, 1),
-                                **run.metrics)
+                                heldout_loss=heldout[-1] if heldout else None, **run.metrics)
         return Path(done[key]["checkpoint"])
 
-    def tuned(seed: int, name: str, budget: tuple[str, int, int], init: Path | None) -> dict:
+    def tuned(seed: int, name: str, budget: tuple[str, int, int], init: Path | None,
+              overrides: tuple[str, ...] = ()) -> dict:
         label, per_class, epochs = budget
         key = f"finetune/{name}/{label}/seed{seed}"
         if key not in done:
             every = f"runtime.eval_every={max(epochs // FINETUNE_EVALS, 1)}"
             demo = DemoSettings(s.work / key.replace("%", "pct"), seed, per_class, finetune_epochs=epochs,
-                                extra=s.extra + (every,))
+                                extra=s.extra + (every, *overrides))
             run = finetune_run(demo, "", init)
             curve = [[r["epoch"], r["top1"]] for r in read_metrics(run.run_dir, "eval")]
             done[key] = _record(results, key, top1=run.metrics["top1"], top5=run.metrics["top5"], curve=curve,
@@ -130,6 +138,20 @@ def run_study(s: StudySettings) -> dict:
             done[key] = _record(results, key, knn_top1=result["knn"]["top1"], knn_top5=result["knn"]["top5"],
                                 linear_top1=result["linear"]["top1"], linear_top5=result["linear"]["top5"])
         return done[key]
+
+    if s.only == "precision":
+        demo = s.precision_budget or ("demo", DemoSettings.labels_per_class,
+                                       load_config(FINETUNE_PRESET).schedule.epochs)
+        runs: dict[str, dict[str, list[dict]]] = {}
+        for seed in s.seeds:
+            for precision in s.precisions:
+                setting = (f"runtime.precision={precision}",)
+                checkpoint = pretrained(seed, f"demo-{precision}", None, setting)
+                row = runs.setdefault(precision, {"scratch": [], "simmim": []})
+                row["scratch"].append(tuned(seed, f"scratch-{precision}", demo, None, setting))
+                row["simmim"].append(tuned(seed, f"simmim-{precision}", demo, checkpoint, setting))
+        return write_precision(s, demo, runs, {p: [done[f"pretrain/demo-{p}/seed{seed}"] for seed in s.seeds]
+                                               for p in s.precisions})
 
     main: dict[str, dict[str, list[dict]]] = {}
     probes: dict[str, dict[str, list[dict]]] = {}
@@ -236,9 +258,45 @@ def write_results(s: StudySettings, main: dict, probes: dict, lengths: dict, abl
     return full
 
 
+def write_precision(s: StudySettings, budget: tuple[str, int, int], runs: dict[str, dict[str, list[dict]]],
+                    pretrainings: dict[str, list[dict]]) -> dict:
+    """precision.md and precision.json: the demo's comparison per precision, mean ± std over seeds, with
+    each seed's gap, so a precision's gap can be read against the other's seed spread."""
+    s.out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for precision, row in runs.items():
+        gaps = [sm["top1"] - sc["top1"] for sc, sm in zip(row["scratch"], row["simmim"], strict=True)]
+        summary[precision] = {"scratch": _stats([r["top1"] for r in row["scratch"]]),
+                              "simmim": _stats([r["top1"] for r in row["simmim"]]),
+                              "gap": _stats([round(g, 2) for g in gaps]),
+                              "train_loss": _stats([r["train_loss"] for r in pretrainings[precision]]),
+                              "heldout_loss": _stats([r["heldout_loss"] for r in pretrainings[precision]]),
+                              "pretrain_seconds": _stats([r["seconds"] for r in pretrainings[precision]])}
+    (s.out / "precision.json").write_text(json.dumps(summary, indent=2) + "\n")
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    command = " ".join(["simmim study --only precision", *(f"--set {o}" for o in s.extra)])
+    lines = ["# The demo per precision", "",
+             f"Produced by `{command}` (report written {date}) on {cpu_model()} ({os.cpu_count()} cores), torch "
+             f"{torch.__version__}: the demo's recipe (pretraining, then fine-tuning and from scratch on "
+             f"{10 * budget[1]} labels, {budget[2]} fine-tuning epochs) at each precision, test top-1, mean ± "
+             f"standard deviation over seeds {', '.join(map(str, s.seeds))}; a seed's runs differ between the "
+             "precisions in nothing else.", "",
+             "| precision | from scratch | SimMIM-pretrained | gap (per seed) | final training loss "
+             "| held-out masked L1 | pretraining s |", "|---|---|---|---|---|---|---|"]
+    for precision, v in summary.items():
+        lines.append(f"| {precision} | {_mean_std(v['scratch'])} | {_mean_std(v['simmim'])} | {_mean_std(v['gap'])} "
+                     f"({', '.join(f'{g:+.2f}' for g in v['gap']['seeds'])}) | {v['train_loss']['mean']:.4f} | "
+                     f"{v['heldout_loss']['mean']:.4f} | "
+                     f"{v['pretrain_seconds']['mean']:.0f} |")
+    (s.out / "precision.md").write_text("\n".join(lines) + "\n")
+    print(f"precision comparison written to {s.out / 'precision.md'}")
+    return summary
+
+
 def quick(s: StudySettings) -> StudySettings:
     """A smoke-sized study (tests): two seeds, one budget, two ablations, two pretraining lengths, small
     subsets, short runs."""
-    return replace(s, seeds=(0, 1), budgets=(("1%", 3, 2),), ablations=ABLATIONS[2:4], pretrain_lengths=(1, 2),
+    return replace(s, seeds=(0, 1), budgets=(("1%", 3, 2),), precision_budget=("demo", 3, 2), ablations=ABLATIONS[2:4],
+                   pretrain_lengths=(1, 2),
                    extra=s.extra + ("data.max_images=64", "data.heldout_images=16", "data.batch_size=16",
                                     "runtime.tensorboard=false", "runtime.vis_every=0"))
