@@ -84,7 +84,7 @@ def image_folder(root: Path, count: int = 16) -> Path:
 
 
 def sharded_run(device: torch.device, work: Path) -> None:
-    from simmim.checkpoint.dcp import consolidate
+    from simmim.checkpoint.sharded import consolidate
     from simmim.cli import main as cli
     from simmim.config import load_config
     from simmim.engine import pretrain

@@ -14,9 +14,9 @@ import pytest
 import torch
 from test_engine import make_image_folder
 
-from simmim.checkpoint.dcp import consolidate
+from simmim.checkpoint import training as ckpt
+from simmim.checkpoint.sharded import consolidate
 from simmim.config import load_config
-from simmim.engine import checkpointing as ckpt
 from simmim.engine import pretrain
 from simmim.runtime import run_local_torchrun
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from simmim.checkpoint import training as ckpt
 from simmim.config import OptimConfig, load_config
 from simmim.data.datasets import EpochSampler, SeededSamples, image_files, load_rgb, loader_settings
 from simmim.data.fashion_mnist import FASHION_MNIST_DIR
 from simmim.engine import NonFiniteLossError, add_commands, evaluate, finetune, pretrain
-from simmim.engine import checkpointing as ckpt
 from simmim.engine.builders import labelled_source, unlabelled_source
 from simmim.engine.distributed import DistEnv
 from simmim.engine.finetuning import FinetuneTask

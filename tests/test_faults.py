@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from test_engine import SRC, make_image_folder, params_of, settings
 
+from simmim.checkpoint import training as ckpt
 from simmim.config import load_config
-from simmim.engine import checkpointing as ckpt
 from simmim.engine import pretrain
 
 pytestmark = pytest.mark.slow  # training runs in subprocesses, killed and resumed

@@ -19,11 +19,11 @@ import torch
 from test_distributed import torchrun
 from test_engine import make_image_folder
 
-from simmim.checkpoint.dcp import consolidate
+from simmim.checkpoint import training as ckpt
+from simmim.checkpoint.sharded import STATE_FILE, consolidate
 from simmim.checkpoint.transfer import load_weights
 from simmim.cli import main as cli
 from simmim.config import load_config
-from simmim.engine import checkpointing as ckpt
 from simmim.engine.distributed import setup
 from simmim.engine.loop import Run
 from simmim.engine.pretraining import PretrainTask
@@ -94,7 +94,7 @@ def test_world_size_changes_at_sharded_checkpoints_continue_the_run(one_process,
     (two / ".ckpt-00000002.tmp").mkdir()
     (two / ".ckpt-00000002.tmp" / "__0_0.distcp").write_bytes(b"partial")
     shutil.copytree(whole.run_dir / "ckpt-00000003", two / "ckpt-00000003")
-    (two / "ckpt-00000003" / ckpt.STATE_FILE).unlink()
+    (two / "ckpt-00000003" / STATE_FILE).unlink()
     assert [p.name for p in ckpt.list_checkpoints(two)] == ["ckpt-00000001"]
     run = torchrun(tmp_path, 2, "pretrain", "--out", str(two), "--resume", "auto",
                    *[arg for s in TWO for arg in ("--set", s)])
@@ -104,7 +104,7 @@ def test_world_size_changes_at_sharded_checkpoints_continue_the_run(one_process,
     assert "effective batch 4 = 2 per process x 2 x 1 accumulation" in run.stdout
     assert not list(two.glob(".*.tmp"))
     saved = two / "ckpt-00000004"
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", ckpt.STATE_FILE} <= {p.name for p in saved.iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", STATE_FILE} <= {p.name for p in saved.iterdir()}
     state = ckpt.load(saved)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and "model" not in state
     got = consolidate(saved)
@@ -163,7 +163,7 @@ def test_consolidate_refuses_what_is_not_a_sharded_checkpoint(one_process, tmp_p
     assert f"{whole.run_dir} is not a sharded checkpoint: no .metadata" in capsys.readouterr().err
     partial = tmp_path / "ckpt-00000009"
     shutil.copytree(whole.last_checkpoint, partial)
-    (partial / ckpt.STATE_FILE).unlink()
+    (partial / STATE_FILE).unlink()
     with pytest.raises(ValueError, match="not a complete sharded checkpoint: no state.pt"):
         ckpt.resume_path(str(partial), tmp_path)
 
@@ -214,10 +214,10 @@ def test_fsdp_bf16_gathers_bf16_parameters_and_reduces_fp32_gradients(tmp_path):
 
 
 def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint(one_process, tmp_path, monkeypatch):
-    from simmim.engine import sharded
+    import torch.distributed.checkpoint as dcp
 
     data, whole = one_process
-    real_save, calls = sharded.dcp.save, []
+    real_save, calls = dcp.save, []
 
     def dies_after_the_third_shards(*args, **kwargs):  # the shards are written, state.pt and the rename are not
         calls.append(1)
@@ -225,7 +225,7 @@ def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint(one_proc
         if len(calls) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(sharded.dcp, "save", dies_after_the_third_shards)
+    monkeypatch.setattr(dcp, "save", dies_after_the_third_shards)
     with pytest.raises(KeyboardInterrupt):
         in_process_run(data, tmp_path / "run")
     monkeypatch.undo()

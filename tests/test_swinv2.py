@@ -12,11 +12,11 @@ import torch
 from conftest import DEVICE, randomize_
 from test_engine import NO_AUGMENT, make_image_folder, settings
 
+from simmim.checkpoint import training as ckpt
 from simmim.checkpoint.convert import convert
 from simmim.checkpoint.formats import HF, OFFICIAL
 from simmim.checkpoint.transfer import load_weights, read_checkpoint
 from simmim.config import load_config
-from simmim.engine import checkpointing as ckpt
 from simmim.engine import finetune, pretrain
 from simmim.engine.optim import layer_id, param_groups
 from simmim.models import Classifier, FeatureMaps, SimMIM, SwinTransformerV2, SwinV2Config

@@ -16,12 +16,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from simmim import cli
+from simmim.checkpoint import training as ckpt
 from simmim.config import load_config
 from simmim.data import webdataset as shards
 from simmim.data.datasets import SeededSamples
 from simmim.data.verify import verify_images
 from simmim.data.webdataset import ShardedImages, ShardSampler, buffer_shuffle, expand_braces, shard_paths
-from simmim.engine import checkpointing as ckpt
 from simmim.engine import evaluate, finetune, pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -148,8 +148,8 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def _consolidate(args: argparse.Namespace) -> None:
-    from .checkpoint.dcp import consolidate
     from .checkpoint.io import atomic_save_safetensors
+    from .checkpoint.sharded import consolidate
 
     weights = consolidate(args.checkpoint)
     atomic_save_safetensors({k: v.contiguous() for k, v in weights.items()}, args.out, metadata={"format": "simmim"})

@@ -74,7 +74,8 @@ def checkpoint_mask_settings(weights: str | Path) -> dict:
     from the config of a simmim training checkpoint (file or sharded directory) or an official one;
     {} for formats that do not record it."""
     from .checkpoint.io import load_checkpoint_file
-    from .engine.checkpointing import FORMAT, STATE_FILE
+    from .checkpoint.sharded import STATE_FILE
+    from .checkpoint.training import FORMAT
 
     path = Path(weights)
     state = load_checkpoint_file(path / STATE_FILE if path.is_dir() else path)

@@ -1,1 +1,2 @@
-"""Checkpoint files: safe loading, atomic saving, format conversion and position-table resampling."""
+"""Checkpoint files: safe loading, atomic saving, format conversion, position-table resampling, and the
+training runs' own checkpoints (full or sharded) that they save and resume from."""

@@ -21,10 +21,10 @@ from pathlib import Path
 from torch import nn
 
 from ..models import Classifier, SimMIM
-from .dcp import consolidate, is_sharded_checkpoint
 from .formats import Format, StateDict, detect_format, unwrap
 from .io import load_checkpoint_file, strip_prefixes
 from .resample import resample_rel_pos_bias, resize_abs_pos_embed
+from .sharded import consolidate, is_sharded_checkpoint
 
 SHARED_VIT_TABLE = "encoder.rel_pos_bias.relative_position_bias_table"
 BEIT_EXTRA_ROWS = 3  # cls->patch, patch->cls, cls->cls

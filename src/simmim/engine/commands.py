@@ -78,12 +78,12 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
     if not args.preset and not args.config:
         if not args.resume:
             raise ValueError(f"pass --preset NAME or --config FILE.yaml (presets: {', '.join(PRESETS)})")
-        from . import checkpointing
+        from ..checkpoint import training as checkpoints
 
-        path = checkpointing.resume_path(args.resume, args.out or ".")
+        path = checkpoints.resume_path(args.resume, args.out or ".")
         if path is None:
             raise FileNotFoundError(f"--resume auto: no checkpoint in {args.out}; pass --preset or --config to start")
-        base = checkpointing.load(path)["config"]
+        base = checkpoints.load(path)["config"]
     cfg = load_config(args.preset, args.config, overrides, base=base)
     if cfg.task != task:
         raise ValueError(f"{cfg.preset or args.config} is a {cfg.task} recipe; run `simmim {cfg.task}`")

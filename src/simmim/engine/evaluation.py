@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint.dcp import consolidate, is_sharded_checkpoint
+from ..checkpoint import training as checkpoints
+from ..checkpoint.sharded import consolidate, is_sharded_checkpoint
 from ..config import TrainConfig
 from ..data.datasets import EpochSampler, SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
 from ..zoo.hub import get_model, is_exported
-from . import checkpointing
 from .builders import build_network, eval_loader, eval_source
 from .distributed import DistEnv, all_reduce_sum, setup, teardown
 from .parallelize import autocast, resolve_precision
@@ -48,7 +48,7 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, sampler: EpochSampler,
 def load_run_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     """The model of a simmim training checkpoint (pretraining or fine-tuning; a file or a sharded
     checkpoint directory), and its run's config."""
-    state = checkpointing.load(path)
+    state = checkpoints.load(path)
     cfg = TrainConfig.from_dict(state["config"])
     weights = consolidate(path) if Path(path).is_dir() else state["model"]
     num_classes = weights["head.weight"].shape[0] if cfg.task == "finetune" else None

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..checkpoint import training as checkpoints
 from ..config import TrainConfig
 from ..data.datasets import compute_threads, derive_seed
 from ..hardware import auto_precision
 from ..viz import save_curves
-from . import checkpointing, sharded
 from .builders import train_loader
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, setup, teardown
 from .logging import METRICS, Progress, RunLogger, format_duration, read_metrics
@@ -149,7 +149,7 @@ def run_contents(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
     return sorted(p for p in run_dir.iterdir()
-                  if p.name in RUN_FILES or checkpointing.NAME.match(p.name) or checkpointing.TEMPORARY.match(p.name))
+                  if p.name in RUN_FILES or checkpoints.NAME.match(p.name) or checkpoints.TEMPORARY.match(p.name))
 
 
 def free_folder(run_dir: Path) -> Path:
@@ -161,7 +161,7 @@ def check_new_run_folder(run_dir: Path, overwrite: bool) -> None:
     """A new run refuses a folder that holds another run's config, metrics or checkpoints (continuing
     into it would mix the two), unless told to overwrite it."""
     held = [p.name for p in run_contents(run_dir) if p.name in (CONFIG_FILE, METRICS) or
-            checkpointing.NAME.match(p.name)]
+            checkpoints.NAME.match(p.name)]
     if held and not overwrite:
         raise ValueError(f"{run_dir} already holds a run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
                          f"continue it with --resume auto --out {run_dir}, start it over with --overwrite, "
@@ -213,7 +213,7 @@ class Run:
         self.log = RunLogger(run_dir, env.is_main, cfg.runtime.tensorboard)
         if overwrite and cfg.checkpoint.resume:
             raise ValueError("--overwrite starts a new run and --resume continues one: pass one of them")
-        resume = checkpointing.resume_path(cfg.checkpoint.resume, run_dir)
+        resume = checkpoints.resume_path(cfg.checkpoint.resume, run_dir)
         if cfg.checkpoint.resume == "auto" and resume is None:
             self.log.print(f"no checkpoint in {run_dir} yet: starting from scratch")
         elif resume is None:
@@ -325,7 +325,7 @@ class Run:
         seconds = time.perf_counter() - start
         metrics = self.task.finish(self, seconds)
         self.log.record("summary", self.pos.step, seconds=round(seconds, 3), skipped_steps=self.bad_steps, **metrics)
-        final = self.last_checkpoint or checkpointing.checkpoint_path(self.run_dir, self.pos.step)
+        final = self.last_checkpoint or checkpoints.checkpoint_path(self.run_dir, self.pos.step)
         return RunResult(self.run_dir, final if final.exists() else None, cfg.schedule.epochs, self.pos.step,
                          seconds, progress.images_per_second(self.pos.step), self.bad_steps,
                          sorted(self.skipped_files), metrics)
@@ -409,7 +409,7 @@ class Run:
                        f"({self.bad_in_a_row} in a row, {self.bad_steps} in all)")
         self.log.record("skip", step, epoch=epoch + 1, in_a_row=self.bad_in_a_row, total=self.bad_steps)
         if self.bad_in_a_row >= self.cfg.runtime.max_bad_steps:
-            last = checkpointing.list_checkpoints(self.run_dir)
+            last = checkpoints.list_checkpoints(self.run_dir)
             kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
             raise NonFiniteLossError(
                 f"stopped after {self.bad_in_a_row} consecutive steps with a non-finite loss (epoch {epoch + 1}, "
@@ -423,7 +423,7 @@ class Run:
         if self.bad_in_a_row:
             self.log.print(f"step {self.pos.step}: no checkpoint while the loss is not finite")
             return
-        rng = gather_objects(checkpointing.capture_rng(), self.env)
+        rng = gather_objects(checkpoints.capture_rng(), self.env)
         skipped = sorted(set().union(*gather_objects(self.skipped_files, self.env)))
         state = dict(schedule=dataclasses.asdict(self.schedule),
                      scaler=self.scaler.state_dict() if self.scaler else None, epoch=self.pos.epoch,
@@ -431,36 +431,22 @@ class Run:
                      world_size=self.env.world_size, bad_steps=self.bad_steps, skipped_files=skipped,
                      last_loss=self.last_loss,
                      task=self.task.state_dict(), config=self.cfg.to_dict())
-        path = checkpointing.checkpoint_path(self.run_dir, self.pos.step, self.sharded)
-        if self.sharded:
-            sharded.save(self.model, self.optimizer, state, path, self.env)
-        else:
-            model = checkpointing.model_state(self.model)
-            optimizer = checkpointing.optimizer_state(self.model, self.optimizer)
-            if self.env.is_main:
-                checkpointing.save(dict(model=model, optimizer=optimizer, **state), path)
+        self.last_checkpoint = checkpoints.write(self.run_dir, self.pos.step, self.model, self.optimizer, state,
+                                                 sharded=self.sharded, keep=self.cfg.checkpoint.keep,
+                                                 is_main=self.env.is_main)
         if self.env.is_main:
-            checkpointing.prune(self.run_dir, self.cfg.checkpoint.keep)
             self.write_loss_curve()
-        self.last_checkpoint = path
         barrier(self.env)
 
     def load(self, path: Path) -> None:
         """Continues from a checkpoint of either kind written at any world size: weights, optimizer,
         scaler, position (kept as samples seen, so that no sample is repeated or skipped), counters,
         and the RNG streams when the world size is the same."""
-        state = checkpointing.load(path)
-        checkpointing.check_same_recipe(path, state["config"], self.cfg.to_dict())
+        state, batch = checkpoints.resume(path, self.model, self.optimizer, self.cfg.to_dict(), self.env.world_size)
         epochs = state["config"]["schedule"]["epochs"]
         if epochs != self.cfg.schedule.epochs:
             self.log.print(f"schedule.epochs {epochs} -> {self.cfg.schedule.epochs}: the lr schedule is "
                            f"recomputed for the new length from step {state['step']} on")
-        batch = checkpointing.resume_batch(state, self.cfg.data.batch_size, self.env.world_size, self.accumulation)
-        if path.is_dir():
-            sharded.load(path, self.model, self.optimizer)
-        else:
-            checkpointing.load_model_state(self.model, state["model"])
-            checkpointing.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], batch, state["step"])
@@ -469,7 +455,7 @@ class Run:
         self.task.load_state_dict(state["task"])
         self.last_checkpoint = Path(path)
         if len(state["rng"]) == self.env.world_size:
-            checkpointing.restore_rng(state["rng"][self.env.rank])
+            checkpoints.restore_rng(state["rng"][self.env.rank])
         else:
             self.log.print(f"{path} was written by {len(state['rng'])} processes, this run has "
                            f"{self.env.world_size}: random streams start afresh")

@@ -7,6 +7,7 @@ with full, unsharded state dicts keyed by parameter name, or a directory `ckpt-<
 rank wrote its shards with torch.distributed.checkpoint (`sharded.py`) beside `state.pt`, the rest.
 Either kind is read by DDP, FSDP2 and single-process runs of any world size, and written atomically:
 a process killed while saving leaves the previous checkpoints, and no partial one under a final name.
+A run resumes from the newest complete one in its folder (`resume_path`); there is no pointer file to update.
 """
 
 from __future__ import annotations
@@ -29,14 +30,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..checkpoint.io import atomic_save, load_checkpoint_file
+from .io import atomic_save, load_checkpoint_file
+from .sharded import STATE_FILE, load_sharded, save_sharded
 
 FORMAT = "simmim-train-v1"
 NAME = re.compile(r"^ckpt-(\d+)(\.pt)?$")
 TEMPORARY = re.compile(r"^\.ckpt-\d+.*\.(tmp|deleting)$")
 """Names of a save or a deletion in progress (or cut short)."""
-STATE_FILE = "state.pt"
-"""The non-tensor part of a sharded checkpoint, written last: a directory without it is incomplete."""
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -143,29 +143,6 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU state dict of the pure (possibly FSDP2-sharded) model; collective under FSDP."""
-    return get_model_state_dict(model, options=FULL)
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Full optimizer state keyed by parameter name; collective under FSDP."""
-    return get_optimizer_state_dict(model, optimizer, options=FULL)
-
-
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def save(state: dict[str, Any], path: str | Path) -> None:
-    """Writes `state` atomically to `path` (a checkpoint file, or a sharded checkpoint's STATE_FILE)."""
-    atomic_save({"format": FORMAT, **state}, path)
-
-
 def prune(run_dir: str | Path, keep: int) -> None:
     """Deletes all but the newest `keep` checkpoints; a directory is first renamed out of resume's
     sight, so a deletion cut short never leaves a partial checkpoint under a final name."""
@@ -187,3 +164,39 @@ def load(path: str | Path) -> dict[str, Any]:
     if state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a simmim training checkpoint (no {FORMAT!r} format tag)")
     return state
+
+
+def write(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+          *, sharded: bool, keep: int, is_main: bool) -> Path:
+    """Writes the checkpoint of optimizer step `step` into `run_dir`: the model, the optimizer and `state`
+    (the run's position, counters, RNG and config), as one file or `sharded`; then deletes all but the
+    newest `keep`. Collective: every rank takes part, the process with `is_main` writes the files."""
+    path = checkpoint_path(run_dir, step, sharded)
+    if sharded:
+        save_sharded(model, optimizer, {"format": FORMAT, **state}, path, is_main)
+    else:  # gathering the full state of an FSDP2 model is collective
+        full = {"model": get_model_state_dict(model, options=FULL),
+                "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL)}
+        if is_main:
+            atomic_save({"format": FORMAT, **full, **state}, path)
+    if is_main:
+        prune(run_dir, keep)
+    return path
+
+
+def resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any],
+           world_size: int) -> tuple[dict[str, Any], int]:
+    """Loads the checkpoint at `path` (of either kind, written at any world size) into `model` and
+    `optimizer` (collective under a process group), once checked that a run of `config` (its TrainConfig
+    as plain data) on `world_size` processes may continue it: the same recipe and effective batch.
+    Returns the checkpoint's state and this run's next micro-batch in the checkpoint's epoch."""
+    state = load(path)
+    check_same_recipe(path, state["config"], config)
+    batch = resume_batch(state, config["data"]["batch_size"], world_size, config["optim"]["accumulation_steps"])
+    if path.is_dir():
+        load_sharded(path, model, optimizer)
+    else:
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, state["model"], options=options)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    return state, batch
