@@ -180,9 +180,10 @@ def run_study(s: StudySettings) -> dict:
     return write_results(s, main, probes, lengths, ablations) if s.only is None else {}
 
 
-def _stats(values: list[float]) -> dict:
-    return {"mean": round(statistics.fmean(values), 2),
-            "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0, "seeds": values}
+def _stats(values: list[float], digits: int = 2) -> dict:
+    """Mean and standard deviation over seeds, rounded to `digits` (4 for losses, which differ in the third)."""
+    return {"mean": round(statistics.fmean(values), digits),
+            "std": round(statistics.stdev(values), digits) if len(values) > 1 else 0.0, "seeds": values}
 
 
 def _curves(runs: list[dict]) -> list[float]:
@@ -269,8 +270,8 @@ def write_precision(s: StudySettings, budget: tuple[str, int, int], runs: dict[s
         summary[precision] = {"scratch": _stats([r["top1"] for r in row["scratch"]]),
                               "simmim": _stats([r["top1"] for r in row["simmim"]]),
                               "gap": _stats([round(g, 2) for g in gaps]),
-                              "train_loss": _stats([r["train_loss"] for r in pretrainings[precision]]),
-                              "heldout_loss": _stats([r["heldout_loss"] for r in pretrainings[precision]]),
+                              "train_loss": _stats([r["train_loss"] for r in pretrainings[precision]], 4),
+                              "heldout_loss": _stats([r["heldout_loss"] for r in pretrainings[precision]], 4),
                               "pretrain_seconds": _stats([r["seconds"] for r in pretrainings[precision]])}
     (s.out / "precision.json").write_text(json.dumps(summary, indent=2) + "\n")
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
