@@ -180,9 +180,24 @@ def test_keeping_activations_gives_the_same_numbers_for_more_memory(monkeypatch,
     assert kept > 1.3 * recomputed  # the norms' and GELUs' outputs
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_auto_recompute_keeps_only_16_bit_gelu_outputs(monkeypatch, precision):
+    _, _, _, recomputed = _step("aten", monkeypatch, "1", precision)
+    _, _, _, kept = _step("aten", monkeypatch, "0", precision)
+    loss_auto, grads_auto, _, auto = _step("aten", monkeypatch, "auto", precision)
+    if precision == "fp32":
+        assert auto == recomputed
+    else:  # the GELU outputs (4x the width) kept, the norm outputs not
+        assert recomputed < auto < kept
+    loss, grads, _, _ = _step("aten", monkeypatch, "1", precision)
+    assert torch.equal(loss, loss_auto)
+    for a, b in zip(grads, grads_auto, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_bad_recompute_value_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv(fused.RECOMPUTE_ENV, "yes")
-    with pytest.raises(ValueError, match=r"^SIMMIM_RECOMPUTE='yes': expected 1 \(recompute\) or 0 \(keep\)$"):
+    with pytest.raises(ValueError, match=r"^SIMMIM_RECOMPUTE='yes': expected auto, 1 \(recompute\) or 0 \(keep\)$"):
         fused.gelu_linear(torch.randn(2, 8, requires_grad=True), torch.randn(4, 8), torch.randn(4))
 
 

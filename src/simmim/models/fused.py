@@ -6,7 +6,7 @@ or with less memory saved for the backward. Each falls back to the plain op wher
   the rate oneDNN reaches with AVX-512, while on Intel AMX CPUs it beats oneDNN's fp32). `gemm_route`
   decides by a short calibration, cached per machine; SIMMIM_GEMM_ROUTE=onednn|aten|auto forces it.
 - `PointwiseConv`: a 1x1 convolution (SimMIM's decoder) computed by `linear`.
-- `gelu_linear`: fc2(gelu(h)) keeping only h for the backward (gelu(h), as large, is recomputed there).
+- `gelu_linear`: fc2(gelu(h)) keeping only h for the backward in fp32 (gelu(h), as large, is recomputed there).
 - `norm_linear`: linear(layer_norm(x)), optionally with the tokens reordered between the two, keeping
   x and the norm's statistics for the backward but not the norm's output (recomputed there).
 - `TokenGather`: a reordering of tokens (with zero padding) whose backward is the inverse reordering.
@@ -39,21 +39,24 @@ from ..fsutil import atomic_write_text
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ROUTE_ENV, ROUTES = hardware.GEMM_ROUTE_ENV, hardware.GEMM_ROUTES
 RECOMPUTE_ENV = "SIMMIM_RECOMPUTE"
-"""Environment variable: 1 (default) recomputes norm and GELU outputs in the backward, 0 keeps them."""
+"""Environment variable: auto (default), 1 (recompute norm and GELU outputs in the backward) or 0 (keep them)."""
 CACHE_FILE = "gemm-route.json"
 _CALIBRATION = ((4096, 96), (512, 384))
 """(tokens, width) of the calibration's Swin blocks: the widths of Swin-T/B's first and third stages,
 fewer tokens than a batch holds so that the calibration takes a fraction of a second."""
 
 
-def recompute() -> bool:
-    """Whether `norm_linear` and `gelu_linear` recompute their GEMM's input in the backward (the
-    default) instead of keeping it: SIMMIM_RECOMPUTE=0 keeps it, for more memory (an activation the size
-    of x per norm, 4x the width per MLP) and a little less time (docs/kernels.md: on an Intel AMX CPU
-    about 2% of a Swin-T fp32 step for 40% more peak memory)."""
-    value = os.environ.get(RECOMPUTE_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{RECOMPUTE_ENV}={value!r}: expected 1 (recompute) or 0 (keep)")
+def recompute(output: str, dtype: torch.dtype) -> bool:
+    """Whether `norm_linear` ("norm") or `gelu_linear` ("gelu") recomputes its GEMM's input of `dtype` in
+    the backward instead of keeping it. SIMMIM_RECOMPUTE=1 recomputes both, 0 keeps both (more memory: an
+    activation the size of x per norm, 4x the width per MLP), auto (the default) keeps only a 16-bit GELU
+    output: under bf16 the GELU's recompute is a larger share of a faster step and the kept activation
+    half the bytes, while a norm's recompute is cheap everywhere (docs/kernels.md has the measurements)."""
+    value = os.environ.get(RECOMPUTE_ENV, "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"{RECOMPUTE_ENV}={value!r}: expected auto, 1 (recompute) or 0 (keep)")
+    if value == "auto":
+        return output == "norm" or dtype.itemsize > 2
     return value == "1"
 
 
@@ -268,7 +271,7 @@ class _NormLinear(torch.autograd.Function):
         y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
         w = weight.to(dtype)
         y = _gathered(y.to(dtype), gather)
-        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, w, None if recompute() else y)
+        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, w, None if recompute("norm", dtype) else y)
         ctx.eps, ctx.gather, ctx.dtypes = eps, gather, (weight.dtype, None if bias is None else bias.dtype)
         return matmul_nt(y, w, _cast(bias, dtype))
 
@@ -323,7 +326,7 @@ class _GeluLinear(torch.autograd.Function):
         dtype = _gemm_dtype(h)
         w = weight.to(dtype)
         act = F.gelu(h).to(dtype)
-        ctx.save_for_backward(h, w, None if recompute() else act)
+        ctx.save_for_backward(h, w, None if recompute("gelu", dtype) else act)
         ctx.dtypes = weight.dtype, bias.dtype
         return matmul_nt(act, w, bias.to(dtype))
 
@@ -343,7 +346,7 @@ class _GeluLinear(torch.autograd.Function):
 def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """F.linear(F.gelu(h), weight, bias) that saves h alone for the backward: the MLP's largest
     activation (4x the width) is held once instead of twice, for one more elementwise pass (both held
-    with SIMMIM_RECOMPUTE=0)."""
+    under bf16 or with SIMMIM_RECOMPUTE=0: `recompute`)."""
     return _GeluLinear.apply(h, weight, bias)
 
 
