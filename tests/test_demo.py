@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from simmim.cli import main
 from simmim.data.fashion_mnist import FASHION_MNIST_DIR
+from simmim.hardware import auto_precision
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is missing")]
@@ -25,7 +27,10 @@ def test_demo_writes_a_report_with_both_classifiers(tmp_path, capsys):
     text = (out / "summary.md").read_text()
     assert f"| from scratch | {summary['scratch']['top1']:.2f} |" in text
     assert "Held-out reconstruction loss" in text and "![reconstructions](reconstruction.png)" in text
+    precision, why = auto_precision(torch.device("cpu"))  # the demo's default precision is auto
+    assert summary["precision"] == precision and f", in {precision}. Run folders" in text
     out = capsys.readouterr().out
+    assert why in out  # each run's header says what auto chose and why
     stages = [line for line in out.splitlines() if line.startswith("== ")]
     assert [line[:7] for line in stages] == ["== 1/3 ", "== 2/3 ", "== 3/3 "]  # the three runs, in order
     assert f"scratch {summary['scratch']['top1']:.2f} vs SimMIM {summary['simmim']['top1']:.2f}" in out

@@ -224,7 +224,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--labels-per-class", type=int, default=100)
     p.add_argument("--pretrain-epochs", type=int, help="default: the preset's")
     p.add_argument("--finetune-epochs", type=int, help="default: the preset's")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where the CPU has bf16 matrix units (AMX-BF16, AVX512-BF16), else fp32")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for all three runs")
     p.set_defaults(func=_demo)
 

@@ -122,6 +122,8 @@ class RunResult:
     skipped_files: list[str]
     """Images that could not be decoded (also in RUN_DIR/skipped_files.txt)."""
     metrics: dict[str, float]
+    precision: str
+    """What the run computed in: runtime.precision with 'auto' resolved for its device."""
 
 
 @dataclass
@@ -328,7 +330,7 @@ class Run:
         final = self.last_checkpoint or checkpoints.checkpoint_path(self.run_dir, self.pos.step)
         return RunResult(self.run_dir, final if final.exists() else None, cfg.schedule.epochs, self.pos.step,
                          seconds, progress.images_per_second(self.pos.step), self.bad_steps,
-                         sorted(self.skipped_files), metrics)
+                         sorted(self.skipped_files), metrics, self.precision)
 
     def train_epoch(self, epoch: int, progress: Progress) -> None:
         device, accumulation = self.env.device, self.accumulation
