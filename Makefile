@@ -27,7 +27,8 @@ system-deps:
 demo: venv system-deps
 	$(VENV)/bin/simmim demo --out report
 
-# about two hours on a 2-core CPU (--only main ~85 min, --only ablations ~35 min); resumable (runs/study/results.jsonl)
+# about two hours on a 2-core CPU in fp32 (--only main ~85 min, --only ablations ~35 min), about 70 min estimated in bf16
+# on an AMX CPU (runtime.precision=auto); resumable (runs/study/results.jsonl)
 study: venv system-deps
 	$(VENV)/bin/simmim study --out docs/results
 

@@ -74,9 +74,10 @@ def run_demo(settings: DemoSettings) -> dict:
     tuned = finetune_run(s, "finetune-simmim", pre.checkpoint)
     print(f"== 3/3 the same classifier from scratch on the same {10 * s.labels_per_class} labelled images")
     scratch = finetune_run(s, "finetune-scratch", None)
+    threads = torch.get_num_threads()  # as the runs set it
     summary = {
         "command": "simmim demo", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{cpu_model()}, {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}",
         "precision": pre.precision,
         "seed": s.seed, "labels": 10 * s.labels_per_class, "test_images": 10_000,
         "pretrain": {"epochs": pre.epochs, "seconds": round(pre.seconds, 1), **pre.metrics},
