@@ -312,11 +312,9 @@ QUIET_RUN = ["--epochs", "1", "--batch-size", "8", "--set", "data.num_workers=0"
 
 
 @pytest.fixture(scope="module")
-def named_classes(tmp_path_factory):
+def named_classes(tmp_path_factory, image_folder):
     """train/ and val/ with two classes named by their folders."""
-    from test_engine import make_image_folder
-
-    root = make_image_folder(tmp_path_factory.mktemp("named"))
+    root = image_folder(tmp_path_factory.mktemp("named"))
     for split in ("train", "val"):
         for old, new in (("class_0", "heron"), ("class_1", "kingfisher")):
             (root / split / old).rename(root / split / new)

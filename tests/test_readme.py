@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import make_image_folder
 
 import simmim
 from simmim.cli import main
@@ -93,7 +92,7 @@ def stand_in_argv(command: str, data: Path) -> list[str]:
 
 
 @pytest.fixture
-def scratch(tmp_path, monkeypatch):
+def scratch(tmp_path, monkeypatch, image_folder):
     """A working folder with the stand-ins; the tiny models "publish" random weights."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SIMMIM_CACHE", str(tmp_path / "cache"))
@@ -113,7 +112,7 @@ def scratch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "get_spec", published)
     monkeypatch.setattr(hub, "download", download)
-    return make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2, size=64)
+    return image_folder(tmp_path / "data", train_per_class=4, val_per_class=2, size=64)
 
 
 def skip_reason(command: str) -> str | None:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from test_engine import NO_AUGMENT, make_image_folder, settings
 
 from simmim.checkpoint import training as ckpt
 from simmim.checkpoint.convert import convert
@@ -222,9 +221,9 @@ def test_parameter_groups_follow_the_official_swinv2_recipe():
     assert math.isclose(next(g["lr_scale"] for g in groups if g["layer"] == 0), 0.9 ** 6)
 
 
-def test_engine_pretrains_swinv2_and_fine_tunes_from_it(tmp_path):
-    data = make_image_folder(tmp_path / "images", train_per_class=4, val_per_class=1, size=64)
-    overrides = ("schedule.epochs=1", *NO_AUGMENT)
+def test_engine_pretrains_swinv2_and_fine_tunes_from_it(tmp_path, no_augment, image_folder, settings):
+    data = image_folder(tmp_path / "images", train_per_class=4, val_per_class=1, size=64)
+    overrides = ("schedule.epochs=1", *no_augment)
     cfg = load_config("nano-pretrain", overrides=settings(
         "pretrain", data, tmp_path / "p", "model.name=simmim_swinv2-nano_test-64px", *overrides))
     result = pretrain(cfg)  # 8 images, batch 4
