@@ -119,11 +119,10 @@ def skip_reason(command: str) -> str | None:
     return next((why for pattern, why in SKIPS.items() if re.search(pattern, command)), None)
 
 
-def run_shell_block(block: str) -> None:
+def run_shell_block(block: str, src_env) -> None:
     """A block that is a shell script (a server started, curl, kill) runs as one, with this
     environment's `simmim` and `python` first on the PATH; whatever it left running is ended."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = src_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.Popen(["bash", "-ec", stand_in(block)], env=env, start_new_session=True)
     try:
         assert proc.wait(timeout=300) == 0, f"README shell block failed: {block.splitlines()[0]}"
@@ -133,7 +132,7 @@ def run_shell_block(block: str) -> None:
 
 
 @pytest.mark.slow
-def test_every_block_of_the_readme_runs(scratch, capsys):
+def test_every_block_of_the_readme_runs(scratch, capsys, src_env):
     namespace: dict = {}
     ran, skipped = 0, []
     for kind, block in BLOCKS:
@@ -144,7 +143,7 @@ def test_every_block_of_the_readme_runs(scratch, capsys):
             ran += 1
             continue
         if any(not c.startswith("simmim ") and not skip_reason(c) for c in commands(block)):
-            run_shell_block(block)
+            run_shell_block(block, src_env)
             ran += 1
             continue
         for command in commands(block):
