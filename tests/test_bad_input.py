@@ -7,7 +7,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_engine import make_image_folder
 
 from simmim.cli import main
 from simmim.config import all_keys, load_config
@@ -15,8 +14,8 @@ from simmim.data.datasets import UnreadableImage, load_rgb
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data"), train_per_class=2, val_per_class=1)
+def data(tmp_path_factory, image_folder):
+    return image_folder(tmp_path_factory.mktemp("data"), train_per_class=2, val_per_class=1)
 
 
 def _error_line(capsys, argv) -> str:

@@ -31,8 +31,6 @@ from simmim.checkpoint.io import (
     strip_prefixes,
 )
 
-SRC_DIR = Path(__file__).resolve().parents[1] / "src"
-
 
 def _leftovers(directory: Path, keep: str) -> list[str]:
     """Files in `directory` other than `keep` (i.e. temp files a failed save left behind)."""
@@ -129,7 +127,7 @@ def _partial_temp_exists(directory: Path, min_bytes: int) -> bool:
     return False
 
 
-def test_sigkill_during_save_leaves_a_loadable_file(tmp_path: Path) -> None:
+def test_sigkill_during_save_leaves_a_loadable_file(tmp_path: Path, src_env) -> None:
     path = tmp_path / "ckpt.pth"
     child = textwrap.dedent(
         """
@@ -140,9 +138,8 @@ def test_sigkill_during_save_leaves_a_loadable_file(tmp_path: Path) -> None:
             atomic_save({"i": i, "w": torch.full((2_000_000,), float(i))}, sys.argv[1])
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC_DIR), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
-        [sys.executable, "-c", child, str(path)], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", child, str(path)], stdout=subprocess.PIPE, text=True, env=src_env()
     )
     try:
         assert proc.stdout is not None

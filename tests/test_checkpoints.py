@@ -12,7 +12,6 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from conftest import randomize_
 from PIL import Image
 
 import simmim
@@ -27,9 +26,9 @@ from simmim.zoo import hub
 PRE, CLS = "simmim_swin-nano_test-64px", "swin-nano_test-64px"
 
 
-def _pair(name, **kw):
+def _pair(randomize, name, **kw):
     """A random model and an independent copy of its architecture."""
-    a = randomize_(simmim.get_model(name, **kw))
+    a = randomize(simmim.get_model(name, **kw))
     return a, simmim.get_model(name, **kw)
 
 
@@ -52,9 +51,9 @@ def _with_official_buffers(model) -> dict:
     return state
 
 
-def test_official_pretraining_checkpoint_with_yacs_config(tmp_path):
+def test_official_pretraining_checkpoint_with_yacs_config(tmp_path, randomize):
     yacs_config = pytest.importorskip("yacs.config")
-    src, dst = _pair(PRE)
+    src, dst = _pair(randomize, PRE)
     cfg = yacs_config.CfgNode({"MODEL": {"TYPE": "swin"}, "DATA": {"IMG_SIZE": 64}})
     torch.save({"model": _with_official_buffers(src), "config": cfg, "epoch": 99}, tmp_path / "ckpt.pth")
     report = load_weights(dst, tmp_path / "ckpt.pth")
@@ -62,8 +61,8 @@ def test_official_pretraining_checkpoint_with_yacs_config(tmp_path):
     assert torch.allclose(_outputs(dst), _outputs(src), atol=1e-5)
 
 
-def test_official_finetuned_checkpoint_without_encoder_prefix(tmp_path):
-    src, dst = _pair(CLS)
+def test_official_finetuned_checkpoint_without_encoder_prefix(tmp_path, randomize):
+    src, dst = _pair(randomize, CLS)
     state = {k.removeprefix("encoder."): v for k, v in src.state_dict().items()}
     assert "head.weight" in state and "layers.0.blocks.0.attn.qkv.weight" in state
     torch.save({"model": state, "epoch": 3}, tmp_path / "ft.pth")
@@ -86,8 +85,8 @@ class UnfoldPatchMerging(torch.nn.Module):
         return self.reduction(self.norm(cols.transpose(1, 2))).view(b, h, w, -1)
 
 
-def test_mmpretrain_patch_merging_reorder_against_unfold():
-    ours = randomize_(simmim.get_model(PRE)).encoder.layers[0].downsample
+def test_mmpretrain_patch_merging_reorder_against_unfold(randomize):
+    ours = randomize(simmim.get_model(PRE)).encoder.layers[0].downsample
     theirs = UnfoldPatchMerging(24)
     converted = MMPRETRAIN.from_ours({f"encoder.layers.0.downsample.{k}": v for k, v in ours.state_dict().items()})
     theirs.load_state_dict({k.removeprefix("backbone.stages.0.downsample."): v for k, v in converted.items()})
@@ -96,8 +95,8 @@ def test_mmpretrain_patch_merging_reorder_against_unfold():
 
 
 @pytest.mark.parametrize("name", [PRE, CLS])
-def test_mmpretrain_checkpoint(tmp_path, name):
-    src, dst = _pair(name)
+def test_mmpretrain_checkpoint(tmp_path, name, randomize):
+    src, dst = _pair(randomize, name)
     state = MMPRETRAIN.from_ours(src.state_dict())
     assert any(k.startswith("backbone.stages.0.blocks.0.attn.w_msa.qkv") for k in state)
     # mmpretrain files carry index buffers and the data preprocessor's statistics
@@ -109,12 +108,12 @@ def test_mmpretrain_checkpoint(tmp_path, name):
 
 
 @pytest.mark.parametrize("suffix", ["safetensors", "bin"])
-def test_hf_checkpoint_written_by_transformers(tmp_path, suffix):
+def test_hf_checkpoint_written_by_transformers(tmp_path, suffix, randomize):
     transformers = pytest.importorskip("transformers")
     # 128 px: no stage map is smaller than the window (HF >= 5 mis-sizes the tables of such stages)
     cfg = transformers.SwinConfig(image_size=128, patch_size=4, embed_dim=24, depths=[1, 1, 2, 1],
                                   num_heads=[1, 2, 3, 6], window_size=4, encoder_stride=32)
-    hf = randomize_(transformers.SwinForMaskedImageModeling(cfg)).eval()
+    hf = randomize(transformers.SwinForMaskedImageModeling(cfg)).eval()
     hf.save_pretrained(tmp_path)
     file = tmp_path / "model.safetensors"
     if suffix == "bin":  # the older pytorch_model.bin: the same flat state dict, pickled
@@ -131,8 +130,8 @@ def test_hf_checkpoint_written_by_transformers(tmp_path, suffix):
 
 
 @pytest.mark.parametrize("name", [PRE, CLS])
-def test_conversions_round_trip_bit_exact(tmp_path, name):
-    model = randomize_(simmim.get_model(name))
+def test_conversions_round_trip_bit_exact(tmp_path, name, randomize):
+    model = randomize(simmim.get_model(name))
     hub.export(model, tmp_path / "ours", name=name)
     src = tmp_path / "ours" / "model.safetensors"
     chain = [("official", "a.pth"), ("mmpretrain", "b.pth"), ("hf", "c.safetensors"), ("hf", "d.bin"),
@@ -152,8 +151,8 @@ def test_vit_checkpoints_have_no_hf_or_mmpretrain_layout(tmp_path, capsys):
     assert "no counterpart in the hf format: encoder.blocks" in capsys.readouterr().err
 
 
-def test_pretrain_to_finetune_transfer_with_window_change():
-    pre = randomize_(simmim.get_model(PRE, window_size=4))
+def test_pretrain_to_finetune_transfer_with_window_change(randomize):
+    pre = randomize(simmim.get_model(PRE, window_size=4))
     clf = simmim.get_model(CLS, window_size=5, img_size=80)
     report = load_weights(clf, {"model": pre.state_dict()})
     assert set(report.initialized) == {"head.weight", "head.bias"}
@@ -165,8 +164,8 @@ def test_pretrain_to_finetune_transfer_with_window_change():
                        pre.state_dict()["encoder.layers.2.blocks.0.mlp.fc1.weight"])
 
 
-def test_vit_transfer_copies_the_shared_table_into_every_block():
-    pre = randomize_(simmim.get_model("simmim_vit-nano_test-64px"))
+def test_vit_transfer_copies_the_shared_table_into_every_block(randomize):
+    pre = randomize(simmim.get_model("simmim_vit-nano_test-64px"))
     clf = simmim.get_model("vit-nano_test-64px")
     report = load_weights(clf, {"model": pre.state_dict()})
     shared = pre.state_dict()["encoder.rel_pos_bias.relative_position_bias_table"]
@@ -184,8 +183,8 @@ def test_checkpoint_of_another_architecture_names_keys_and_shapes():
         load_weights(simmim.get_model(PRE), {"model": wide.state_dict()})
 
 
-def test_prefixes_of_ddp_and_compile_are_stripped():
-    src, dst = _pair(CLS)
+def test_prefixes_of_ddp_and_compile_are_stripped(randomize):
+    src, dst = _pair(randomize, CLS)
     state = {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}
     load_weights(dst, {"model": state})
     assert torch.equal(_outputs(dst), _outputs(src))
@@ -209,8 +208,8 @@ def test_checkpoint_carrying_a_callable_is_refused_without_running_it(tmp_path, 
     assert not (tmp_path / "PWNED_MARKER").exists()
 
 
-def test_export_and_load_directory(tmp_path, capsys):
-    model = randomize_(simmim.get_model(CLS, num_classes=4))
+def test_export_and_load_directory(tmp_path, capsys, randomize):
+    model = randomize(simmim.get_model(CLS, num_classes=4))
     hub.export(model, tmp_path / "exp", name=CLS, classes=["a", "b", "c", "d"])
     loaded = simmim.get_model(tmp_path / "exp")
     assert loaded.classes == ["a", "b", "c", "d"]
@@ -222,9 +221,9 @@ def test_export_and_load_directory(tmp_path, capsys):
     assert report.dropped == ["head.weight", "head.bias"] and report.initialized == ["head.bias", "head.weight"]
 
 
-def test_download_cache_hash_and_offline_error(tmp_path, monkeypatch):
+def test_download_cache_hash_and_offline_error(tmp_path, monkeypatch, randomize):
     monkeypatch.setenv("SIMMIM_CACHE", str(tmp_path / "cache"))
-    model = randomize_(simmim.get_model(CLS))
+    model = randomize(simmim.get_model(CLS))
     torch.save({"model": model.state_dict()}, tmp_path / "w.pth")
     digest = hashlib.sha256((tmp_path / "w.pth").read_bytes()).hexdigest()[:8]
     good = tmp_path / f"w_20220829-{digest}.pth"
@@ -242,8 +241,8 @@ def test_download_cache_hash_and_offline_error(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def exported_classifier(tmp_path):
-    model = randomize_(simmim.get_model(CLS, num_classes=10))
+def exported_classifier(tmp_path, randomize):
+    model = randomize(simmim.get_model(CLS, num_classes=10))
     return hub.export(model, tmp_path / "clf", name=CLS, classes=[f"class{i}" for i in range(10)])
 
 
@@ -278,8 +277,8 @@ def test_predict_cli(tmp_path, exported_classifier, capsys):
     assert lines[0] == str(photo) and len(lines) == 5 and "class" in lines[2]
 
 
-def test_reconstruct_writes_the_four_panels(tmp_path):
-    model = randomize_(simmim.get_model(PRE))
+def test_reconstruct_writes_the_four_panels(tmp_path, randomize):
+    model = randomize(simmim.get_model(PRE))
     hub.export(model, tmp_path / "pre", name=PRE)
     photo = tmp_path / "coffee.png"
     load_photo("coffee").save(photo)
@@ -313,11 +312,9 @@ QUIET_RUN = ["--epochs", "1", "--batch-size", "8", "--set", "data.num_workers=0"
 
 
 @pytest.fixture(scope="module")
-def named_classes(tmp_path_factory):
+def named_classes(tmp_path_factory, image_folder):
     """train/ and val/ with two classes named by their folders."""
-    from test_engine import make_image_folder
-
-    root = make_image_folder(tmp_path_factory.mktemp("named"))
+    root = image_folder(tmp_path_factory.mktemp("named"))
     for split in ("train", "val"):
         for old, new in (("class_0", "heron"), ("class_1", "kingfisher")):
             (root / split / old).rename(root / split / new)

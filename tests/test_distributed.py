@@ -7,45 +7,28 @@ masks (drawn from per-sample seeds), so only float summation order differs.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from test_engine import make_image_folder
 
 from simmim.checkpoint import training as ckpt
 from simmim.checkpoint.sharded import consolidate
 from simmim.config import load_config
 from simmim.engine import pretrain
-from simmim.runtime import run_local_torchrun
 
 pytestmark = pytest.mark.distributed  # torchrun: several processes
 
-LAUNCHER = """\
-import sys
-from simmim.cli import main
-
-sys.exit(main(sys.argv[1:]))
-"""
 # fp32: runtime.precision=auto is bf16 on CPUs with AMX or AVX512-BF16, beyond these tolerances
 SETTINGS = ["runtime.precision=fp32", "data.num_workers=0", "runtime.tensorboard=false", "runtime.vis_every=0",
             "runtime.log_every=1", "schedule.epochs=2", "schedule.warmup_epochs=1", "checkpoint.keep=1"]
 
 
-def torchrun(tmp_path: Path, nproc: int, *argv: str, launcher: Path | None = None) -> subprocess.CompletedProcess:
-    """`nproc` processes of a script (by default the training commands' launcher) with `argv`."""
-    if launcher is None:
-        launcher = tmp_path / "launch.py"
-        launcher.write_text(LAUNCHER)
-    return run_local_torchrun(nproc, [str(launcher), *argv], timeout=300)
-
-
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+def single_process(tmp_path_factory, image_folder) -> tuple[Path, dict[str, torch.Tensor]]:
     """The data, and the weights of one process training with a batch of 8."""
     root = tmp_path_factory.mktemp("ddp")
-    data = make_image_folder(root / "images", train_per_class=9)  # 18 images: 2 ranks drop none, 1 step drops 2
+    data = image_folder(root / "images", train_per_class=9)  # 18 images: 2 ranks drop none, 1 step drops 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -59,11 +42,11 @@ def single_process(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize(("parallel", "batch", "accumulation"), [("ddp", 4, 1), ("fsdp", 2, 2)])
 def test_two_processes_match_one_process_with_the_same_total_batch(single_process, tmp_path, parallel, batch,
-                                                                   accumulation):
+                                                                   accumulation, torchrun):
     data, expected = single_process
     sets = [arg for s in [*SETTINGS, f"runtime.parallel={parallel}", f"optim.accumulation_steps={accumulation}"]
             for arg in ("--set", s)]
-    run = torchrun(tmp_path, 2, "pretrain", "--preset", "nano-pretrain", "--data", str(data),
+    run = torchrun(2, "pretrain", "--preset", "nano-pretrain", "--data", str(data),
                    "--out", str(tmp_path / "two"), "--batch-size", str(batch), *sets)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"2 processes ({parallel}) on cpu" in run.stdout

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_
 
 from simmim.checkpoint.convert import convert
 from simmim.checkpoint.ecosystem import export_hf
@@ -33,8 +32,8 @@ def _images(size: int) -> torch.Tensor:
     (SwinTransformer, SwinConfig(**SWIN, use_mask_token=True), "SwinForMaskedImageModeling"),
     (SwinTransformerV2, SwinV2Config(**SWINV2, use_mask_token=True), "Swinv2ForMaskedImageModeling"),
 ])
-def test_simmim_export_loads_in_hf_with_the_same_outputs(encoder, cfg, hf_class, tmp_path):
-    ours = randomize_(SimMIM(encoder(cfg), mask_patch_size=32)).eval()
+def test_simmim_export_loads_in_hf_with_the_same_outputs(encoder, cfg, hf_class, tmp_path, randomize):
+    ours = randomize(SimMIM(encoder(cfg), mask_patch_size=32)).eval()
     export_hf(ours, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [hf_class]
     hf = getattr(transformers, hf_class).from_pretrained(tmp_path).eval()
@@ -58,8 +57,8 @@ def test_simmim_export_loads_in_hf_with_the_same_outputs(encoder, cfg, hf_class,
     (SwinTransformer, SwinConfig(**SWIN), "SwinForImageClassification"),
     (SwinTransformerV2, SwinV2Config(**SWINV2), "Swinv2ForImageClassification"),
 ])
-def test_classifier_export_loads_in_hf_with_the_same_logits_and_labels(encoder, cfg, hf_class, tmp_path):
-    ours = randomize_(Classifier(encoder(cfg), num_classes=3)).eval()
+def test_classifier_export_loads_in_hf_with_the_same_logits_and_labels(encoder, cfg, hf_class, tmp_path, randomize):
+    ours = randomize(Classifier(encoder(cfg), num_classes=3)).eval()
     export_hf(ours, tmp_path, classes=["cat", "dog", "fox"])
     hf = transformers.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == hf_class
@@ -79,8 +78,8 @@ def test_models_without_an_hf_counterpart_are_refused(tmp_path):
     assert not (tmp_path / "config.json").exists()
 
 
-def test_cli_export_and_convert_write_hf_folders(tmp_path, capsys):
-    ours = randomize_(SimMIM(SwinTransformer(SwinConfig(**SWIN, use_mask_token=True))))
+def test_cli_export_and_convert_write_hf_folders(tmp_path, capsys, randomize):
+    ours = randomize(SimMIM(SwinTransformer(SwinConfig(**SWIN, use_mask_token=True))))
     export(ours, tmp_path / "ours")  # a simmim folder names its own architecture
     weights, arch = str(tmp_path / "ours" / "model.safetensors"), str(tmp_path / "ours")
     assert main(["export", weights, str(tmp_path / "a"), "--model", arch, "--format", "hf"]) == 0
@@ -97,9 +96,9 @@ def test_cli_export_and_convert_write_hf_folders(tmp_path, capsys):
     assert "simmim: error: stage 4's 2px map is smaller than window 4" in capsys.readouterr().err
 
 
-def test_timm_reads_the_timm_file_through_its_pretrained_file_overlay(tmp_path):
+def test_timm_reads_the_timm_file_through_its_pretrained_file_overlay(tmp_path, randomize):
     cfg = SwinConfig(**SWIN)
-    ours = randomize_(Classifier(SwinTransformer(cfg), num_classes=5)).eval()
+    ours = randomize(Classifier(SwinTransformer(cfg), num_classes=5)).eval()
     torch.save({"model": ours.state_dict()}, tmp_path / "ours.pth")
     assert convert(tmp_path / "ours.pth", tmp_path / "timm.pth", to="timm") == ("official", "timm")
     ref = timm.create_model("swin_tiny_patch4_window7_224", pretrained=True, num_classes=5,
@@ -111,9 +110,9 @@ def test_timm_reads_the_timm_file_through_its_pretrained_file_overlay(tmp_path):
         assert (ours(images) - ref(images)).abs().max() < TOL
 
 
-def test_timm_file_of_a_pretraining_checkpoint_is_its_encoder(tmp_path):
+def test_timm_file_of_a_pretraining_checkpoint_is_its_encoder(tmp_path, randomize):
     cfg = SwinV2Config(**SWINV2, use_mask_token=True)
-    ours = randomize_(SimMIM(SwinTransformerV2(cfg))).eval()
+    ours = randomize(SimMIM(SwinTransformerV2(cfg))).eval()
     torch.save({"model": ours.state_dict()}, tmp_path / "pretrain.pth")
     convert(tmp_path / "pretrain.pth", tmp_path / "timm.safetensors", to="timm")
     ref = timm.create_model("swinv2_tiny_window8_256", pretrained=True, num_classes=0,

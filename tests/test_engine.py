@@ -32,42 +32,12 @@ from simmim.engine.pretraining import PretrainTask
 from simmim.hardware import auto_precision
 from simmim.zoo import build_model, get_spec
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-# deterministic crops: the whole image, no flip
-NO_AUGMENT = ["augment.crop_scale=1,1", "augment.crop_ratio=1,1", "augment.hflip=0"]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_image_folder(root: Path, train_per_class: int = 8, val_per_class: int = 3, size: int = 72) -> Path:
-    """train/ and val/ with two easily told apart classes (reddish and bluish noisy gradients)."""
-    rng = np.random.default_rng(0)
-    ramp = np.linspace(0.5, 1.0, size)[:, None, None]
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for label, color in enumerate(((200, 60, 60), (60, 60, 200))):
-            folder = root / split / f"class_{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = np.asarray(color, dtype=np.float64) * ramp + rng.normal(0, 25, (size, size, 3))
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("images"))
-
-
-def settings(task: str, data: Path, out: Path, *extra: str) -> list[str]:
-    """Overrides for a tiny, quiet, single-worker run."""
-    return [f"data.path={data}", f"out_dir={out}", "data.batch_size=4", "data.num_workers=0", "runtime.threads=1",
-            "runtime.log_every=1",
-            "runtime.tensorboard=false", "runtime.vis_every=0", "schedule.warmup_epochs=0", *extra]
-
-
-def params_of(path: Path) -> dict[str, torch.Tensor]:
-    return ckpt.load(path)["model"]
+def images(tmp_path_factory, image_folder) -> Path:
+    return image_folder(tmp_path_factory.mktemp("images"))
 
 
 # -- layer decay, weight decay, lr scaling and schedule against hand-computed values --------------------
@@ -232,12 +202,12 @@ def test_fashion_mnist_splits_and_labelled_subsets():
 # -- end-to-end runs -------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_pretraining_overfits_one_batch_and_writes_its_run_folder(images, tmp_path):
+def test_pretraining_overfits_one_batch_and_writes_its_run_folder(images, tmp_path, settings, no_augment):
     out = tmp_path / "pretrain"
     cfg = load_config("nano-pretrain", overrides=settings(
         "pretrain", images / "train" / "class_0", out, "data.batch_size=8", "schedule.epochs=30",
         "optim.lr=0.128", "optim.min_lr=0.0128", "runtime.vis_every=15", "runtime.tensorboard=true",
-        "checkpoint.every_epochs=10", *NO_AUGMENT))
+        "checkpoint.every_epochs=10", *no_augment))
     result = pretrain(cfg)  # 8 images, batch 8: the same batch 30 times (with fresh masks)
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
               if r["kind"] == "train"]
@@ -254,10 +224,10 @@ def test_pretraining_overfits_one_batch_and_writes_its_run_folder(images, tmp_pa
 
 
 @pytest.mark.slow
-def test_pretraining_measures_reconstruction_on_held_out_images(images, tmp_path):
+def test_pretraining_measures_reconstruction_on_held_out_images(images, tmp_path, settings, no_augment):
     out = tmp_path / "pretrain"
     cfg = load_config("nano-pretrain", overrides=settings(
-        "pretrain", images, out, "schedule.epochs=8", "optim.lr=0.128", "optim.min_lr=0.0128", *NO_AUGMENT))
+        "pretrain", images, out, "schedule.epochs=8", "optim.lr=0.128", "optim.min_lr=0.0128", *no_augment))
     pretrain(cfg)  # trains on images/train, measures on the 6 images of images/val
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     heldout = [r["heldout_loss"] for r in records if r["kind"] == "eval"]
@@ -266,14 +236,14 @@ def test_pretraining_measures_reconstruction_on_held_out_images(images, tmp_path
 
 
 @pytest.mark.slow
-def test_finetuning_overfits_one_batch_and_evaluate_reads_its_checkpoint(images, tmp_path):
+def test_finetuning_overfits_one_batch_and_evaluate_reads_its_checkpoint(images, tmp_path, settings, no_augment):
     out = tmp_path / "finetune"
     train = images / "train"
     cfg = load_config("nano-finetune", overrides=settings(
         "finetune", images, out, "data.batch_size=8", "data.labels_per_class=4", "schedule.epochs=30",
         "optim.lr=0.128", "optim.min_lr=0.0128", "model.drop_path_rate=0", "augment.mixup=0", "augment.cutmix=0",
         "augment.auto_augment=none", "augment.reprob=0", "augment.label_smoothing=0", "checkpoint.every_epochs=10",
-        *NO_AUGMENT))
+        *no_augment))
     result = finetune(cfg)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
@@ -293,7 +263,7 @@ def test_finetuning_overfits_one_batch_and_evaluate_reads_its_checkpoint(images,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["pretrain", "finetune"])
-def test_resuming_mid_epoch_gives_bit_identical_weights(images, tmp_path, task):
+def test_resuming_mid_epoch_gives_bit_identical_weights(images, tmp_path, task, settings, params_of):
     # random crops, flips, drop path, and for fine-tuning RandAugment, erasing and mixup all draw from
     # the streams the checkpoint must restore
     run = pretrain if task == "pretrain" else finetune
@@ -312,7 +282,7 @@ def test_resuming_mid_epoch_gives_bit_identical_weights(images, tmp_path, task):
         "state"].keys()
 
 
-def test_non_finite_losses_are_skipped_and_counted(images, tmp_path, monkeypatch):
+def test_non_finite_losses_are_skipped_and_counted(images, tmp_path, monkeypatch, settings):
     calls = []
     real_loss = PretrainTask.loss
 
@@ -333,7 +303,8 @@ def test_non_finite_losses_are_skipped_and_counted(images, tmp_path, monkeypatch
     assert {float(s["step"]) for s in adam.values()} == {2.0}
 
 
-def test_consecutive_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(images, tmp_path, monkeypatch):
+def test_consecutive_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(images, tmp_path, monkeypatch,
+                                                                                      settings):
     calls = []
     real_loss = PretrainTask.loss
 
@@ -387,7 +358,8 @@ KILL_POINTS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", KILL_POINTS)
-def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(images, tmp_path, point):
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(images, tmp_path, point, settings,
+                                                                               src_env):
     out = tmp_path / "run"
     overrides = settings("pretrain", images, out, "checkpoint.every_steps=1", "checkpoint.keep=1")
     script = "\n".join([
@@ -402,7 +374,7 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(i
         "torch.set_num_threads(1)",
         f"pretrain(load_config('nano-pretrain', overrides={overrides!r}))",
     ])
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env = src_env()
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             text=True)
     try:
@@ -424,7 +396,7 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(i
     assert resumed.steps == 4
 
 
-def test_unreadable_images_are_skipped_counted_and_listed(images, tmp_path):
+def test_unreadable_images_are_skipped_counted_and_listed(images, tmp_path, settings):
     folder = tmp_path / "mixed"
     folder.mkdir()
     for i, path in enumerate(sorted((images / "train" / "class_1").iterdir())):
@@ -466,7 +438,7 @@ def test_commands_train_resume_and_evaluate(images, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_finetuning_starts_from_a_pretraining_run(images, tmp_path, capsys):
+def test_finetuning_starts_from_a_pretraining_run(images, tmp_path, capsys, settings, params_of):
     cli("pretrain", "--preset", "nano-pretrain", "--data", images, "--out", tmp_path / "p", "--epochs", "1",
         "--batch-size", "8", *QUIET)
     pretrained = tmp_path / "p" / "ckpt-00000002.pt"
@@ -483,12 +455,12 @@ def test_finetuning_starts_from_a_pretraining_run(images, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_mounting_the_commands_leaves_the_training_stack_unimported():
+def test_mounting_the_commands_leaves_the_training_stack_unimported(src_env):
     code = ("import argparse, sys; from simmim.engine import add_commands; "
             "add_commands(argparse.ArgumentParser().add_subparsers()); "
             "print([m for m in ('torchvision', 'timm', 'torch.distributed.checkpoint') if m in sys.modules])")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(SRC)})
+                         env=src_env())
     assert run.stdout.strip() == "[]"  # `simmim --help` and the other commands stay fast
 
 
@@ -579,7 +551,7 @@ def test_overwrite_removes_only_the_files_a_run_writes(images, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("task", ["pretrain", "finetune"])
-def test_every_checkpoint_draws_the_loss_curve_over_steps(images, tmp_path, monkeypatch, task):
+def test_every_checkpoint_draws_the_loss_curve_over_steps(images, tmp_path, monkeypatch, task, settings):
     """Fine-tuning runs have a curve too, and a run stopped before its end has the one of its last checkpoint."""
     from simmim.engine import loop
 
@@ -625,7 +597,7 @@ def test_evaluate_reads_exported_folders_and_published_checkpoint_layouts(images
 
 
 @pytest.mark.slow
-def test_images_per_second_leave_out_evaluation_and_checkpoints(images, tmp_path, monkeypatch):
+def test_images_per_second_leave_out_evaluation_and_checkpoints(images, tmp_path, monkeypatch, settings):
     import time
 
     from simmim.engine import loop

@@ -1,7 +1,6 @@
 """Faults lose nothing: SIGTERM/SIGINT stop after a step with a checkpoint, and resuming gives the
 uninterrupted run's weights; bad inputs are one-line errors; bad images are skipped and named."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import time
 import pytest
 import torch
 from PIL import Image
-from test_engine import SRC, make_image_folder, params_of, settings
 
 from simmim.checkpoint import training as ckpt
 from simmim.config import load_config
@@ -20,22 +18,23 @@ pytestmark = pytest.mark.slow  # training runs in subprocesses, killed and resum
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"), train_per_class=16)
+def images(tmp_path_factory, image_folder):
+    return image_folder(tmp_path_factory.mktemp("images"), train_per_class=16)
 
 
-def _cli(*args, out=None):
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+def _cli(src_env, *args):
+    env = src_env(OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "simmim.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_matches(images, tmp_path, signum):
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_matches(images, tmp_path, signum, settings,
+                                                                            params_of, src_env):
     common = settings("pretrain", images, tmp_path, "schedule.epochs=3")
     args = ["pretrain", "--preset", "nano-pretrain", *[a for s in common for a in ("--set", s)]]
     out = tmp_path / "interrupted"
-    proc = _cli(*args, "--out", str(out))
+    proc = _cli(src_env, *args, "--out", str(out))
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count('"train"') >= 3) and time.time() < deadline:
@@ -47,7 +46,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_matches(imag
     stopped_at = ckpt.load(ckpt.list_checkpoints(out)[-1])["step"]
     assert 3 <= stopped_at < 3 * 8  # 32 images / batch 4 = 8 steps an epoch
 
-    resumed = _cli(*args, "--out", str(out), "--resume", "auto")
+    resumed = _cli(src_env, *args, "--out", str(out), "--resume", "auto")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     whole = pretrain(load_config("nano-pretrain", overrides=[*common, f"out_dir={tmp_path / 'whole'}"]))
@@ -56,7 +55,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_matches(imag
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(images, tmp_path, monkeypatch):
+def test_a_full_disk_keeps_the_previous_checkpoint(images, tmp_path, monkeypatch, settings):
     import errno
 
     from simmim.checkpoint import io
@@ -81,10 +80,10 @@ def test_a_full_disk_keeps_the_previous_checkpoint(images, tmp_path, monkeypatch
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_verify_data_names_every_unusable_file(tmp_path, capsys):
+def test_verify_data_names_every_unusable_file(tmp_path, capsys, image_folder):
     from simmim.cli import main
 
-    root = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    root = image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
     bad = root / "train" / "class_0"
     (bad / "empty.png").write_bytes(b"")
     (bad / "text.jpg").write_text("not an image")
@@ -105,11 +104,11 @@ def test_verify_data_names_every_unusable_file(tmp_path, capsys):
     assert main(["verify-data", str(root)]) == 0
 
 
-def test_verify_data_checks_the_train_and_val_shards_that_pretrain_reads(tmp_path, capsys):
+def test_verify_data_checks_the_train_and_val_shards_that_pretrain_reads(tmp_path, capsys, image_folder):
     from simmim.cli import main
     from simmim.data.export import export_shards
 
-    root = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    root = image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
     (root / "val" / "class_1" / "bad.png").write_bytes(b"not an image")
     assert export_shards(str(root), tmp_path / "wds", shard_size=3) == {"train": 4, "val": 3}
     capsys.readouterr()
@@ -118,7 +117,7 @@ def test_verify_data_checks_the_train_and_val_shards_that_pretrain_reads(tmp_pat
     assert out.count("\n") == 2 and "val-000000.tar" in out and out.endswith("7 images checked, 1 unusable\n"), out
 
 
-def test_images_smaller_than_the_crop_and_of_any_mode_train(tmp_path):
+def test_images_smaller_than_the_crop_and_of_any_mode_train(tmp_path, settings):
     folder = tmp_path / "odd"
     folder.mkdir()
     Image.new("RGB", (3, 2), (200, 10, 10)).save(folder / "tiny.png")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_
 
 from simmim import hardware
 from simmim.models import SimMIM, SwinConfig, SwinTransformer, fused
@@ -27,7 +26,7 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / fused.CACHE_FILE
 
 
-def _step(route: str, monkeypatch, recompute: str = "1", precision: str = "fp32"
+def _step(route: str, monkeypatch, randomize, recompute: str = "1", precision: str = "fp32"
           ) -> tuple[torch.Tensor, list[torch.Tensor], list[str], int]:
     """Loss, gradients, the names of the operators run and the bytes saved for the backward by one
     SimMIM step on a small Swin."""
@@ -36,7 +35,7 @@ def _step(route: str, monkeypatch, recompute: str = "1", precision: str = "fp32"
     torch.manual_seed(0)
     cfg = SwinConfig(img_size=96, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=6,
                      drop_path_rate=0.0, use_mask_token=True)
-    model = randomize_(SimMIM(SwinTransformer(cfg), mask_patch_size=16))
+    model = randomize(SimMIM(SwinTransformer(cfg), mask_patch_size=16))
     images, mask = torch.randn(2, 3, 96, 96), model.random_mask(2, np.random.default_rng(0))
     saved = []
 
@@ -52,9 +51,9 @@ def _step(route: str, monkeypatch, recompute: str = "1", precision: str = "fp32"
 
 
 @needs_onednn
-def test_forced_routes_give_the_same_loss_and_gradients(monkeypatch):
-    loss_dnn, grads_dnn, ops_dnn, _ = _step("onednn", monkeypatch)
-    loss_aten, grads_aten, ops_aten, _ = _step("aten", monkeypatch)
+def test_forced_routes_give_the_same_loss_and_gradients(monkeypatch, randomize):
+    loss_dnn, grads_dnn, ops_dnn, _ = _step("onednn", monkeypatch, randomize)
+    loss_aten, grads_aten, ops_aten, _ = _step("aten", monkeypatch, randomize)
     # each route runs the kernels it names
     assert "mkldnn::_linear_pointwise" in ops_dnn
     assert "mkldnn::_linear_pointwise" not in ops_aten
@@ -171,9 +170,9 @@ def test_attention_without_the_private_softmax_backward_gives_the_same_gradients
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_keeping_activations_gives_the_same_numbers_for_more_memory(monkeypatch, precision):
-    loss, grads, _, recomputed = _step("aten", monkeypatch, "1", precision)
-    loss_kept, grads_kept, _, kept = _step("aten", monkeypatch, "0", precision)
+def test_keeping_activations_gives_the_same_numbers_for_more_memory(monkeypatch, precision, randomize):
+    loss, grads, _, recomputed = _step("aten", monkeypatch, randomize, "1", precision)
+    loss_kept, grads_kept, _, kept = _step("aten", monkeypatch, randomize, "0", precision)
     assert torch.equal(loss, loss_kept)
     for a, b in zip(grads, grads_kept, strict=True):
         assert torch.equal(a, b)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import make_image_folder
 
 import simmim
 from simmim.cli import main
@@ -93,7 +92,7 @@ def stand_in_argv(command: str, data: Path) -> list[str]:
 
 
 @pytest.fixture
-def scratch(tmp_path, monkeypatch):
+def scratch(tmp_path, monkeypatch, image_folder):
     """A working folder with the stand-ins; the tiny models "publish" random weights."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SIMMIM_CACHE", str(tmp_path / "cache"))
@@ -113,18 +112,17 @@ def scratch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "get_spec", published)
     monkeypatch.setattr(hub, "download", download)
-    return make_image_folder(tmp_path / "data", train_per_class=4, val_per_class=2, size=64)
+    return image_folder(tmp_path / "data", train_per_class=4, val_per_class=2, size=64)
 
 
 def skip_reason(command: str) -> str | None:
     return next((why for pattern, why in SKIPS.items() if re.search(pattern, command)), None)
 
 
-def run_shell_block(block: str) -> None:
+def run_shell_block(block: str, src_env) -> None:
     """A block that is a shell script (a server started, curl, kill) runs as one, with this
     environment's `simmim` and `python` first on the PATH; whatever it left running is ended."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = src_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.Popen(["bash", "-ec", stand_in(block)], env=env, start_new_session=True)
     try:
         assert proc.wait(timeout=300) == 0, f"README shell block failed: {block.splitlines()[0]}"
@@ -134,7 +132,7 @@ def run_shell_block(block: str) -> None:
 
 
 @pytest.mark.slow
-def test_every_block_of_the_readme_runs(scratch, capsys):
+def test_every_block_of_the_readme_runs(scratch, capsys, src_env):
     namespace: dict = {}
     ran, skipped = 0, []
     for kind, block in BLOCKS:
@@ -145,7 +143,7 @@ def test_every_block_of_the_readme_runs(scratch, capsys):
             ran += 1
             continue
         if any(not c.startswith("simmim ") and not skip_reason(c) for c in commands(block)):
-            run_shell_block(block)
+            run_shell_block(block, src_env)
             ran += 1
             continue
         for command in commands(block):

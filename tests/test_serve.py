@@ -393,7 +393,7 @@ def test_page_in_headless_chromium(pretrain_server, tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_command_starts_and_refuses_bad_flags(capsys):
+def test_serve_command_starts_and_refuses_bad_flags(capsys, src_env):
     import re
     import sys
 
@@ -403,8 +403,7 @@ def test_serve_command_starts_and_refuses_bad_flags(capsys):
     assert "--weights and --random-weights exclude each other" in capsys.readouterr().err
     assert main(["serve", PRETRAIN, "--random-weights", "--port", "0", "--max-pixels", "0"]) == 2
     assert "--max-pixels 0: expected > 0" in capsys.readouterr().err
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
-                                                        os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = src_env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "simmim.cli", "serve", PRETRAIN, "--random-weights", "--port", "0"],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:

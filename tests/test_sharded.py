@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from test_distributed import torchrun
-from test_engine import make_image_folder
 
 from simmim.checkpoint import training as ckpt
 from simmim.checkpoint.sharded import STATE_FILE, consolidate
@@ -70,10 +68,10 @@ def in_process_run(data: Path, out: Path, *extra: str) -> Run:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> tuple[Path, Run]:
+def one_process(tmp_path_factory, image_folder) -> tuple[Path, Run]:
     """The data, and an uninterrupted single-process run with sharded checkpoints at every step."""
     root = tmp_path_factory.mktemp("sharded")
-    data = make_image_folder(root / "images", train_per_class=4, val_per_class=1)
+    data = image_folder(root / "images", train_per_class=4, val_per_class=1)
     run = in_process_run(data, root / "one")
     assert run.pos.step == 4 and [p.name for p in ckpt.list_checkpoints(run.run_dir)] == [
         f"ckpt-0000000{i}" for i in range(1, 5)]
@@ -81,7 +79,7 @@ def one_process(tmp_path_factory) -> tuple[Path, Run]:
 
 
 @pytest.mark.distributed
-def test_world_size_changes_at_sharded_checkpoints_continue_the_run(one_process, tmp_path, capsys):
+def test_world_size_changes_at_sharded_checkpoints_continue_the_run(one_process, tmp_path, capsys, torchrun):
     data, whole = one_process
     final = consolidate(whole.last_checkpoint)
     assert final.keys() == whole.model.state_dict().keys()
@@ -96,7 +94,7 @@ def test_world_size_changes_at_sharded_checkpoints_continue_the_run(one_process,
     shutil.copytree(whole.run_dir / "ckpt-00000003", two / "ckpt-00000003")
     (two / "ckpt-00000003" / STATE_FILE).unlink()
     assert [p.name for p in ckpt.list_checkpoints(two)] == ["ckpt-00000001"]
-    run = torchrun(tmp_path, 2, "pretrain", "--out", str(two), "--resume", "auto",
+    run = torchrun(2, "pretrain", "--out", str(two), "--resume", "auto",
                    *[arg for s in TWO for arg in ("--set", s)])
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"resumed from {two / 'ckpt-00000001'} at epoch 1, step 1" in run.stdout
@@ -203,10 +201,10 @@ exit_worker(0)
 
 
 @pytest.mark.distributed
-def test_fsdp_bf16_gathers_bf16_parameters_and_reduces_fp32_gradients(tmp_path):
+def test_fsdp_bf16_gathers_bf16_parameters_and_reduces_fp32_gradients(tmp_path, torchrun):
     script = tmp_path / "bf16_check.py"
     script.write_text(BF16_CHECK)
-    run = torchrun(tmp_path, 2, MODEL, launcher=script)
+    run = torchrun(2, MODEL, launcher=script)
     assert run.returncode == 0, run.stderr[-3000:]
     for rank in (0, 1):  # all-gathers carry bf16 weights, reduce-scatters fp32 gradients; the forward sees bf16
         assert f"rank {rank}: all-gather torch.bfloat16, reduce-scatter torch.float32; forward in torch.bfloat16" \

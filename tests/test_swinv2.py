@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import DEVICE, randomize_
-from test_engine import NO_AUGMENT, make_image_folder, settings
 
 from simmim.checkpoint import training as ckpt
 from simmim.checkpoint.convert import convert
@@ -54,14 +52,14 @@ def hf_checkpoint(model, tmp_path) -> dict:
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_simmim_swinv2_matches_hf_masked_image_modeling(case, fused, tmp_path):
+def test_simmim_swinv2_matches_hf_masked_image_modeling(case, fused, tmp_path, randomize, device):
     cfg = SwinV2Config(**SMALL, **CASES[case], use_mask_token=True, fused=fused)
-    hf = randomize_(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
+    hf = randomize(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
     ours = SimMIM(SwinTransformerV2(cfg), mask_patch_size=32).eval()
     ours.load_state_dict(HF.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
-    hf, ours = hf.to(DEVICE), ours.to(DEVICE)
-    images = torch.randn(2, 3, cfg.img_size, cfg.img_size, device=DEVICE)
-    mask = ours.random_mask(2, np.random.default_rng(0)).to(DEVICE)
+    hf, ours = hf.to(device), ours.to(device)
+    images = torch.randn(2, 3, cfg.img_size, cfg.img_size, device=device)
+    mask = ours.random_mask(2, np.random.default_rng(0)).to(device)
     with torch.no_grad():
         ref = hf(pixel_values=images, bool_masked_pos=mask.flatten(1).bool())
         out = ours(images, mask)
@@ -71,16 +69,16 @@ def test_simmim_swinv2_matches_hf_masked_image_modeling(case, fused, tmp_path):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
-def test_odd_maps_are_padded_for_merging_as_hf_does(fused, tmp_path):
+def test_odd_maps_are_padded_for_merging_as_hf_does(fused, tmp_path, randomize, device):
     # 72 px: 18 -> 9 -> 5 tokens a side; the 9x9 map is padded for its windows and for the merging
     cfg = SwinV2Config(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), drop_path_rate=0.0, img_size=72,
                        window_size=2, use_mask_token=True, fused=fused)
-    hf = randomize_(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
+    hf = randomize(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
     ours = SimMIM(SwinTransformerV2(cfg), mask_patch_size=8).eval()
     ours.load_state_dict(HF.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
-    hf, ours = hf.to(DEVICE), ours.to(DEVICE)
-    images = torch.randn(2, 3, 72, 72, device=DEVICE)
-    mask = ours.random_mask(2, np.random.default_rng(1)).to(DEVICE)
+    hf, ours = hf.to(device), ours.to(device)
+    images = torch.randn(2, 3, 72, 72, device=device)
+    mask = ours.random_mask(2, np.random.default_rng(1)).to(device)
     with torch.no_grad():
         expected = hf.swinv2(pixel_values=images, bool_masked_pos=mask.flatten(1).bool()).last_hidden_state
         got = ours.encoder(images, mask)
@@ -96,25 +94,25 @@ def _timm(cfg: SwinV2Config, num_classes: int = 0):
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
-def test_encoder_and_classifier_match_timm(fused):
+def test_encoder_and_classifier_match_timm(fused, randomize, device):
     # timm pads after the shift (the official code never pads), so no padded map here
     cfg = SwinV2Config(**SMALL, **CASES["128-w4-pretrained"], fused=fused)
-    ours = randomize_(Classifier(SwinTransformerV2(cfg), num_classes=10)).eval()
+    ours = randomize(Classifier(SwinTransformerV2(cfg), num_classes=10)).eval()
     ref = _timm(cfg, num_classes=10)
     official = {k.removeprefix("encoder."): v for k, v in ours.state_dict().items()}
     # timm's own adapter for official-layout checkpoints reads ours
     ref.load_state_dict(timm.models.swin_transformer_v2.checkpoint_filter_fn(official, ref), strict=True)
-    ours, ref = ours.to(DEVICE), ref.to(DEVICE)
-    images = torch.randn(2, 3, 128, 128, device=DEVICE)
+    ours, ref = ours.to(device), ref.to(device)
+    images = torch.randn(2, 3, 128, 128, device=device)
     with torch.no_grad():
         features = ours.encoder(images).permute(0, 2, 3, 1)
         assert (features - ref.forward_features(images)).abs().max() < TOL
         assert (ours(images) - ref(images)).abs().max() < TOL
 
 
-def test_official_layout_with_its_buffers_and_rpe_mlp_alias_loads_and_round_trips():
+def test_official_layout_with_its_buffers_and_rpe_mlp_alias_loads_and_round_trips(randomize):
     cfg = SwinV2Config(**SMALL, img_size=64, window_size=4, use_mask_token=True)
-    ours = randomize_(SimMIM(SwinTransformerV2(cfg))).eval()
+    ours = randomize(SimMIM(SwinTransformerV2(cfg))).eval()
     state = ours.state_dict()
     official = OFFICIAL.from_ours(state)
     assert official.keys() == state.keys()  # ours is the official pretraining layout
@@ -133,9 +131,9 @@ def test_official_layout_with_its_buffers_and_rpe_mlp_alias_loads_and_round_trip
     assert report.dropped == ["encoder.mask_token"] and not report.initialized
 
 
-def test_hf_layout_round_trips_through_convert(tmp_path):
+def test_hf_layout_round_trips_through_convert(tmp_path, randomize):
     cfg = SwinV2Config(**SMALL, img_size=64, window_size=4, use_mask_token=True)
-    ours = randomize_(SimMIM(SwinTransformerV2(cfg)))
+    ours = randomize(SimMIM(SwinTransformerV2(cfg)))
     state = ours.state_dict()
     torch.save({"model": state}, tmp_path / "ours.pt")
     assert convert(tmp_path / "ours.pt", tmp_path / "hf.safetensors", to="hf") == ("official", "hf")
@@ -151,9 +149,9 @@ def test_hf_layout_round_trips_through_convert(tmp_path):
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
-def test_window_12_weights_fine_tune_at_window_24_without_resampling(tmp_path):
+def test_window_12_weights_fine_tune_at_window_24_without_resampling(tmp_path, randomize):
     small = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), drop_path_rate=0.0)
-    pretrain = randomize_(SimMIM(SwinTransformerV2(SwinV2Config(**small, img_size=192, window_size=12,
+    pretrain = randomize(SimMIM(SwinTransformerV2(SwinV2Config(**small, img_size=192, window_size=12,
                                                                 use_mask_token=True))))
     torch.save({"model": pretrain.state_dict()}, tmp_path / "w12.pt")
     # the official fine-tuning recipe: a larger window, its coordinates normalised by the pretraining ones
@@ -223,9 +221,9 @@ def test_parameter_groups_follow_the_official_swinv2_recipe():
     assert math.isclose(next(g["lr_scale"] for g in groups if g["layer"] == 0), 0.9 ** 6)
 
 
-def test_engine_pretrains_swinv2_and_fine_tunes_from_it(tmp_path):
-    data = make_image_folder(tmp_path / "images", train_per_class=4, val_per_class=1, size=64)
-    overrides = ("schedule.epochs=1", *NO_AUGMENT)
+def test_engine_pretrains_swinv2_and_fine_tunes_from_it(tmp_path, no_augment, image_folder, settings):
+    data = image_folder(tmp_path / "images", train_per_class=4, val_per_class=1, size=64)
+    overrides = ("schedule.epochs=1", *no_augment)
     cfg = load_config("nano-pretrain", overrides=settings(
         "pretrain", data, tmp_path / "p", "model.name=simmim_swinv2-nano_test-64px", *overrides))
     result = pretrain(cfg)  # 8 images, batch 4
@@ -240,10 +238,10 @@ def test_engine_pretrains_swinv2_and_fine_tunes_from_it(tmp_path):
     assert pretrained.shape == tuned["model"][key].shape and not torch.equal(pretrained, tuned["model"][key])
 
 
-def test_an_exported_swinv2_outside_the_zoo_rebuilds_from_its_config(tmp_path):
+def test_an_exported_swinv2_outside_the_zoo_rebuilds_from_its_config(tmp_path, randomize):
     encoder = SwinTransformerV2(SwinV2Config(**SMALL, img_size=64, window_size=4, pretrained_window_sizes=(8, 4, 2, 1),
                                              extra_norm_period=2))
-    model = randomize_(Classifier(encoder, num_classes=3)).eval()
+    model = randomize(Classifier(encoder, num_classes=3)).eval()
     loaded = load_directory(export(model, tmp_path / "model"))
     assert isinstance(loaded.encoder, SwinTransformerV2) and loaded.encoder.cfg == encoder.cfg
     images = torch.randn(1, 3, 64, 64)
@@ -251,12 +249,12 @@ def test_an_exported_swinv2_outside_the_zoo_rebuilds_from_its_config(tmp_path):
         assert torch.equal(loaded(images), model(images))
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_gradients(randomize):
     grads = []
     for use_checkpoint in (False, True):
         torch.manual_seed(0)
         cfg = SwinV2Config(**SMALL, img_size=64, window_size=4, use_mask_token=True, use_checkpoint=use_checkpoint)
-        model = randomize_(SimMIM(SwinTransformerV2(cfg))).train()
+        model = randomize(SimMIM(SwinTransformerV2(cfg))).train()
         model(torch.ones(2, 3, 64, 64), model.random_mask(2, np.random.default_rng(0))).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
@@ -264,17 +262,17 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_feature_maps_match_hf_and_timm_features_only(case, fused, tmp_path):
+def test_feature_maps_match_hf_and_timm_features_only(case, fused, tmp_path, randomize, device):
     cfg = SwinV2Config(**SMALL, **CASES[case], use_mask_token=True, fused=fused)
-    hf = randomize_(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
+    hf = randomize(transformers.Swinv2ForMaskedImageModeling(hf_config(cfg))).eval()
     model = SimMIM(SwinTransformerV2(cfg), mask_patch_size=32)
     model.load_state_dict(HF.to_ours(hf_checkpoint(hf, tmp_path)), strict=True)
-    ours = FeatureMaps(model.encoder).eval().to(DEVICE)
-    images = torch.randn(2, 3, cfg.img_size, cfg.img_size, device=DEVICE)
+    ours = FeatureMaps(model.encoder).eval().to(device)
+    images = torch.randn(2, 3, cfg.img_size, cfg.img_size, device=device)
     with torch.no_grad():
         got = ours(images)
         # each stage's map before its merging, as HF's Swinv2Backbone asks the Swinv2Model's encoder for them
-        hf = hf.swinv2.to(DEVICE)
+        hf = hf.swinv2.to(device)
         expected = hf.encoder(*hf.embeddings(images), output_hidden_states=True, return_dict=True,
                               output_hidden_states_before_downsampling=True).reshaped_hidden_states[1:]
     assert [g.shape[1:] for g in got] == [(16 * 2**i, cfg.img_size // 4 // 2**i, cfg.img_size // 4 // 2**i)
@@ -290,7 +288,7 @@ def test_feature_maps_match_hf_and_timm_features_only(case, fused, tmp_path):
                             pretrained_cfg_overlay=dict(file=str(tmp_path / "swinv2.pth")), img_size=cfg.img_size,
                             embed_dim=16, depths=SMALL["depths"], num_heads=SMALL["num_heads"],
                             window_size=cfg.window_size, pretrained_window_sizes=cfg.pretrained_window_sizes,
-                            drop_path_rate=0.0).eval().to(DEVICE)
+                            drop_path_rate=0.0).eval().to(device)
     with torch.no_grad():
         for g, e in zip(got, ref(images), strict=True):  # timm's Swin maps are NHWC
             assert (g - e.permute(0, 3, 1, 2)).abs().max() < 1e-5

@@ -267,17 +267,10 @@ def test_shards_of_webdatasets_tarwriter_are_read(tmp_path):
 
 # -- the engine ----------------------------------------------------------------------------------------
 
-def engine_settings(task: str, data: str, out: Path, *extra: str) -> list[str]:
-    return [f"data.path={data}", f"out_dir={out}", "data.batch_size=4", "data.num_workers=0", "runtime.threads=1",
-            "runtime.log_every=1", "runtime.tensorboard=false", "runtime.vis_every=0", "schedule.warmup_epochs=0",
-            "data.shuffle_buffer=6", "model.drop_path_rate=0.1", *extra]
+STREAMING = ["data.shuffle_buffer=6", "model.drop_path_rate=0.1"]  # on top of the settings fixture's tiny run
 
 
-def params_of(path: Path) -> dict[str, torch.Tensor]:
-    return ckpt.load(path)["model"]
-
-
-def test_pretraining_streams_shards_and_resumes_mid_epoch_bit_identically(tmp_path):
+def test_pretraining_streams_shards_and_resumes_mid_epoch_bit_identically(tmp_path, settings, params_of):
     paths = tar_shards(tmp_path / "data" / "train", [7, 6, 4], size=72)
     with tarfile.open(tmp_path / "data" / "train" / "part-003.tar", "w") as tar:  # a corrupt member
         info = tarfile.TarInfo("broken.png")
@@ -285,44 +278,42 @@ def test_pretraining_streams_shards_and_resumes_mid_epoch_bit_identically(tmp_pa
         tar.addfile(info, io.BytesIO(b"abc"))
     pattern = str(tmp_path / "data" / "train" / "part-{000..003}.tar")
     common = ["checkpoint.keep=10", "schedule.epochs=2"]
-    whole = pretrain(load_config("nano-pretrain", overrides=engine_settings(
-        "pretrain", pattern, tmp_path / "whole", *common, "checkpoint.every_steps=3")))
+    whole = pretrain(load_config("nano-pretrain", overrides=settings(
+        "pretrain", pattern, tmp_path / "whole", *STREAMING, *common, "checkpoint.every_steps=3")))
     assert whole.steps == 8  # 18 samples, batch 4: 4 steps an epoch; step 3 is mid-epoch 1
     assert whole.skipped_files == [f"{paths[0].parent / 'part-003.tar'}:broken.png"]
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     (resumed_dir / "ckpt-00000003.pt").write_bytes((tmp_path / "whole" / "ckpt-00000003.pt").read_bytes())
-    resumed = pretrain(load_config("nano-pretrain", overrides=engine_settings(
-        "pretrain", pattern, resumed_dir, *common, "checkpoint.resume=auto")))
+    resumed = pretrain(load_config("nano-pretrain", overrides=settings(
+        "pretrain", pattern, resumed_dir, *STREAMING, *common, "checkpoint.resume=auto")))
     a, b = params_of(whole.checkpoint), params_of(resumed.checkpoint)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_exported_shards_pretrain_with_held_out_images_and_fine_tune(tmp_path):
+def test_exported_shards_pretrain_with_held_out_images_and_fine_tune(tmp_path, settings):
     cli.main(["export-dataset", "fashion-mnist", str(tmp_path / "fm"), "--format", "webdataset",
               "--limit-per-class", "1", "--shard-size", "3"])
-    pretrain(load_config("nano-pretrain", overrides=engine_settings(
-        "pretrain", str(tmp_path / "fm"), tmp_path / "pre", "schedule.epochs=1", "data.heldout_images=6")))
+    pretrain(load_config("nano-pretrain", overrides=settings(
+        "pretrain", str(tmp_path / "fm"), tmp_path / "pre", *STREAMING, "schedule.epochs=1", "data.heldout_images=6")))
     records = [json.loads(line) for line in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records].count("train") == 2  # fm/train: 10 images; fm/val held out
     assert [r for r in records if r["kind"] == "eval"][0]["heldout_loss"] > 0
-    result = finetune(load_config("nano-finetune", overrides=engine_settings(
-        "finetune", str(tmp_path / "fm"), tmp_path / "run", "schedule.epochs=1")))
+    result = finetune(load_config("nano-finetune", overrides=settings(
+        "finetune", str(tmp_path / "fm"), tmp_path / "run", *STREAMING, "schedule.epochs=1")))
     assert result.steps == 2  # 10 training images in batches of 4
     assert evaluate(result.checkpoint, str(tmp_path / "fm"), batch_size=4, num_workers=0)["images"] == 10
     with pytest.raises(ValueError, match="data.labels_per_class: needs an image folder"):
-        finetune(load_config("nano-finetune", overrides=engine_settings(
-            "finetune", str(tmp_path / "fm"), tmp_path / "run2", "data.labels_per_class=1")))
+        finetune(load_config("nano-finetune", overrides=settings(
+            "finetune", str(tmp_path / "fm"), tmp_path / "run2", *STREAMING, "data.labels_per_class=1")))
 
 
 @pytest.mark.distributed
-def test_two_processes_with_loader_workers_stream_uneven_shards_in_lockstep(tmp_path):
-    from test_distributed import torchrun
-
+def test_two_processes_with_loader_workers_stream_uneven_shards_in_lockstep(tmp_path, torchrun):
     tar_shards(tmp_path / "data", [5, 1, 8, 5], size=72)  # 19 samples: 10 and 9 a rank, 4 steps of 2
     sets = [arg for s in ("data.num_workers=2", "runtime.tensorboard=false", "runtime.vis_every=0",
                           "schedule.epochs=2", "data.shuffle_buffer=4") for arg in ("--set", s)]
-    run = torchrun(tmp_path, 2, "pretrain", "--preset", "nano-pretrain", "--data", str(tmp_path / "data"),
+    run = torchrun(2, "pretrain", "--preset", "nano-pretrain", "--data", str(tmp_path / "data"),
                    "--batch-size", "2", "--out", str(tmp_path / "run"), *sets)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 processes (ddp) on cpu" in run.stdout and "threads, 2 loader workers)" in run.stdout
