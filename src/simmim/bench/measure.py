@@ -63,9 +63,11 @@ def median(values: list[float]) -> float:
 
 GEMM_OPS = frozenset({
     "aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
-    "aten::mkldnn_convolution", "aten::convolution_backward",
+    "aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
+    "aten::_slow_conv2d_backward",
 })
-"""The matrix products of a step on the CPU (a convolution's backward is its two products)."""
+"""The matrix products of a step on the CPU (a convolution's backward is its two products; a convolution
+oneDNN does not take runs as ATen's slow_conv2d, im2col and a GEMM)."""
 
 
 def gemm_seconds(step: Callable[[], object], device: torch.device) -> float | None:

@@ -142,3 +142,22 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
     for module in model.modules():
         if type(module).__name__ in ("SwinBlock", "SwinLayer"):
             module.compile(backend=backend)
+
+
+def build_sides(name: str, batch_size: int, precision: str, device: torch.device, reference: bool,
+                compile: str | None = None, peer: bool = False, **overrides
+                ) -> tuple[dict[str, torch.nn.Module], dict[str, Callable[[], float]]]:
+    """Our model (and HF's twin if `reference`, mmpretrain's if `peer`) on one configuration, with the same
+    weights, and one pretraining step of each on the same batch: (models, steps) by side."""
+    model = ours(name, **overrides).to(device)
+    data = batch(model, batch_size, device)
+    sides = {"ours": (model, ours_loss)}
+    if reference:
+        sides["ref"] = (hf_twin(model), hf_loss)
+    if peer:
+        sides["mm"] = (mm_twin(model), mm_loss)
+    if compile:
+        for m, _ in sides.values():
+            compile_blocks(m, compile)
+    steps = {side: pretraining_step(m, loss_fn, data, precision) for side, (m, loss_fn) in sides.items()}
+    return {side: m for side, (m, _) in sides.items()}, steps

@@ -8,7 +8,7 @@ import json
 import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,8 +19,8 @@ from ..hardware import cpu_model
 from ..measure import peak_memory
 from ..zoo import build_model, get_spec
 from ..zoo.flops import count_macs
-from . import measure, peers, report
-from .pair import batch, compile_blocks, hf_loss, hf_twin, mm_loss, mm_twin, ours, ours_loss, pretraining_step
+from . import measure, ops, peers, report
+from .pair import build_sides
 
 TINY, SMALL, BASE, LARGE = (
     "simmim_swin-tiny-w6_in1k-192px", "simmim_swin-small-w6_in1k-192px",
@@ -95,17 +95,7 @@ def forward_macs(name: str, **overrides) -> int:
 def _sides(name: str, batch_size: int, precision: str, device: torch.device, plan: BenchPlan, reference: bool,
            compile: str | None, peer: bool = False, **overrides) -> dict[str, dict]:
     """Times and measures our model (and HF's twin if `reference`, mmpretrain's if `peer`) on one configuration."""
-    model = ours(name, **overrides).to(device)
-    data = batch(model, batch_size, device)
-    models = {"ours": (model, ours_loss)}
-    if reference:
-        models["ref"] = (hf_twin(model), hf_loss)
-    if peer:
-        models["mm"] = (mm_twin(model), mm_loss)
-    if compile:
-        for m, _ in models.values():
-            compile_blocks(m, compile)
-    steps = {side: pretraining_step(m, loss_fn, data, precision) for side, (m, loss_fn) in models.items()}
+    models, steps = build_sides(name, batch_size, precision, device, reference, compile, peer, **overrides)
     label = f"{SHORT.get(name, name)} batch {batch_size} {precision}"
     print(f"  {label}: {' and '.join(steps)} built; {plan.warmup} warm-up + {plan.repeats} timed steps each",
           flush=True)
@@ -115,7 +105,7 @@ def _sides(name: str, batch_size: int, precision: str, device: torch.device, pla
     flops = 6 * forward_macs(name, **overrides) * batch_size
     out = {}
     for side, step in steps.items():
-        models[side][0].zero_grad(set_to_none=True)  # memory measured on top of weights and optimizer state
+        models[side].zero_grad(set_to_none=True)  # memory measured on top of weights and optimizer state
         seconds = measure.median(timings.wall[side])
         out[side] = {"step_s": seconds, "images_per_s": batch_size / seconds, "tflops": flops / seconds / 1e12,
                      "peak_mb": peak_memory(step, device) / MB, "gemm_s": measure.gemm_seconds(step, device),
@@ -252,8 +242,11 @@ def _print_rows(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `simmim bench` / `python -m simmim.bench`."""
     parser.add_argument("--quick", action="store_true", help="ours against HF on Swin-T 192/w6, batch 8, only")
+    parser.add_argument("--ops", action="store_true",
+                        help="where each side's step spends its time, by operator (Swin-T 192/w6, batch 8; CPU)")
     parser.add_argument("--json", help="write the results here (default with the full run: docs/benchmark.json)")
-    parser.add_argument("--markdown", help="full run: write the tables here (default docs/benchmark.md)")
+    parser.add_argument("--markdown", help="full run or --ops: write the tables here (full run's default: "
+                                           "docs/benchmark.md; --ops prints only without it)")
     parser.add_argument("--note", help="full run: a line under this CPU's heading on the page (e.g. the machine "
                                        "was shared)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when there is one)")
@@ -264,10 +257,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", default=peers.VENV, help="the venv holding mmpretrain, the third side "
                                                              "(`make bench-peers` builds it; default %(default)s)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--model", default=TINY, help="--quick: the zoo model to compare")
-    parser.add_argument("--batch", type=int, default=8, help="--quick: the batch size")
-    parser.add_argument("--img-size", type=int, help="--quick: the input size (default: the model's)")
-    parser.add_argument("--repeats", type=int, default=3, help="--quick: timed steps per side")
+    parser.add_argument("--model", default=TINY, help="--quick or --ops: the zoo model to compare")
+    parser.add_argument("--batch", type=int, default=8, help="--quick or --ops: the batch size")
+    parser.add_argument("--img-size", type=int, help="--quick or --ops: the input size (default: the model's)")
+    parser.add_argument("--repeats", type=int, default=3, help="--quick: timed steps per side; --ops: rounds of a "
+                                                               "timed and a profiled step per side")
 
 
 def _here(fn: Callable[..., T], *args, **kwargs) -> T:
@@ -294,10 +288,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    precisions = (args.precision or ("fp32" if args.quick else "fp32,bf16")).split(",")
+    precisions = (args.precision or ("fp32" if args.quick or args.ops else "fp32,bf16")).split(",")
     cpu = f" ({cpu_model()}, fp32 GEMM route {gemm_route()})" if device.type == "cpu" else ""
     print(f"simmim bench on {device.type}{cpu}, {torch.get_num_threads()} threads, allocator "
           f"{allocator_description()}", flush=True)
+    if args.ops:
+        return operators(args, device, precisions)
     if args.quick:
         peer = peer_runner(args.peers, _here)
         overrides = {"img_size": args.img_size} if args.img_size else {}
@@ -322,3 +318,27 @@ def run(args: argparse.Namespace) -> dict:
     atomic_write_text(markdown_path, report.markdown(page), "benchmark page")
     print(f"wrote {json_path} and {markdown_path}")
     return results
+
+
+def operators(args: argparse.Namespace, device: torch.device, precisions: list[str]) -> dict:
+    """`simmim bench --ops`: the operator account of each side's step per precision, printed, and written to
+    --markdown / --json when given."""
+    if device.type != "cpu":
+        raise SystemExit("simmim bench --ops: profiles CPU steps (the profiler's self times are CPU times); "
+                         "use --device cpu")
+    peer = peer_runner(args.peers, _here)
+    profiles, lines = {}, [f"## {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}", ""]
+    for precision in precisions:
+        print(f"operators of each side's step: {args.model} batch {args.batch} {precision}", flush=True)
+        overrides = {"img_size": args.img_size} if args.img_size else {}
+        profiles[precision] = (peer or _here)(ops.profile, args.model, args.batch, precision, args.repeats,
+                                              peer is not None, **overrides)
+        title = f"{SHORT.get(args.model, args.model)}, batch {args.batch}, {precision}"
+        lines += [*ops.markdown(profiles[precision], title), ""]
+    print("\n".join(lines))
+    if args.markdown:
+        atomic_write_text(Path(args.markdown), "\n".join(lines), "operator tables")
+    if args.json:
+        report.write_json({p: {side: asdict(profile) for side, profile in by_side.items()}
+                           for p, by_side in profiles.items()}, args.json)
+    return profiles
