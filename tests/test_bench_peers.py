@@ -10,7 +10,8 @@ from simmim.bench import peers
 from simmim.bench.run import quick
 
 PYTHON = peers.peers_python(Path(__file__).parents[1] / peers.VENV)
-pytestmark = pytest.mark.skipif(PYTHON is None, reason=f"no {peers.VENV} (`make bench-peers` builds it)")
+pytestmark = [pytest.mark.skipif(PYTHON is None, reason=f"no {peers.VENV} (`make bench-peers` builds it)"),
+              pytest.mark.slow]  # each case runs in a process of the peers' python
 
 
 @pytest.mark.parametrize("size", [128, 224])  # at 224 the last two maps are padded to whole windows
