@@ -87,7 +87,7 @@ run "$PYTHON" -m simmim.plan.validate "$DEVICE"
 
 section "torch.compile per block, bf16"
 run timeout "$COMPILE_LIMIT" "$PYTHON" -m simmim.bench --device "$DEVICE" --quick "${QUICK[@]}" \
-    --precision bf16 --compile "$BACKEND" --json "$OUT/gpu_compile_$DATE.json"
+    --precision bf16 --compile "$BACKEND" --peers none --json "$OUT/gpu_compile_$DATE.json"
 
 echo
 echo "gpu_check: wrote $REPORT ($([ $status -eq 0 ] && echo 'all steps passed' || echo 'some steps FAILED'))"

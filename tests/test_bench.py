@@ -37,8 +37,8 @@ def test_quick_benchmark_writes_the_comparison(tmp_path, monkeypatch, capsys):
     assert "mm_step_s" not in row
     for key in ("ours_step_s", "ref_step_s", "ours_peak_mb", "ref_peak_mb"):
         assert 0 < row[key] < 1e4, key
-    for side in ("ours", "ref"):  # profiled apart from the timed steps, so only roughly below them
-        assert 0 < row[f"{side}_gemm_s"] < 2 * row[f"{side}_step_s"], side
+    for side in ("ours", "ref"):  # a part of the profiled step (the timed steps may have seen another load)
+        assert 0 < row[f"{side}_gemm_s"] < row[f"{side}_profiled_s"], side
     assert row["speedup"] == pytest.approx(row["ref_step_s"] / row["ours_step_s"])
     assert row["ours_loss"] == pytest.approx(row["ref_loss"], abs=1e-5)
     assert row["environment"]["allocator"] and row["environment"]["torch"] == torch.__version__
@@ -138,10 +138,12 @@ def test_dropout_paths_train():
 
 def test_gemm_seconds_count_matrix_products_only():
     a = torch.randn(256, 256)
-    assert gemm_seconds(lambda: (a * 2).exp().sum(), CPU) == 0
+    gemm, step = gemm_seconds(lambda: (a * 2).exp().sum(), CPU)
+    assert gemm == 0 and step > 0
     start = time.perf_counter()
-    seconds = gemm_seconds(lambda: [a @ a for _ in range(20)] + [matmul_nt(a, a)], CPU)
-    assert 0 < seconds < time.perf_counter() - start
+    gemm, step = gemm_seconds(lambda: [a @ a for _ in range(20)] + [matmul_nt(a, a)], CPU)
+    assert 0 < gemm < step < time.perf_counter() - start
+    assert gemm_seconds(lambda: None, torch.device("meta")) == (None, None)
 
 
 @pytest.mark.slow
@@ -216,3 +218,19 @@ def test_profiled_measurements_write_nothing_on_stderr():
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_peer_runner_leaves_mmpretrain_out_when_asked_or_absent(tmp_path, monkeypatch, capsys):
+    from simmim.bench import peers
+    from simmim.bench.run import peer_runner
+
+    def here():
+        return "here"
+
+    monkeypatch.setattr(peers, "has_mmpretrain", lambda: True)
+    assert peer_runner("none", here) is None  # even where mmpretrain imports: the compile check wants HF only
+    assert "mmpretrain: left out (--peers none)" in capsys.readouterr().out
+    assert peer_runner(str(tmp_path / "absent"), here) is here
+    monkeypatch.setattr(peers, "has_mmpretrain", lambda: False)
+    assert peer_runner(str(tmp_path / "absent"), here) is None
+    assert f"no {tmp_path / 'absent'}" in capsys.readouterr().out

@@ -70,14 +70,17 @@ GEMM_OPS = frozenset({
 oneDNN does not take runs as ATen's slow_conv2d, im2col and a GEMM)."""
 
 
-def gemm_seconds(step: Callable[[], object], device: torch.device) -> float | None:
-    """Seconds one step spends inside matrix products on the CPU (their self time in the profiler);
-    the rest of the step is elementwise work, data movement and overhead. None on other devices."""
+def gemm_seconds(step: Callable[[], object], device: torch.device) -> tuple[float, float] | tuple[None, None]:
+    """(seconds one step spends inside matrix products on the CPU (their self time in the profiler), the
+    profiled step's own seconds): the rest of the step is elementwise work, data movement and overhead; the
+    second, profiler overhead included, is what the first is a part of. (None, None) on other devices."""
     if device.type != "cpu":
-        return None
+        return None, None
     with cpu_profile() as prof:
+        start = time.perf_counter()
         step()
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6
+        seconds = time.perf_counter() - start
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6, seconds
 
 
 def gemm_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5,

@@ -107,8 +107,10 @@ def _sides(name: str, batch_size: int, precision: str, device: torch.device, pla
     for side, step in steps.items():
         models[side].zero_grad(set_to_none=True)  # memory measured on top of weights and optimizer state
         seconds = measure.median(timings.wall[side])
+        peak_mb = peak_memory(step, device) / MB
+        gemm_s, profiled_s = measure.gemm_seconds(step, device)
         out[side] = {"step_s": seconds, "images_per_s": batch_size / seconds, "tflops": flops / seconds / 1e12,
-                     "peak_mb": peak_memory(step, device) / MB, "gemm_s": measure.gemm_seconds(step, device),
+                     "peak_mb": peak_mb, "gemm_s": gemm_s, "profiled_s": profiled_s,
                      "system_s": measure.median(timings.system[side]), "loss": losses[side],
                      "times": timings.wall[side]}
     return out
@@ -255,7 +257,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                         help="torch.compile every block, ours and HF's (backend: inductor)")
     parser.add_argument("--peers", default=peers.VENV, help="the venv holding mmpretrain, the third side "
-                                                             "(`make bench-peers` builds it; default %(default)s)")
+                                                             "(`make bench-peers` builds it; default %(default)s; "
+                                                             "'none': HF only)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--model", default=TINY, help="--quick or --ops: the zoo model to compare")
     parser.add_argument("--batch", type=int, default=8, help="--quick or --ops: the batch size")
@@ -271,6 +274,9 @@ def _here(fn: Callable[..., T], *args, **kwargs) -> T:
 def peer_runner(venv: str, here: Callable[..., dict]) -> Callable[..., dict] | None:
     """Where rows with mmpretrain run: as `here` runs rows when this python has mmpretrain, in the peers' venv
     when that exists, nowhere (None, said in one line) otherwise."""
+    if venv == "none":
+        print("mmpretrain: left out (--peers none)", flush=True)
+        return None
     if peers.has_mmpretrain():
         return here
     python = peers.peers_python(venv)
