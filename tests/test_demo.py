@@ -8,6 +8,7 @@ import torch
 from simmim.cli import main
 from simmim.data.fashion_mnist import FASHION_MNIST_DIR
 from simmim.hardware import auto_precision
+from simmim.serve import load_served_model
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is missing")]
@@ -29,6 +30,9 @@ def test_demo_writes_a_report_with_both_classifiers(tmp_path, capsys):
     assert "Held-out reconstruction loss" in text and "![reconstructions](reconstruction.png)" in text
     precision, why = auto_precision(torch.device("cpu"))  # the demo's default precision is auto
     assert summary["precision"] == precision and f", in {precision}. Run folders" in text
+    assert f"`simmim serve {out / 'pretrain'}`" in text  # the command the report suggests loads that run
+    served, _, weights = load_served_model(str(out / "pretrain"))
+    assert weights.startswith(str(out / "pretrain" / "ckpt-")) and served.training is False
     out = capsys.readouterr().out
     assert why in out  # each run's header says what auto chose and why
     stages = [line for line in out.splitlines() if line.startswith("== ")]

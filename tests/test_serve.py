@@ -184,6 +184,21 @@ def test_served_model_from_an_exported_directory(tmp_path):
         load_served_model(PRETRAIN, "w.pth", random_weights=True)
 
 
+def test_served_model_from_a_training_run_folder(tmp_path, image_folder, settings):
+    from simmim.config import load_config
+    from simmim.engine.evaluation import load_run_model
+    from simmim.engine.pretraining import pretrain
+
+    run = pretrain(load_config("nano-pretrain", overrides=settings(
+        "pretrain", image_folder(tmp_path / "images") / "train", tmp_path / "run", "schedule.epochs=2",
+        "checkpoint.every_steps=1", "checkpoint.keep=2")))
+    loaded, name, weights = load_served_model(str(tmp_path / "run"))
+    assert name == PRETRAIN and weights == str(run.checkpoint)  # the newest of the run's two checkpoints
+    image = photo()
+    newest = inference_model(load_run_model(run.checkpoint)[0], image)["loss"]
+    assert inference_model(loaded, image)["loss"] == newest
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (a decompression bomb as far as its size goes)."""
     def chunk(kind: bytes, data: bytes) -> bytes:

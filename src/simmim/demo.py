@@ -138,6 +138,8 @@ def write_report(out: Path, summary: dict) -> None:
         f"Produced by `{summary['command']}` on {summary['date']} ({summary['machine']}) in "
         f"{format_duration(summary['seconds'])}, in {summary['precision']}. Run folders: pretrain/, finetune-simmim/, "
         "finetune-scratch/.",
+        "",
+        f"Try the pretrained model on your own images: `simmim serve {out / 'pretrain'}`.",
     ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print(f"report: {out / 'summary.md'}  (scratch {sc['top1']:.2f} vs SimMIM {sm['top1']:.2f} top-1)")

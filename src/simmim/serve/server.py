@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..checkpoint.training import list_checkpoints
 from ..data.masking import MaskGenerator
 from ..inference import check_mask, class_names, classify, load_model, mask_shape, preprocess, reconstruct
 from ..models import SimMIM
@@ -62,10 +63,13 @@ class BadRequest(Exception):
 
 def load_served_model(source: str, weights: str | None = None,
                       random_weights: bool = False) -> tuple[nn.Module, str, str]:
-    """(model, name, where its weights came from) for a zoo name, an exported directory or a
-    simmim training checkpoint file."""
+    """(model, name, where its weights came from) for a zoo name, an exported directory, a simmim
+    training checkpoint, or a training run's folder (its newest checkpoint)."""
     path = Path(source)
-    if path.is_file():
+    run_checkpoints = list_checkpoints(path) if not (path / CONFIG_FILE).is_file() else []
+    if run_checkpoints:
+        path = run_checkpoints[-1]
+    if path.is_file() or run_checkpoints:
         from ..engine.evaluation import load_run_model
 
         model, cfg = load_run_model(path)
