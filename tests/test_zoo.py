@@ -159,6 +159,7 @@ def test_models_are_measured_once_then_read_from_the_cache(monkeypatch, capsys):
     specs = [get_spec(n) for n in TEST_MODELS[:3]]
     first = zoo.measured(specs)
     assert first == [measure(s) for s in specs]
+    assert "measuring the parameters and FLOPs of 3 models (once; kept in" in capsys.readouterr().err
 
     def fail(spec):
         raise AssertionError(f"{spec.name} measured again")

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,7 +90,9 @@ def measured(specs: Sequence[ModelSpec]) -> list[dict]:
     except (OSError, ValueError):
         cached = {}
     missing = [s for s in specs if s.name not in cached]
-    if missing:
+    if missing:  # said on stderr: stdout may be --json
+        print(f"measuring the parameters and FLOPs of {len(missing)} model{'s' if len(missing) > 1 else ''} "
+              f"(once; kept in {path})", file=sys.stderr, flush=True)
         cached.update({s.name: measure(s) for s in missing})
         with contextlib.suppress(OSError):  # a read-only cache only costs the time
             path.parent.mkdir(parents=True, exist_ok=True)
