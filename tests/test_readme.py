@@ -184,3 +184,25 @@ def test_layout_lists_every_module_and_only_existing_ones():
         if files or name == "":
             missing = sorted(modules[name] - files)
             assert not missing, f"the Layout leaves out {missing} in {name or 'simmim'}/"
+
+
+def test_readme_quotes_the_committed_study_and_precision_results():
+    """The README's study figures are those of docs/results/ (a rerun of the study must update both)."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    readme, results = (root / "README.md").read_text(), root / "docs" / "results"
+    study = json.loads((results / "summary.json").read_text())
+
+    def pm(stats: dict) -> str:
+        return f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+
+    for label, row in study["finetune"].items():
+        assert f"| {label} | " in readme and f"| {pm(row['scratch'])} | {pm(row['simmim'])} |" in readme, label
+    for label, row in study["probe"].items():
+        assert f"{pm(row['simmim linear'])} against {pm(row['random linear'])}" in readme, label
+    for epochs, row in study["pretrain_length"].items():
+        assert f"{row['finetune_top1']:.2f}" in readme, epochs
+    precision = json.loads((results / "precision.json").read_text())
+    for name in ("fp32", "bf16"):
+        assert f"{precision[name]['gap']['mean']:+.2f} ± {precision[name]['gap']['std']:.2f}" in readme, name

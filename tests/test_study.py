@@ -4,9 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from simmim.cli import main
+from simmim.hardware import auto_precision
+from simmim.study import StudySettings, _precision
 
 
 def make_folder(root, classes=6, train_per_class=4, val_per_class=2, size=28):
@@ -46,6 +49,8 @@ def test_study_probes_lengths_and_curves_on_a_tiny_folder(tmp_path):
     assert set(summary["pretrain_length"]) == {"1", "2"}
     text = (out / "README.md").read_text()
     assert "| 1% | 2 |" in text and "| random k-NN | SimMIM k-NN |" in text and "| 2 |" in text
+    hours = sum(r.get("seconds", 0) for r in records) / 3600
+    assert f"Precision: {auto_precision(torch.device('cpu'))[1]}. Compute: {hours:.1f} h" in text
     for png in ("accuracy.png", "probes.png", "finetune_curves.png", "ablations.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert main(argv) == 0  # everything is in results.jsonl: nothing runs again
@@ -74,3 +79,8 @@ def test_study_precision_part_runs_the_demo_recipe_at_each_precision(tmp_path):
         assert summary[precision]["gap"]["seeds"] == pytest.approx(gaps, abs=0.01)
     text = (out / "precision.md").read_text()
     assert "| fp32 |" in text and "| bf16 |" in text and not (out / "README.md").exists()
+
+
+def test_study_report_names_a_forced_precision():
+    assert _precision(StudySettings(extra=("runtime.precision=fp32",))) == "fp32 (runtime.precision=fp32)"
+    assert _precision(StudySettings()) == auto_precision(torch.device("cpu"))[1]

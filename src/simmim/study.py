@@ -20,10 +20,11 @@ import torch
 from .config import load_config
 from .demo import FINETUNE_PRESET, PRETRAIN_PRESET, DemoSettings, finetune_run, pretrain_run
 from .engine.builders import build_network, eval_source, first, labelled_source
+from .engine.distributed import pick_device
 from .engine.evaluation import load_run_model
 from .engine.logging import read_metrics
 from .engine.probe import extract_features, probe_features
-from .hardware import cpu_model
+from .hardware import auto_precision, cpu_model
 from .viz import save_bars, save_curves
 
 FINETUNE_EVALS = 5
@@ -192,6 +193,19 @@ def _curves(runs: list[dict]) -> list[float]:
                                                                         strict=True)]
 
 
+def _precision(s: StudySettings) -> str:
+    """The precision the study's runs trained in, and why (auto's choice names the CPU feature)."""
+    runtime = load_config(PRETRAIN_PRESET, overrides=list(s.extra)).runtime
+    if runtime.precision != "auto":
+        return f"{runtime.precision} (runtime.precision={runtime.precision})"
+    return auto_precision(pick_device(runtime.device))[1]
+
+
+def _compute_hours(s: StudySettings) -> float:
+    """Wall time of the recorded pretraining and fine-tuning runs (the probes are not timed)."""
+    return sum(r.get("seconds", 0.0) for r in _done(s.work / "results.jsonl").values()) / 3600
+
+
 def _mean_std(stats: dict) -> str:
     return f"{stats['mean']:.2f} ± {stats['std']:.2f}"
 
@@ -225,7 +239,9 @@ def write_results(s: StudySettings, main: dict, probes: dict, lengths: dict, abl
     lines = ["# Study: SimMIM pretraining on Fashion-MNIST", "",
              f"Produced by `{command}` (report written {date}) on {machine}. Test top-1 on the "
              f"Fashion-MNIST test images after the last fine-tuning epoch, mean ± standard deviation over seeds "
-             f"{', '.join(map(str, s.seeds))} (each seed draws its own labelled subset, weights and pretraining).",
+             f"{', '.join(map(str, s.seeds))} (each seed draws its own labelled subset, weights and pretraining). "
+             f"Precision: {_precision(s)}. Compute: {_compute_hours(s):.1f} h of pretraining and fine-tuning "
+             "runs, one process each.",
              "", "| labels | fine-tuning epochs | from scratch | SimMIM-pretrained | difference | last-interval "
              "change (scratch / SimMIM) |", "|---|---|---|---|---|---|"]
     for label, row in summary.items():

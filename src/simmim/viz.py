@@ -61,8 +61,10 @@ def save_grid(panels: torch.Tensor, path: str | Path, titles: Sequence[str | Seq
 
 
 @contextlib.contextmanager
-def _figure(path: str | Path, size: tuple[float, float], xlabel: str, ylabel: str, title: str):
-    """Yields the axes of a new headless matplotlib figure, then labels it and writes it as PNG."""
+def _figure(path: str | Path, size: tuple[float, float], xlabel: str, ylabel: str, title: str,
+            legend_outside: bool = False):
+    """Yields the axes of a new headless matplotlib figure, then labels it and writes it as PNG; the legend
+    goes right of the axes where it would hide bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +76,7 @@ def _figure(path: str | Path, size: tuple[float, float], xlabel: str, ylabel: st
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, **({"loc": "upper left", "bbox_to_anchor": (1.0, 1.0)} if legend_outside else {}))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -97,7 +99,7 @@ def save_bars(groups: dict[str, dict[str, tuple[float, float]]], path: str | Pat
     """Grouped bar chart with error bars, {group: {bar: (value, spread)}}, as PNG."""
     bars = list(dict.fromkeys(b for group in groups.values() for b in group))
     width = 0.8 / len(bars)
-    with _figure(path, (max(6, 1.2 * len(bars) * len(groups)), 4), "", ylabel, title) as ax:
+    with _figure(path, (max(6, 1.2 * len(bars) * len(groups)), 4), "", ylabel, title, legend_outside=True) as ax:
         for i, bar in enumerate(bars):
             values = [groups[g].get(bar, (np.nan, 0.0)) for g in groups]
             ax.bar(np.arange(len(groups)) + i * width, [v for v, _ in values], width,
