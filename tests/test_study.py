@@ -9,7 +9,7 @@ from PIL import Image
 
 from simmim.cli import main
 from simmim.hardware import auto_precision
-from simmim.study import StudySettings, _precision
+from simmim.study import StudySettings, _precision, _stale
 
 
 def make_folder(root, classes=6, train_per_class=4, val_per_class=2, size=28):
@@ -84,3 +84,12 @@ def test_study_precision_part_runs_the_demo_recipe_at_each_precision(tmp_path):
 def test_study_report_names_a_forced_precision():
     assert _precision(StudySettings(extra=("runtime.precision=fp32",))) == "fp32 (runtime.precision=fp32)"
     assert _precision(StudySettings()) == auto_precision(torch.device("cpu"))[1]
+
+
+def test_study_reruns_a_run_recorded_at_another_length_or_from_another_checkpoint():
+    done = {"finetune/simmim/10%/seed0": {"epochs": 30, "init": "a.pt"}, "probe/random/1%/seed0": {"top1": 50.0}}
+    assert _stale(done, "finetune/simmim/10%/seed1", epochs=30, init="a.pt")  # not recorded
+    assert not _stale(done, "finetune/simmim/10%/seed0", epochs=30, init="a.pt")
+    assert _stale(done, "finetune/simmim/10%/seed0", epochs=60, init="a.pt")  # the budget grew
+    assert _stale(done, "finetune/simmim/10%/seed0", epochs=30, init="b.pt")  # pretrained again
+    assert not _stale(done, "probe/random/1%/seed0", init=None)  # a record from before init was kept
