@@ -252,8 +252,8 @@ def write_results(s: StudySettings, main: dict, probes: dict, lengths: dict, abl
              f"Produced by `{command}` (report written {date}) on {machine}. Test top-1 on the "
              f"Fashion-MNIST test images after the last fine-tuning epoch, mean ± standard deviation over seeds "
              f"{', '.join(map(str, s.seeds))} (each seed draws its own labelled subset, weights and pretraining). "
-             f"Precision: {_precision(s)}. Compute: {_compute_hours(s):.1f} h of pretraining and fine-tuning "
-             "runs, one process each.",
+             f"Precision: {_precision(s)}. Compute: the pretraining and fine-tuning runs' wall times add up to "
+             f"{_compute_hours(s):.1f} h (more where runs shared the cores).",
              "", "| labels | fine-tuning epochs | from scratch | SimMIM-pretrained | difference | last-interval "
              "change (scratch / SimMIM) |", "|---|---|---|---|---|---|"]
     for label, row in summary.items():
