@@ -27,8 +27,8 @@ system-deps:
 demo: venv system-deps
 	$(VENV)/bin/simmim demo --out report
 
-# about two hours on a 2-core CPU in fp32 (--only main ~85 min, --only ablations ~35 min), about 70 min estimated in bf16
-# on an AMX CPU (runtime.precision=auto); resumable (runs/study/results.jsonl)
+# about 3 h in one process on a 2-core AMX CPU in bf16 (runtime.precision=auto); the README gives the split into two
+# processes of about 1.5 h each (--only, --seeds); resumable (runs/study/results.jsonl)
 study: venv system-deps
 	$(VENV)/bin/simmim study --out docs/results
 

@@ -94,3 +94,27 @@ def test_study_reruns_a_run_recorded_at_another_length_or_from_another_checkpoin
     assert _stale(done, "finetune/simmim/10%/seed0", epochs=60, init="a.pt")  # the budget grew
     assert _stale(done, "finetune/simmim/10%/seed0", epochs=30, init="b.pt")  # pretrained again
     assert not _stale(done, "probe/random/1%/seed0", init=None)  # a record from before init was kept
+
+
+@pytest.mark.slow
+def test_study_seeds_split_the_main_part_between_processes(tmp_path):
+    make_folder(tmp_path / "data")
+    work = tmp_path / "work"
+    argv = ["study", "--quick", "--only", "main", "--seeds", "1", "--out", str(tmp_path / "results"), "--work",
+            str(work), "--set", f"data.path={tmp_path / 'data'}", "--set", "data.num_workers=0",
+            "--set", "runtime.threads=1"]
+    assert main(argv) == 0
+    keys = {json.loads(line)["key"] for line in (work / "results.jsonl").read_text().splitlines()}
+    # seed 1's pretraining, two fine-tunings and two probes; the length curve is seed 0's part
+    assert keys == {"pretrain/full/seed1", "finetune/scratch/1%/seed1", "finetune/simmim/1%/seed1",
+                    "probe/random/1%/seed1", "probe/simmim/1%/seed1"}
+    assert not (tmp_path / "results").exists()  # a part writes no report
+
+
+@pytest.mark.parametrize("seeds", ["x", "0,0", "-1", "1,,2"])
+def test_study_refuses_a_bad_seed_list_in_one_line(seeds, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["study", "--seeds", seeds])
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--seeds" in message and repr(seeds) in message

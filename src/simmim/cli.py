@@ -33,13 +33,25 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _study(args: argparse.Namespace) -> None:
+    from dataclasses import replace
     from pathlib import Path
 
     from .study import ABLATIONS, StudySettings, quick, run_study
 
     settings = StudySettings(Path(args.out), Path(args.work), ablations=ABLATIONS, extra=tuple(args.set),
                              only=args.only)
-    run_study(quick(settings) if args.quick else settings)
+    settings = quick(settings) if args.quick else settings
+    run_study(replace(settings, seeds=args.seeds) if args.seeds else settings)
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds like 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds like 0,1,2, got {text!r}")
+    return seeds
 
 
 def _load_model(args: argparse.Namespace):
@@ -236,6 +248,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--only", choices=["main", "ablations", "precision"],
                    help="main or ablations: that part (e.g. in two processes), no report; precision: the demo per "
                    "precision and seed -> precision.md")
+    p.add_argument("--seeds", type=_seed_list, metavar="0,1,2",
+                   help="only these seeds (e.g. --only main --seeds 1,2 in a second process; the pretraining-length "
+                   "curve and the ablations are seed 0's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.set_defaults(func=_study)
 

@@ -178,7 +178,7 @@ def run_study(s: StudySettings) -> dict:
             row = probes.setdefault(budget[0], {"random": [], "simmim": []})
             row["random"].append(probed(seed, "random", budget, None))
             row["simmim"].append(probed(seed, "simmim", budget, checkpoint))
-    for epochs in s.pretrain_lengths if s.only != "ablations" else ():
+    for epochs in s.pretrain_lengths if s.only != "ablations" and 0 in s.seeds else ():
         # the preset's length is the main study's seed-0 pretraining, probe and fine-tuning
         default = epochs == preset_epochs
         checkpoint = pretrained(0, "full" if default else f"length{epochs}", None if default else epochs, ())
