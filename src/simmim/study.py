@@ -101,22 +101,25 @@ def run_study(s: StudySettings) -> dict:
     done = _done(results)
     data = load_config(PRETRAIN_PRESET, overrides=list(s.extra)).data
     preset_epochs = load_config(PRETRAIN_PRESET).schedule.epochs
+    used: set[str] = set()  # the runs this report reads: its compute figure adds up their times
 
     def pretrained(seed: int, name: str, epochs: int | None, overrides: tuple[str, ...]) -> Path:
-        key = f"pretrain/{name}/seed{seed}"
-        if _stale(done, key, epochs=epochs or preset_epochs):
+        key, length = f"pretrain/{name}/seed{seed}", epochs or preset_epochs
+        used.add(key)
+        if _stale(done, key, epochs=length):
             demo = DemoSettings(s.work / key, seed, pretrain_epochs=epochs, extra=s.extra + overrides)
             run = pretrain_run(demo)
             heldout = [r["heldout_loss"] for r in read_metrics(run.run_dir, "eval") if "heldout_loss" in r]
-            done[key] = _record(results, key, epochs=epochs or preset_epochs, checkpoint=str(run.checkpoint),
-                                seconds=round(run.seconds, 1),
-                                heldout_loss=heldout[-1] if heldout else None, **run.metrics)
+            done[key] = _record(results, key, epochs=length, checkpoint=str(run.checkpoint),
+                                seconds=round(run.seconds, 1), heldout_loss=heldout[-1] if heldout else None,
+                                **run.metrics)
         return Path(done[key]["checkpoint"])
 
     def tuned(seed: int, name: str, budget: tuple[str, int, int], init: Path | None,
               overrides: tuple[str, ...] = ()) -> dict:
         label, per_class, epochs = budget
         key = f"finetune/{name}/{label}/seed{seed}"
+        used.add(key)
         init_name = str(init) if init else None
         if _stale(done, key, epochs=epochs, init=init_name):
             every = f"runtime.eval_every={max(epochs // FINETUNE_EVALS, 1)}"
@@ -190,7 +193,8 @@ def run_study(s: StudySettings) -> dict:
         slug = name.split(" (")[0].replace(" ", "-")
         checkpoint = pretrained(0, f"ablation-{slug}", s.ablation_pretrain_epochs, overrides)
         ablations[name] = tuned(0, f"ablation-{slug}", s.budgets[0], checkpoint)["top1"]
-    return write_results(s, main, probes, lengths, ablations) if s.only is None else {}
+    hours = sum(done[key]["seconds"] for key in used) / 3600
+    return write_results(s, main, probes, lengths, ablations, hours) if s.only is None else {}
 
 
 def _stats(values: list[float], digits: int = 2) -> dict:
@@ -213,17 +217,14 @@ def _precision(s: StudySettings) -> str:
     return auto_precision(pick_device(runtime.device))[1]
 
 
-def _compute_hours(s: StudySettings) -> float:
-    """Wall time of the recorded pretraining and fine-tuning runs (the probes are not timed)."""
-    return sum(r.get("seconds", 0.0) for r in _done(s.work / "results.jsonl").values()) / 3600
-
-
 def _mean_std(stats: dict) -> str:
     return f"{stats['mean']:.2f} ± {stats['std']:.2f}"
 
 
-def write_results(s: StudySettings, main: dict, probes: dict, lengths: dict, ablations: dict[str, float]) -> dict:
-    """docs/results/: summary.json, README.md (tables, command, machine, date) and the plots."""
+def write_results(s: StudySettings, main: dict, probes: dict, lengths: dict, ablations: dict[str, float],
+                  compute_hours: float) -> dict:
+    """docs/results/: summary.json, README.md (tables, command, machine, date, precision, the added-up wall
+    time of its pretraining and fine-tuning runs; the probes are not timed) and the plots."""
     s.out.mkdir(parents=True, exist_ok=True)
     summary = {label: {run: _stats([r["top1"] for r in runs]) for run, runs in row.items()}
                for label, row in main.items()}
@@ -253,7 +254,7 @@ def write_results(s: StudySettings, main: dict, probes: dict, lengths: dict, abl
              f"Fashion-MNIST test images after the last fine-tuning epoch, mean ± standard deviation over seeds "
              f"{', '.join(map(str, s.seeds))} (each seed draws its own labelled subset, weights and pretraining). "
              f"Precision: {_precision(s)}. Compute: the pretraining and fine-tuning runs' wall times add up to "
-             f"{_compute_hours(s):.1f} h (more where runs shared the cores).",
+             f"{compute_hours:.1f} h (more where runs shared the cores).",
              "", "| labels | fine-tuning epochs | from scratch | SimMIM-pretrained | difference | last-interval "
              "change (scratch / SimMIM) |", "|---|---|---|---|---|---|"]
     for label, row in summary.items():
