@@ -9,7 +9,7 @@ from PIL import Image
 
 from simmim.cli import main
 from simmim.hardware import auto_precision
-from simmim.study import StudySettings, _precision, _stale
+from simmim.study import StudySettings, _precision, _settings, _stale
 
 
 def make_folder(root, classes=6, train_per_class=4, val_per_class=2, size=28):
@@ -94,6 +94,8 @@ def test_study_reruns_a_run_recorded_at_another_length_or_from_another_checkpoin
     assert _stale(done, "finetune/simmim/10%/seed0", epochs=60, init="a.pt")  # the budget grew
     assert _stale(done, "finetune/simmim/10%/seed0", epochs=30, init="b.pt")  # pretrained again
     assert not _stale(done, "probe/random/1%/seed0", init=None)  # a record from before init was kept
+    assert _settings(("runtime.threads=1", "model.loss=l2", "data.num_workers=0", "mask.ratio=0.3")) == [
+        "mask.ratio=0.3", "model.loss=l2"]
 
 
 @pytest.mark.slow
@@ -109,6 +111,12 @@ def test_study_seeds_split_the_main_part_between_processes(tmp_path):
     assert keys == {"pretrain/full/seed1", "finetune/scratch/1%/seed1", "finetune/simmim/1%/seed1",
                     "probe/random/1%/seed1", "probe/simmim/1%/seed1"}
     assert not (tmp_path / "results").exists()  # a part writes no report
+    records = (work / "results.jsonl").read_text().splitlines()
+    assert main([*argv, "--set", "runtime.threads=2"]) == 0  # how it runs: the records still count
+    assert (work / "results.jsonl").read_text().splitlines() == records
+    assert main([*argv, "--set", "mask.ratio=0.3"]) == 0  # another recipe: every run again, none mixed
+    rerun = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()[len(records):]]
+    assert {r["key"] for r in rerun} == keys and all("mask.ratio=0.3" in r["settings"] for r in rerun)
 
 
 @pytest.mark.parametrize("seeds", ["x", "0,0", "-1", "1,,2"])

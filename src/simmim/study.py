@@ -80,10 +80,19 @@ def _done(results: Path) -> dict[str, dict]:
     return {r["key"]: r for r in map(json.loads, results.read_text().splitlines())}
 
 
+HOW_IT_RUNS = ("runtime.threads", "data.num_workers")
+"""--set keys that change how fast a run goes, not what it computes: a record made under others still counts."""
+
+
+def _settings(overrides: tuple[str, ...]) -> list[str]:
+    """The overrides that shape a run's result, sorted: recorded beside it, compared on resume."""
+    return sorted(o for o in overrides if not o.startswith(HOW_IT_RUNS))
+
+
 def _stale(done: dict[str, dict], key: str, **expected) -> bool:
-    """Whether `key` must run: not recorded, or recorded with another length or starting checkpoint (a
-    changed budget or preset reruns it, and what starts from it, rather than mixing; the newer record
-    wins in _done)."""
+    """Whether `key` must run: not recorded, or recorded with another length, starting checkpoint or
+    settings (a changed budget, preset or --set reruns it, and what starts from it, rather than mixing;
+    the newer record wins in _done)."""
     return key not in done or any(done[key].get(name, value) != value for name, value in expected.items())
 
 
@@ -104,13 +113,13 @@ def run_study(s: StudySettings) -> dict:
     used: set[str] = set()  # the runs this report reads: its compute figure adds up their times
 
     def pretrained(seed: int, name: str, epochs: int | None, overrides: tuple[str, ...]) -> Path:
-        key, length = f"pretrain/{name}/seed{seed}", epochs or preset_epochs
+        key, length, settings = f"pretrain/{name}/seed{seed}", epochs or preset_epochs, _settings(s.extra + overrides)
         used.add(key)
-        if _stale(done, key, epochs=length):
+        if _stale(done, key, epochs=length, settings=settings):
             demo = DemoSettings(s.work / key, seed, pretrain_epochs=epochs, extra=s.extra + overrides)
             run = pretrain_run(demo)
             heldout = [r["heldout_loss"] for r in read_metrics(run.run_dir, "eval") if "heldout_loss" in r]
-            done[key] = _record(results, key, epochs=length, checkpoint=str(run.checkpoint),
+            done[key] = _record(results, key, epochs=length, settings=settings, checkpoint=str(run.checkpoint),
                                 seconds=round(run.seconds, 1), heldout_loss=heldout[-1] if heldout else None,
                                 **run.metrics)
         return Path(done[key]["checkpoint"])
@@ -120,15 +129,16 @@ def run_study(s: StudySettings) -> dict:
         label, per_class, epochs = budget
         key = f"finetune/{name}/{label}/seed{seed}"
         used.add(key)
-        init_name = str(init) if init else None
-        if _stale(done, key, epochs=epochs, init=init_name):
+        init_name, settings = str(init) if init else None, _settings(s.extra + overrides)
+        if _stale(done, key, epochs=epochs, init=init_name, settings=settings):
             every = f"runtime.eval_every={max(epochs // FINETUNE_EVALS, 1)}"
             demo = DemoSettings(s.work / key.replace("%", "pct"), seed, per_class, finetune_epochs=epochs,
                                 extra=s.extra + (every, *overrides))
             run = finetune_run(demo, "", init)
             curve = [[r["epoch"], r["top1"]] for r in read_metrics(run.run_dir, "eval")]
-            done[key] = _record(results, key, epochs=epochs, init=init_name, top1=run.metrics["top1"],
-                                top5=run.metrics["top5"], curve=curve, seconds=round(run.seconds, 1))
+            done[key] = _record(results, key, epochs=epochs, init=init_name, settings=settings,
+                                top1=run.metrics["top1"], top5=run.metrics["top5"], curve=curve,
+                                seconds=round(run.seconds, 1))
         return done[key]
 
     val_features: dict[str, tuple] = {}  # per encoder: the validation set is the same for every budget
@@ -137,8 +147,8 @@ def run_study(s: StudySettings) -> dict:
         """k-NN and linear probe of the frozen encoder (random weights for no checkpoint)."""
         label, per_class, _ = budget
         key = f"probe/{name}/{label}/seed{seed}"
-        init_name = str(checkpoint) if checkpoint else None
-        if _stale(done, key, init=init_name):
+        init_name, settings = str(checkpoint) if checkpoint else None, _settings(s.extra)
+        if _stale(done, key, init=init_name, settings=settings):
             if checkpoint is None:
                 torch.manual_seed(seed)
                 encoder = build_network(load_config(PRETRAIN_PRESET, overrides=list(s.extra))).encoder
@@ -150,7 +160,7 @@ def run_study(s: StudySettings) -> dict:
             train = first(labelled_source(data.path, "train", per_class, seed=seed), data.max_images)
             result = probe_features(extract_features(encoder, train, data.batch_size), val_features[name, seed],
                                     len(train.classes))
-            done[key] = _record(results, key, init=init_name, knn_top1=result["knn"]["top1"],
+            done[key] = _record(results, key, init=init_name, settings=settings, knn_top1=result["knn"]["top1"],
                                 knn_top5=result["knn"]["top5"], linear_top1=result["linear"]["top1"],
                                 linear_top5=result["linear"]["top5"])
         return done[key]
