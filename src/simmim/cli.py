@@ -193,43 +193,26 @@ def _serve(args: argparse.Namespace) -> None:
           ServeSettings(args.host, args.port, args.max_upload_mb, args.max_pixels, verbose=args.verbose))
 
 
-def _add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_weights_arguments(parser: argparse.ArgumentParser,
+                           random_help: str = "an untrained model (to try the command; its output is meaningless)"
+                           ) -> None:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", metavar="PATH",
                          help="checkpoint of any supported format (default: the published weights)")
-    weights.add_argument("--random-weights", action="store_true",
-                         help="an untrained model (to try the command; its output is meaningless)")
+    weights.add_argument("--random-weights", action="store_true", help=random_help)
 
 
-# subcommands whose arguments are defined next to torch-importing code: mounted in full only when
-# they run (or for a full parser), else by name and help, so that `simmim --help` starts in well under
-# a second (tests check these help lines against the modules' own)
-HEAVY_COMMANDS = {
-    "bench": ("simmim.bench", "time a pretraining step against HF transformers"),
-    "plan": ("simmim.plan.command", "per-GPU memory and step time under DDP / FSDP / FSDP+checkpointing"),
-}
+Subparsers = argparse._SubParsersAction
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The `simmim` parser; `command` names the one subcommand that will run (None: all in full)."""
-    parser = argparse.ArgumentParser(prog="simmim", description="SimMIM masked image modeling")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _models_parser(sub: Subparsers) -> None:
     p = sub.add_parser("models", help="the model zoo with measured params and FLOPs")
     p.add_argument("pattern", nargs="?", help="case-insensitive wildcard, e.g. 'swin-base*'")
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=_models)
 
-    from .engine import add_commands
 
-    add_commands(sub)  # pretrain, finetune, evaluate
-    for name, (module, summary) in HEAVY_COMMANDS.items():
-        if command in (None, name):
-            importlib.import_module(module).add_command(sub)
-        else:
-            sub.add_parser(name, help=summary)
-
+def _demo_parser(sub: Subparsers) -> None:
     p = sub.add_parser("demo", help="the main job: SimMIM vs from-scratch on Fashion-MNIST, with a report")
     p.add_argument("--out", default="report", help="report folder")
     p.add_argument("--seed", type=int, default=0)
@@ -241,6 +224,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for all three runs")
     p.set_defaults(func=_demo)
 
+
+def _study_parser(sub: Subparsers) -> None:
     p = sub.add_parser("study", help="the demo over 3 seeds and 2 label budgets, plus ablations -> docs/results")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--work", default="runs/study", help="run folders and results.jsonl (resumable)")
@@ -254,6 +239,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.set_defaults(func=_study)
 
+
+def _predict_parser(sub: Subparsers) -> None:
     p = sub.add_parser("predict", help="classify images")
     p.add_argument("model", help="zoo name or exported directory")
     p.add_argument("images", nargs="+")
@@ -261,6 +248,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5)
     p.set_defaults(func=_predict)
 
+
+def _reconstruct_parser(sub: Subparsers) -> None:
     p = sub.add_parser("reconstruct", help="picture of a pretraining model's reconstruction of a masked image")
     p.add_argument("model", help="zoo name or exported directory")
     p.add_argument("image")
@@ -272,10 +261,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=1, help="enlarge the panels this many times")
     p.set_defaults(func=_reconstruct)
 
+
+def _serve_parser(sub: Subparsers) -> None:
     p = sub.add_parser("serve", help="a local page and JSON API for a model's reconstructions or predictions")
     p.add_argument("model", help="zoo name, exported directory or simmim training checkpoint")
-    p.add_argument("--weights", help="checkpoint of any supported format (default: the published weights)")
-    p.add_argument("--random-weights", action="store_true", help="untrained weights (to try the page and API)")
+    _add_weights_arguments(p, random_help="untrained weights (to try the page and API)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
@@ -283,6 +273,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=_serve)
 
+
+def _convert_parser(sub: Subparsers) -> None:
     p = sub.add_parser("convert", help="rewrite a checkpoint in another format")
     p.add_argument("src")
     p.add_argument("dst")
@@ -291,6 +283,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model", help="zoo name of the architecture (hf folders; not needed for simmim runs)")
     p.set_defaults(func=_convert)
 
+
+def _export_parser(sub: Subparsers) -> None:
     p = sub.add_parser("export", help="write model.safetensors + config.json for a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
@@ -299,6 +293,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="simmim (get_model reads it) or hf (transformers' from_pretrained reads it)")
     p.set_defaults(func=_export)
 
+
+def _probe_parser(sub: Subparsers) -> None:
     p = sub.add_parser("probe", help="frozen-encoder k-NN and linear probe of a checkpoint or zoo model")
     p.add_argument("checkpoint", help="simmim run checkpoint, exported folder, zoo name (published weights) "
                                       "or any supported checkpoint with --model")
@@ -314,15 +310,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON here")
     p.set_defaults(func=_probe)
 
+
+def _consolidate_parser(sub: Subparsers) -> None:
     p = sub.add_parser("consolidate", help="one safetensors file of a sharded checkpoint's model weights")
     p.add_argument("checkpoint", help="a sharded checkpoint directory RUN_DIR/ckpt-<step>")
     p.add_argument("out", help="the .safetensors file to write")
     p.set_defaults(func=_consolidate)
 
+
+def _verify_data_parser(sub: Subparsers) -> None:
     p = sub.add_parser("verify-data", help="decode every image of a dataset; name the unusable ones and why")
     p.add_argument("path", help="data folder (searched recursively), list file or WebDataset shards")
     p.set_defaults(func=_verify_data)
 
+
+def _export_dataset_parser(sub: Subparsers) -> None:
     p = sub.add_parser("export-dataset", help="write a built-in dataset as an ImageFolder tree or WebDataset shards")
     p.add_argument("name", help="fashion-mnist, photos, or (for --format webdataset) an image folder")
     p.add_argument("out_dir")
@@ -330,6 +332,46 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["folder", "webdataset"], default="folder")
     p.add_argument("--shard-size", type=int, default=10_000, help="samples per tar shard (webdataset)")
     p.set_defaults(func=_export_dataset)
+
+
+# subcommands whose arguments are defined next to torch-importing code: mounted in full only when
+# they run (or for a full parser), else by name and help, so that `simmim --help` starts fast
+# (tests check these help lines against the modules' own)
+HEAVY_COMMANDS = {
+    "bench": ("simmim.bench", "time a pretraining step against HF transformers"),
+    "plan": ("simmim.plan.command", "per-GPU memory and step time under DDP / FSDP / FSDP+checkpointing"),
+}
+
+
+def _heavy_parsers(sub: Subparsers, command: str | None) -> None:
+    for name, (module, summary) in HEAVY_COMMANDS.items():
+        if command in (None, name):
+            importlib.import_module(module).add_command(sub)
+        else:
+            sub.add_parser(name, help=summary)
+
+
+def _training_parsers(sub: Subparsers) -> None:
+    from .engine import add_commands
+
+    add_commands(sub)  # pretrain, finetune, evaluate
+
+
+# the subcommands after models, training and the heavy ones, in the order `simmim --help` lists them
+PARSERS = (_demo_parser, _study_parser, _predict_parser, _reconstruct_parser, _serve_parser, _convert_parser,
+           _export_parser, _probe_parser, _consolidate_parser, _verify_data_parser, _export_dataset_parser)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `simmim` parser; `command` names the one subcommand that will run (None: all in full)."""
+    parser = argparse.ArgumentParser(prog="simmim", description="SimMIM masked image modeling")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _models_parser(sub)
+    _training_parsers(sub)
+    _heavy_parsers(sub, command)
+    for add in PARSERS:
+        add(sub)
     return parser
 
 

@@ -74,13 +74,9 @@ def load_served_model(source: str, weights: str | None = None,
 
         model, cfg = load_run_model(path)
         return model.eval(), cfg.model.name, str(path)
+    model = load_model(source, weights, random_weights=random_weights)
     if random_weights:
-        if weights:
-            raise ValueError("--weights and --random-weights exclude each other")
-        from ..zoo.hub import get_model
-
-        return get_model(source), source, "random (untrained)"
-    model = load_model(source, weights)
+        return model, source, "random (untrained)"
     if path.is_dir():  # an exported directory names its model in its config
         return model, json.loads((path / CONFIG_FILE).read_text()).get("name") or path.name, str(weights or path)
     return model, source, str(weights or "published")
