@@ -242,6 +242,18 @@ def test_bad_input_is_a_one_line_4xx_and_the_server_lives_on(pretrain_server, ca
     assert status == 200 and out["loss"] > 0
 
 
+def test_a_bug_is_a_500_logged_with_its_traceback(pretrain_server, monkeypatch, capsys):
+    def broken(items):
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(pretrain_server.app.batcher, "run", broken)
+    status, out = request(pretrain_server, "POST", "/v1/reconstruct", png_bytes(photo()), "image/png")
+    assert (status, out) == (500, {"error": "RuntimeError: injected bug"})
+    err = capsys.readouterr().err
+    assert "simmim serve: 500 on POST /v1/reconstruct (a bug in simmim, please report it):" in err
+    assert "Traceback (most recent call last)" in err and 'raise RuntimeError("injected bug")' in err, err
+
+
 def test_wrong_endpoint_and_method(pretrain_server):
     assert request(pretrain_server, "GET", "/nope")[0] == 404
     assert request(pretrain_server, "GET", "/v1/reconstruct")[0] == 405

@@ -1,4 +1,5 @@
-"""The `simmim` command: one subcommand per job, errors as one line with exit status 2."""
+"""The `simmim` command: one subcommand per job; bad input as one line with exit status 2, a bug as its
+traceback with exit status 1."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import importlib
 import json
 import sys
+
+from .errors import UsageError
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -64,7 +67,7 @@ def _load_model(args: argparse.Namespace):
     try:
         return load_model(args.model, args.weights, random_weights=args.random_weights)
     except WeightsUnavailable as err:
-        raise ValueError(f"{err.reason}; pass --weights PATH to a local file "
+        raise UsageError(f"{err.reason}; pass --weights PATH to a local file "
                          "(or --random-weights to try the command on an untrained model)") from None
 
 
@@ -73,7 +76,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     model = _load_model(args)
     if not hasattr(model, "num_classes"):
-        raise ValueError(f"{args.model} is a pretraining model: use `simmim reconstruct` for it")
+        raise UsageError(f"{args.model} is a pretraining model: use `simmim reconstruct` for it")
     names = class_names(model)
     for image, result in zip(args.images, inference_model(model, list(args.images)), strict=True):
         top = result["pred_scores"].argsort()[::-1][: args.topk]
@@ -92,7 +95,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
 
     model = _load_model(args)
     if hasattr(model, "num_classes"):
-        raise ValueError(f"{args.model} is a classifier: reconstructions need a pretraining model")
+        raise UsageError(f"{args.model} is a classifier: reconstructions need a pretraining model")
     # the mask the weights were trained with (a zoo model's default may differ), then the flags
     settings = checkpoint_mask_settings(args.weights) if args.weights else {}
     flags = {"mask_patch_size": args.mask_patch_size, "mask_ratio": args.mask_ratio}
@@ -149,7 +152,7 @@ def _probe(args: argparse.Namespace) -> None:
     train = labelled_source(args.data, "train", args.labels_per_class, seed=args.seed)
     val = eval_source(args.data)
     if list(train.classes) != list(val.classes):
-        raise ValueError(f"{args.data}: train and val name different classes")
+        raise UsageError(f"{args.data}: train and val name different classes")
     settings = ProbeSettings(k=args.k, temperature=args.temperature, epochs=args.epochs, seed=args.seed)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     result = probe_encoder(encoder, train, val, len(val.classes), settings, device, args.batch_size)
@@ -400,8 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+BUG_HINT = ("simmim: internal error: the traceback above is a bug in simmim, not a problem with your input; "
+            "please report it with the command you ran")
+
+
 def run_command(args: argparse.Namespace) -> int:
-    """Runs a parsed command: its exit status, 2 with a one-line message for a bad input."""
+    """Runs a parsed command: its exit status; 2 with a one-line message for bad input (a `UsageError`)
+    or for what the system refused (an `OSError`: a missing file, no permission, a full disk); 1 with
+    the traceback and a request to report it for anything else, which is a bug."""
     try:
         from .hardware import requested_gemm_route
 
@@ -410,12 +419,19 @@ def run_command(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()
         return 0
-    except (ValueError, KeyError, TypeError, OSError) as err:
+    except (UsageError, OSError) as err:
         if args.debug:
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"simmim: error: {message}", file=sys.stderr)
+        print(f"simmim: error: {err}", file=sys.stderr)
         return 2
+    except Exception:
+        if args.debug:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(BUG_HINT, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import UsageError
 from ..fsutil import atomic_write, atomic_write_text
 from .datasets import EpochSampler, UnreadableImage, derive_seed, load_rgb
 
@@ -60,18 +61,18 @@ def expand_braces(pattern: str) -> list[str]:
     match = _BRACES.search(pattern)
     if match is None:
         if "{" in pattern or "}" in pattern:
-            raise ValueError(f"{pattern}: unbalanced or nested braces; expected e.g. train-{{000000..000099}}.tar")
+            raise UsageError(f"{pattern}: unbalanced or nested braces; expected e.g. train-{{000000..000099}}.tar")
         return [pattern]
     body = match.group(1)
     if (numbers := _RANGE.fullmatch(body)) is not None:
         first, last = numbers.groups()
         if int(last) < int(first):
-            raise ValueError(f"{pattern}: range {{{body}}} runs backwards")
+            raise UsageError(f"{pattern}: range {{{body}}} runs backwards")
         choices = [f"{i:0{len(first)}d}" for i in range(int(first), int(last) + 1)]
     elif "," in body:
         choices = body.split(",")
     else:
-        raise ValueError(f"{pattern}: {{{body}}} is neither a range like {{000..099}} nor alternatives like {{a,b}}")
+        raise UsageError(f"{pattern}: {{{body}}} is neither a range like {{000..099}} nor alternatives like {{a,b}}")
     head, tail = pattern[:match.start()], pattern[match.end():]
     return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
 
@@ -86,7 +87,7 @@ def looks_like_shards(path: str | Path) -> bool:
         return False
     suffixes = {p.suffix.lower().lstrip(".") for p in folder.iterdir() if p.is_file()}
     if "tar" in suffixes and suffixes & set(IMAGE_EXTENSIONS):
-        raise ValueError(f"{folder}: holds both .tar shards and image files; expected one kind (point data.path "
+        raise UsageError(f"{folder}: holds both .tar shards and image files; expected one kind (point data.path "
                          "at a folder of shards, a shard pattern, or an image folder)")
     return "tar" in suffixes
 
@@ -96,7 +97,7 @@ def shard_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     if not isinstance(spec, str | Path):
         paths = [path for item in spec for path in shard_paths(item)]
         if not paths:
-            raise ValueError("no shards given")
+            raise UsageError("no shards given")
         return paths
     text = str(spec)
     if _BRACES.search(text) or "{" in text or "}" in text:
@@ -114,7 +115,7 @@ def shard_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
         raise FileNotFoundError(f"no shard, shard folder or shard pattern at {text}")
     for path in paths:
         if path.suffix != ".tar":
-            raise ValueError(f"{path}: expected an uncompressed .tar shard (compressed shards cannot be read "
+            raise UsageError(f"{path}: expected an uncompressed .tar shard (compressed shards cannot be read "
                              "by random access)")
     return paths
 
@@ -158,7 +159,7 @@ def read_index(folder: Path) -> dict[str, Any]:
             return content
     except (ValueError, KeyError, TypeError):
         pass
-    raise ValueError(f"{index}: not a shard index "
+    raise UsageError(f"{index}: not a shard index "
                      '(expected {"shardlist": [{"url": ..., "nsamples": ...}, ...]})')
 
 
@@ -222,7 +223,7 @@ class ShardedImages(Dataset):
 
     def __init__(self, paths: Sequence[str | Path], counts: Sequence[int], classes: Sequence[str] = ()):
         if len(paths) != len(counts):
-            raise ValueError(f"{len(paths)} shards but {len(counts)} sample counts")
+            raise UsageError(f"{len(paths)} shards but {len(counts)} sample counts")
         self.paths = [str(p) for p in paths]
         self.counts = [int(c) for c in counts]
         self.classes = list(classes)
@@ -258,7 +259,7 @@ class ShardedImages(Dataset):
         path = self.paths[shard]
         samples, damage = scan_shard(path)
         if damage is None and len(samples) != self._full[shard]:
-            raise ValueError(f"{path}: {len(samples)} samples, but its count says {self._full[shard]} "
+            raise UsageError(f"{path}: {len(samples)} samples, but its count says {self._full[shard]} "
                              f"(a stale {INDEX_NAME}? rewrite it or delete it to count again)")
         self._open[shard] = (os.open(path, os.O_RDONLY), samples, damage)
         if len(self._open) > OPEN_SHARDS:
@@ -362,7 +363,7 @@ def write_tar(file: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes]]]) -
     with tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, members in samples:
             if not key or "." in key.rpartition("/")[2]:
-                raise ValueError(f"sample key {key!r}: expected a non-empty name without a dot in its base name")
+                raise UsageError(f"sample key {key!r}: expected a non-empty name without a dot in its base name")
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mode, info.mtime = len(data), 0o444, 0
@@ -374,7 +375,7 @@ def write_shards(samples: Iterable[tuple[str, dict[str, bytes]]], folder: str | 
     """Writes samples as `folder/PREFIX-000000.tar`, ... of `shard_size` samples each, every shard
     atomically, then `folder/shardindex.json` with the counts; returns the samples per shard."""
     if shard_size < 1:
-        raise ValueError(f"shard size {shard_size}: expected at least 1")
+        raise UsageError(f"shard size {shard_size}: expected at least 1")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []

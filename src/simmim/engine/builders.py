@@ -16,6 +16,7 @@ from ..data.datasets import EpochSampler, SeededSamples, image_files, image_fold
 from ..data.fashion_mnist import FashionMNIST, balanced_subset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, patch_posterize
 from ..data.webdataset import INDEX_NAME, ShardedImages, ShardSampler, looks_like_shards, sharded_images
+from ..errors import BadArgument, UsageError
 from ..zoo import build_model, get_spec
 from .distributed import DistEnv
 
@@ -57,8 +58,8 @@ def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module
         overrides["num_classes"] = num_classes
     try:
         return build_model(get_spec(m.name), **overrides)
-    except TypeError as err:  # a setting the architecture does not have, e.g. window_size for a ViT
-        raise ValueError(f"model: {err}") from None
+    except BadArgument as err:  # a setting the architecture does not have, e.g. window_size for a ViT
+        raise BadArgument(f"model: {err}") from None
 
 
 def train_transform(aug: AugmentConfig, size: int) -> Callable:
@@ -107,7 +108,7 @@ def labelled_source(path: str, split: str, labels_per_class: int | None = None, 
                                 "(or --data fashion-mnist)")
     if looks_like_shards(root):
         if labels_per_class:
-            raise ValueError("data.labels_per_class: needs an image folder or fashion-mnist (WebDataset shards "
+            raise UsageError("data.labels_per_class: needs an image folder or fashion-mnist (WebDataset shards "
                              "are read in shard order, not by class)")
         return labelled_shards(root)
     dataset = image_folder(root)
@@ -129,7 +130,7 @@ def labelled_shards(root: Path) -> ShardedImages:
     """Shards of labelled samples (.cls or .json labels) whose shard index names the classes."""
     dataset = sharded_images(root)
     if not dataset.classes:
-        raise ValueError(f"{root}: the shards name no classes ('classes' in {INDEX_NAME}, as simmim "
+        raise UsageError(f"{root}: the shards name no classes ('classes' in {INDEX_NAME}, as simmim "
                          "export-dataset writes it); classification needs them")
     return dataset
 
@@ -146,7 +147,7 @@ def train_loader(dataset: SeededSamples, collate: Callable, cfg: TrainConfig, en
                                shuffle=True, batch_multiple=cfg.optim.accumulation_steps)
     if sampler.batches == 0:
         need = cfg.data.batch_size * env.world_size * cfg.optim.accumulation_steps
-        raise ValueError(f"data.path: {len(dataset)} images are fewer than one step of {need} "
+        raise UsageError(f"data.path: {len(dataset)} images are fewer than one step of {need} "
                          "(data.batch_size x processes x optim.accumulation_steps)")
     # the loader gets a generator of its own, so creating an iterator never draws from the global
     # stream (a resumed run would otherwise draw at another point than the uninterrupted one)

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..config import PRESETS, TrainConfig, load_config
+from ..errors import UsageError
 
 # the training modules are imported inside the commands: mounting them must not slow down the CLI
 
@@ -73,11 +74,11 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
              "checkpoint.resume": args.resume, "out_dir": args.out}
     overrides = list(args.overrides) + [f"{key}={value}" for key, value in flags.items() if value is not None]
     if args.resume == "auto" and not args.out:
-        raise ValueError("--resume auto needs --out RUN_DIR (the run to continue)")
+        raise UsageError("--resume auto needs --out RUN_DIR (the run to continue)")
     base = None
     if not args.preset and not args.config:
         if not args.resume:
-            raise ValueError(f"pass --preset NAME or --config FILE.yaml (presets: {', '.join(PRESETS)})")
+            raise UsageError(f"pass --preset NAME or --config FILE.yaml (presets: {', '.join(PRESETS)})")
         from ..checkpoint import training as checkpoints
 
         path = checkpoints.resume_path(args.resume, args.out or ".")
@@ -86,7 +87,7 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
         base = checkpoints.load(path)["config"]
     cfg = load_config(args.preset, args.config, overrides, base=base)
     if cfg.task != task:
-        raise ValueError(f"{cfg.preset or args.config} is a {cfg.task} recipe; run `simmim {cfg.task}`")
+        raise UsageError(f"{cfg.preset or args.config} is a {cfg.task} recipe; run `simmim {cfg.task}`")
     return cfg
 
 

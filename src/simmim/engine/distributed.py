@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -46,7 +48,7 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"runtime.device: {preference!r} requested but no CUDA device is available")
+            raise UsageError(f"runtime.device: {preference!r} requested but no CUDA device is available")
         return torch.device(preference if ":" in preference else f"cuda:{local_rank}")
     return torch.device("cpu")
 

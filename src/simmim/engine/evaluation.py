@@ -14,6 +14,7 @@ from ..checkpoint.sharded import consolidate, is_sharded_checkpoint
 from ..config import TrainConfig
 from ..data.datasets import EpochSampler, SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
+from ..errors import UsageError
 from ..zoo.hub import get_model, is_exported
 from .builders import build_network, eval_loader, eval_source
 from .distributed import DistEnv, all_reduce_sum, setup, teardown
@@ -63,7 +64,7 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     """The fine-tuned classifier of a simmim training checkpoint, and its run's config."""
     model, cfg = load_run_model(path)
     if cfg.task != "finetune":
-        raise ValueError(f"{path} is a {cfg.task} checkpoint; evaluate needs a fine-tuned classifier")
+        raise UsageError(f"{path} is a {cfg.task} checkpoint; evaluate needs a fine-tuned classifier")
     return model, cfg
 
 
@@ -84,10 +85,10 @@ def load_eval_classifier(path: str | Path, model: str | None, num_classes: int) 
         return get_model(path), "auto"
     try:
         classifier, cfg = load_classifier(path)
-    except ValueError as err:
+    except UsageError as err:
         if "is not a simmim training checkpoint" not in str(err):
             raise
-        raise ValueError(f"{path} is neither a simmim training checkpoint nor an exported folder; for a "
+        raise UsageError(f"{path} is neither a simmim training checkpoint nor an exported folder; for a "
                          "published checkpoint (official, mmpretrain or HF layout) pass --model NAME, its zoo "
                          "architecture") from None
     return classifier, cfg.runtime.precision
@@ -108,9 +109,9 @@ def evaluate(checkpoint_or_model: str | Path | nn.Module, data: str, batch_size:
         else:
             classifier, precision = load_eval_classifier(checkpoint_or_model, model, len(source.classes))
         if not hasattr(classifier, "num_classes"):
-            raise ValueError(f"{checkpoint_or_model} is a pretraining model; evaluate needs a classifier")
+            raise UsageError(f"{checkpoint_or_model} is a pretraining model; evaluate needs a classifier")
         if len(source.classes) != classifier.num_classes:
-            raise ValueError(f"{data} has {len(source.classes)} classes, the classifier {classifier.num_classes}")
+            raise UsageError(f"{data} has {len(source.classes)} classes, the classifier {classifier.num_classes}")
         dataset = SeededSamples(source, eval_transform(classifier.encoder.cfg.img_size))
         loader, sampler = eval_loader(dataset, collate_labelled, batch_size, env, num_workers)
         precision = resolve_precision(precision, env.device)

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from ..config import TrainConfig
 from ..data.datasets import MaskCollate, SeededSamples
 from ..data.transforms import eval_transform
+from ..errors import UsageError
 from ..models import SimMIM
 from ..viz import reconstruction_panels, save_curves, save_grid
 from .builders import (
@@ -146,7 +147,7 @@ def pretrain(cfg: TrainConfig, overwrite: bool = False) -> RunResult:
     """SimMIM pretraining with a resolved config (see `simmim.config.load_config`); a new run into a
     folder that holds a run is refused unless `overwrite` (which removes the old run's files)."""
     if cfg.task != "pretrain":
-        raise ValueError(f"task: expected 'pretrain', got {cfg.task!r} (use finetune for classification recipes)")
+        raise UsageError(f"task: expected 'pretrain', got {cfg.task!r} (use finetune for classification recipes)")
     if not cfg.data.path:
-        raise ValueError("data.path: expected an image folder, a list file or 'fashion-mnist' (--data)")
+        raise UsageError("data.path: expected an image folder, a list file or 'fashion-mnist' (--data)")
     return train(cfg, PretrainTask, overwrite)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
+from ..errors import UsageError
 from .parallelize import autocast
 
 
@@ -164,6 +165,6 @@ def load_encoder(source: str, model_name: str | None = None) -> nn.Module:
     if path.exists():
         try:
             return load_run_model(path)[0].encoder
-        except ValueError as err:
-            raise ValueError(f"{err}; name the architecture of other checkpoints with --model") from None
+        except UsageError as err:
+            raise UsageError(f"{err}; name the architecture of other checkpoints with --model") from None
     return get_model(source, pretrained=True).encoder

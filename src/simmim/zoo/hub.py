@@ -15,6 +15,7 @@ from torch import nn
 
 from ..checkpoint.io import atomic_save_safetensors, check_hash_in_name
 from ..checkpoint.transfer import load_weights
+from ..errors import BadArgument, UsageError
 from ..fsutil import atomic_write_text
 from ..hardware import cache_dir
 from ..models import Classifier, FeatureMaps, SimMIM
@@ -56,7 +57,7 @@ def download(url: str, cache: Path | None = None) -> Path:
 def model_config(model: nn.Module, name: str | None = None, classes: list[str] | None = None) -> dict:
     """Plain-data description from which `build_from_config` rebuilds the same architecture."""
     if not isinstance(model, SimMIM | Classifier):
-        raise TypeError(f"cannot describe a {type(model).__name__}; expected a SimMIM or Classifier model")
+        raise BadArgument(f"cannot describe a {type(model).__name__}; expected a SimMIM or Classifier model")
     encoder = dataclasses.asdict(model.encoder.cfg)
     config = {"name": name, "arch": arch_of(model.encoder.cfg), "encoder": encoder}
     if isinstance(model, SimMIM):
@@ -70,10 +71,14 @@ def model_config(model: nn.Module, name: str | None = None, classes: list[str] |
 
 def build_from_config(config: dict) -> nn.Module:
     """Inverse of `model_config` (random weights)."""
+    if not isinstance(config, dict) or not isinstance(config.get("encoder"), dict) or "task" not in config:
+        raise UsageError("expected a mapping with 'task' and an 'encoder' mapping")
     spec = get_spec(config["name"]) if config.get("name") else None
     head = SIMMIM_KEYS if config["task"] == "pretrain" else CLASSIFIER_KEYS
     if spec is None:  # a model outside the zoo: any zoo entry of the same arch and task is a template
-        spec = next(s for s in SPECS if (s.arch, s.task) == (config["arch"], config["task"]))
+        spec = next((s for s in SPECS if (s.arch, s.task) == (config.get("arch"), config["task"])), None)
+        if spec is None:
+            raise UsageError(f"no zoo model of arch {config.get('arch')!r} and task {config['task']!r}")
     overrides = {k: v for k, v in config["encoder"].items() if k != "use_mask_token"}
     model = build_model(spec, **overrides, **{k: config[k] for k in head if config.get(k) is not None})
     if config.get("classes"):
@@ -107,8 +112,8 @@ def load_directory(path: str | Path) -> nn.Module:
     try:
         config = json.loads(config_file.read_text())
         model = build_from_config(config)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{config_file}: not a simmim model config ({err})") from None
+    except (json.JSONDecodeError, UsageError) as err:
+        raise UsageError(f"{config_file}: not a simmim model config ({err})") from None
     load_weights(model, path / WEIGHTS_FILE)
     return model
 
@@ -121,7 +126,7 @@ def get_model(name: str | Path, pretrained: bool | str | Path = False, features_
     returns its encoder as `FeatureMaps`: a list of NCHW maps, one per stage (or ViT block) in
     `out_indices` (all when None)."""
     if out_indices is not None and not features_only:
-        raise TypeError("out_indices applies only with features_only=True")
+        raise BadArgument("out_indices applies only with features_only=True")
     model = load_directory(name) if Path(name).is_dir() else _zoo_model(str(name), pretrained, **overrides)
     return (FeatureMaps(model.encoder, out_indices) if features_only else model).eval()
 
