@@ -17,7 +17,7 @@ that order (integers only: no sample is read or decoded).
 The number of samples of every shard must be known before the first step (every rank runs the
 same number of steps): `shardindex.json` next to the shards says it (the layout of the wids shard
 index: `shardlist` entries with `url`, `nsamples`, `filesize`); shards it does not list are counted
-by a header scan whose result is cached in ~/.cache/simmim/shard-counts.json.
+by a header scan whose result is cached in $SIMMIM_CACHE/shard-counts.json (default ~/.cache/simmim).
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UsageError
-from ..fsutil import atomic_write, atomic_write_text
+from ..fsutil import atomic_write, atomic_write_text, read_json_cache, update_json_cache
+from ..hardware import cache_dir
 from .datasets import EpochSampler, UnreadableImage, derive_seed, load_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "pnm", "bmp", "gif", "tif", "tiff")
 INDEX_NAME = "shardindex.json"
+COUNTS_CACHE = "shard-counts.json"  # in cache_dir(): samples per shard found by a scan, by path, size and mtime
 INDEX_KIND = "wids-shard-index-v1"
 OPEN_SHARDS = 16  # per process: open files and member tables kept, least recently used dropped
 _BRACES = re.compile(r"\{([^{}]*)\}")
@@ -163,20 +165,13 @@ def read_index(folder: Path) -> dict[str, Any]:
                      '(expected {"shardlist": [{"url": ..., "nsamples": ...}, ...]})')
 
 
-def _cache_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "simmim" / "shard-counts.json"
-
-
 def shard_counts(paths: Sequence[Path]) -> list[int]:
     """Samples per shard: from shardindex.json beside the shards where its file size matches, else
     from the cache of earlier scans, else by scanning the member headers (and caching the count)."""
     indexes: dict[Path, dict[str, dict[str, Any]]] = {}
-    cache_path = _cache_file()
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    counts, scanned = [], False
+    cache_path = cache_dir() / COUNTS_CACHE
+    cache = read_json_cache(cache_path)
+    counts, scanned = [], {}
     for path in paths:
         stat = path.stat()
         folder = path.parent
@@ -192,14 +187,10 @@ def shard_counts(paths: Sequence[Path]) -> list[int]:
             counts.append(cached[2])
             continue
         samples, _ = scan_shard(path)
-        cache[key] = [stat.st_size, stat.st_mtime_ns, len(samples)]
+        cache[key] = scanned[key] = [stat.st_size, stat.st_mtime_ns, len(samples)]
         counts.append(len(samples))
-        scanned = True
     if scanned:
-        with contextlib.suppress(OSError):  # only a cache: a read-only home just means scanning again
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(cache)
-            atomic_write_text(cache_path, text, "shard count cache")
+        update_json_cache(cache_path, scanned, "shard count cache")
     return counts
 
 
