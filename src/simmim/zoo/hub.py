@@ -14,7 +14,7 @@ from ..checkpoint.transfer import load_weights
 from ..fsutil import atomic_write_text
 from ..models import Classifier, FeatureMaps, SimMIM
 from .registry import CLASSIFIER_KEYS, SIMMIM_KEYS, SPECS, arch_of, build_model, get_spec
-from .sources import published_weights, resolve
+from .sources import HubFile, hub_download, parse_hub, published_weights, resolve
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 def model_config(model: nn.Module, name: str | None = None, classes: list[str] | None = None) -> dict:
@@ -79,16 +79,35 @@ def load_directory(path: str | Path) -> nn.Module:
 
 def get_model(name: str | Path, pretrained: bool | str | Path = False, features_only: bool = False,
               out_indices: tuple[int, ...] | None = None, **overrides) -> nn.Module:
-    """A zoo model by name (case-insensitive) or an exported directory, in eval mode.
-    pretrained=True downloads the published weights (cached); any other weights source (`sources.py`:
-    a checkpoint file or folder of any supported format, official, mmpretrain, HF or ours, or a zoo
-    name) is loaded, adapting windows as needed. features_only=True
-    returns its encoder as `FeatureMaps`: a list of NCHW maps, one per stage (or ViT block) in
-    `out_indices` (all when None)."""
+    """A zoo model by name (case-insensitive), an exported directory, or one on the Hub
+    (`hf-hub:ORG/NAME[@REVISION]`), in eval mode. pretrained=True downloads the published weights
+    (cached); any other weights source (`sources.py`: a checkpoint file or folder of any supported
+    format, official, mmpretrain, HF or ours, a zoo name, `hf-hub:...`) is loaded, adapting windows
+    as needed. features_only=True returns its encoder as `FeatureMaps`: a list of NCHW maps, one per
+    stage (or ViT block) in `out_indices` (all when None)."""
     if out_indices is not None and not features_only:
         raise TypeError("out_indices applies only with features_only=True")
-    model = load_directory(name) if Path(name).is_dir() else _zoo_model(str(name), pretrained, **overrides)
+    hub = parse_hub(str(name))
+    if hub is not None:
+        model = load_directory(hub_directory(hub))
+    elif Path(name).is_dir():
+        model = load_directory(name)
+    else:
+        model = _zoo_model(str(name), pretrained, **overrides)
     return (FeatureMaps(model.encoder, out_indices) if features_only else model).eval()
+
+
+def hub_directory(hub: HubFile) -> Path:
+    """The local snapshot of an exported directory on the Hub (its config.json and weights)."""
+    if hub.filename:
+        raise ValueError(f"{hub}: a model on the Hub is a repository with {CONFIG_FILE} and {WEIGHTS_FILE}, not a "
+                         f"file; load a file as weights: get_model(NAME, pretrained='{hub}') or --weights")
+    config = hub_download(dataclasses.replace(hub, filename=CONFIG_FILE))
+    if "arch" not in json.loads(config.read_text()):  # HF's config.json: no simmim architecture to build
+        raise ValueError(f"{hub}: not a folder that `simmim export` wrote (an HF transformers repository?); name "
+                         f"its architecture: get_model(NAME, pretrained='{hub}'), or --model NAME / MODEL --weights")
+    hub_download(dataclasses.replace(hub, filename=WEIGHTS_FILE))
+    return config.parent
 
 
 def _zoo_model(name: str, pretrained: bool | str | Path, **overrides) -> nn.Module:

@@ -10,7 +10,8 @@ A source is one of
   with a revision, a branch, tag or commit, after `@`, and a file inside the repository after `:`;
   without a file, the repository's `model.safetensors` or else `pytorch_model.bin`, so that an HF
   transformers repository loads as an HF folder does). It goes through `huggingface_hub` itself:
-  its cache (`HF_HUB_CACHE`, `HF_HOME`), `HF_HUB_OFFLINE=1`, its token; its errors become one line.
+  its cache (`HF_HUB_CACHE`, `HF_HOME`), `HF_HUB_OFFLINE=1`, `HF_ENDPOINT`, its token; its errors
+  become one line.
 """
 
 from __future__ import annotations
@@ -165,12 +166,12 @@ def hub_download(hub: HubFile) -> Path:
 
     # read at each call, not only when huggingface_hub was imported: a caller may set them later
     offline = constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
-    cache = os.environ.get("HF_HUB_CACHE") or None
+    cache, endpoint = os.environ.get("HF_HUB_CACHE") or None, os.environ.get("HF_ENDPOINT") or None
     at = f" at revision {hub.revision}" if hub.revision else ""
     names = [hub.filename] if hub.filename else list(FOLDER_WEIGHTS)
     for name in names:
         try:
-            return Path(hf_hub_download(hub.repo, name, revision=hub.revision, cache_dir=cache,
+            return Path(hf_hub_download(hub.repo, name, revision=hub.revision, cache_dir=cache, endpoint=endpoint,
                                         local_files_only=offline))
         except GatedRepoError:
             raise WeightsUnavailable(f"{hub}: {hub.repo} is gated on the Hub: accept its terms on its page and log "
