@@ -10,12 +10,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import training as checkpoints
-from ..checkpoint.sharded import consolidate, is_sharded_checkpoint
+from ..checkpoint.sharded import consolidate
 from ..config import TrainConfig
 from ..data.datasets import EpochSampler, SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
 from ..errors import UsageError
 from ..zoo.hub import get_model, is_exported
+from ..zoo.sources import parse_hub
 from .builders import build_network, eval_loader, eval_source
 from .distributed import DistEnv, all_reduce_sum, setup, teardown
 from .parallelize import autocast, resolve_precision
@@ -68,21 +69,17 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     return model, cfg
 
 
-HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-
-
 def load_eval_classifier(path: str | Path, model: str | None, num_classes: int) -> tuple[nn.Module, str]:
     """A classifier to evaluate and its precision setting, from a simmim fine-tuning checkpoint (its
-    run's precision), an exported folder (`simmim export`), or, with the zoo name `model` of its
-    architecture, a checkpoint of any supported layout (official, mmpretrain, HF, ours) with a head of
-    `num_classes` outputs, read by the checkpoint package."""
+    run's precision), an exported folder (`simmim export`, on disk or `hf-hub:`), or, with the zoo
+    name `model` of its architecture, any weights source (`zoo.sources`: a checkpoint of any supported
+    layout, official, mmpretrain, HF or ours, an HF folder, `hf-hub:`) with a head of `num_classes`
+    outputs."""
     path = Path(path)
-    if model:
-        if path.is_dir() and not is_sharded_checkpoint(path):  # HF's from_pretrained folder
-            path = next((path / name for name in HF_WEIGHTS if (path / name).is_file()), path / HF_WEIGHTS[0])
-        return get_model(model, pretrained=path, num_classes=num_classes), "auto"
-    if is_exported(path):
-        return get_model(path), "auto"
+    if model:  # any weights source (`zoo.sources`): an HF folder, a file, hf-hub:...
+        return get_model(model, pretrained=str(path), num_classes=num_classes), "auto"
+    if is_exported(path) or parse_hub(str(path)):  # an exported folder, on disk or on the Hub
+        return get_model(str(path)), "auto"
     try:
         classifier, cfg = load_classifier(path)
     except UsageError as err:
