@@ -146,7 +146,7 @@ def _probe(args: argparse.Namespace) -> None:
     from .engine.probe import ProbeSettings, load_encoder, probe_encoder, summary_line, write_result
 
     encoder = load_encoder(args.checkpoint, args.model)
-    train = labelled_source(args.data, "train", args.labels_per_class, seed=args.seed)
+    train = labelled_source(args.data, "train", args.labels_per_class, seed=args.seed, key="--labels-per-class")
     val = eval_source(args.data)
     if list(train.classes) != list(val.classes):
         raise ValueError(f"{args.data}: train and val name different classes")

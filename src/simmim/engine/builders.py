@@ -92,14 +92,17 @@ def heldout_source(path: str) -> Dataset | None:
     return sharded_images(val) if looks_like_shards(val) else image_files(val)
 
 
-def labelled_source(path: str, split: str, labels_per_class: int | None = None, seed: int = 0) -> Dataset:
+def labelled_source(path: str, split: str, labels_per_class: int | None = None, seed: int = 0,
+                    key: str = "data.labels_per_class") -> Dataset:
     """Classification images of a split ('train' or 'val'): Fashion-MNIST (its test split as 'val') or
-    DIR/<split>/<class>/*; optionally a balanced subset of `labels_per_class` images per class."""
+    DIR/<split>/<class>/*; optionally a balanced subset of `labels_per_class` images per class (`key`
+    names that setting in errors)."""
     if path == FASHION_MNIST:
         fm_split = "train" if split == "train" else "test"
         dataset = FashionMNIST(fm_split)
         if labels_per_class:
-            dataset = FashionMNIST(fm_split, indices=balanced_subset(dataset.targets, labels_per_class, seed))
+            dataset = FashionMNIST(fm_split, indices=_balanced(dataset.targets, labels_per_class, seed, key,
+                                                               f"{path} {fm_split}"))
         return dataset
     root = Path(path) / split
     if not root.is_dir():
@@ -107,13 +110,21 @@ def labelled_source(path: str, split: str, labels_per_class: int | None = None, 
                                 "(or --data fashion-mnist)")
     if looks_like_shards(root):
         if labels_per_class:
-            raise ValueError("data.labels_per_class: needs an image folder or fashion-mnist (WebDataset shards "
+            raise ValueError(f"{key}: needs an image folder or fashion-mnist (WebDataset shards "
                              "are read in shard order, not by class)")
         return labelled_shards(root)
     dataset = image_folder(root)
     if labels_per_class:
-        dataset = dataset.subset(balanced_subset(np.asarray(dataset.targets), labels_per_class, seed).tolist())
+        picked = _balanced(np.asarray(dataset.targets), labels_per_class, seed, key, str(root))
+        dataset = dataset.subset(picked.tolist())
     return dataset
+
+
+def _balanced(targets: np.ndarray, per_class: int, seed: int, key: str, where: str) -> np.ndarray:
+    try:
+        return balanced_subset(targets, per_class, seed)
+    except ValueError as err:  # the subset's own words, with the setting that asked for it
+        raise ValueError(f"{key}: {err} ({where})") from None
 
 
 def eval_source(path: str) -> Dataset:
