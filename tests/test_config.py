@@ -184,3 +184,11 @@ def test_shortened_epochs_shorten_a_warmup_that_no_longer_fits(capsys):
                                          r"schedule.epochs=1, got 2\.0"):
         load_config("fashion-mnist-finetune", overrides=["schedule.epochs=1", "schedule.warmup_epochs=2"])
     assert load_config("fashion-mnist-finetune", overrides=["schedule.epochs=10"]).schedule.warmup_epochs == 4
+
+
+def test_turning_off_what_the_task_does_not_do_passes():
+    # a shared list of quiet overrides: fine-tuning draws no reconstruction grids, measures no held-out loss
+    cfg = load_config("nano-finetune", overrides=["runtime.vis_every=0", "data.heldout_images=0"])
+    assert cfg.runtime.vis_every == 0
+    with pytest.raises(ValueError, match=r"^runtime\.vis_every: read by pretraining runs only"):
+        load_config("nano-finetune", overrides=["runtime.vis_every=5"])

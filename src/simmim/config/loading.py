@@ -92,7 +92,7 @@ def load_config(preset_name: str | None = None, path: str | Path | None = None,
     data = merge(data, explicit)
     if preset_name:
         data["preset"] = preset_name
-    if base is None:  # a resumed run keeps its schedule (the resume check names a change)
+    if not explicit.get("checkpoint", {}).get("resume"):  # a resumed run keeps its schedule (resuming names a change)
         data = _fit_warmup(data, recipe, explicit)
     cfg = TrainConfig.from_dict(data)
     ignored = ignored_keys(cfg, [k for k in _dotted(explicit) if k in all_keys()])

@@ -18,9 +18,11 @@ from .values import convert, field_types, plain
 TASKS = ("pretrain", "finetune")
 
 
-def only(task: str, default: Any) -> Any:
-    """A field that runs of `task` alone read (the others would ignore it: `ignored_keys` names it)."""
-    return field(default=default, metadata={"task": task})
+def only(task: str, default: Any, off: Any = None) -> Any:
+    """A field that runs of `task` alone read (the others would ignore it: `ignored_keys` names it);
+    `off`, where given, is the value that turns off what the other task does not do anyway (vis_every=0
+    in a shared list of overrides asks nothing of a fine-tuning run)."""
+    return field(default=default, metadata={"task": task, "off": off if off is not None else default})
 
 
 class _Section:
@@ -123,7 +125,7 @@ class DataConfig(_Section):
     """Seed of the labelled subset."""
     max_images: int | None = None
     """Use at most the first this many images of each split (smoke tests, quick looks); none uses all."""
-    heldout_images: int = only("pretrain", 256)
+    heldout_images: int = only("pretrain", 256, off=0)
     """Pretraining: held-out images (Fashion-MNIST's test split, or DIR/val) whose masked-pixel loss is
     measured after every epoch with fixed masks, and shown in the reconstruction grids; 0 turns it off."""
     shuffle_buffer: int = 4096
@@ -294,7 +296,7 @@ class RuntimeConfig(_Section):
     log_every: int = 10
     """Optimizer steps between progress lines and metrics records (the loss is read from the device
     only then)."""
-    vis_every: int = only("pretrain", 1)
+    vis_every: int = only("pretrain", 1, off=0)
     """Epochs between reconstruction grids of a pretraining run; 0 turns them off."""
     eval_every: int = only("finetune", 1)
     """Epochs between evaluations of a fine-tuning run (the last epoch is always evaluated)."""
@@ -443,7 +445,7 @@ def key_task(key: str) -> str | None:
 
 def ignored_keys(cfg: TrainConfig, keys: Iterable[str]) -> list[str]:
     """Those of `keys` (dotted) that the run's task does not read and that hold another value than
-    their default: settings the run would silently ignore."""
+    their default (or their `off`): settings the run would silently ignore."""
     out = []
     for key in keys:
         task = key_task(key)
@@ -453,8 +455,8 @@ def ignored_keys(cfg: TrainConfig, keys: Iterable[str]) -> list[str]:
         section = cfg
         for name in path:
             section = getattr(section, name)
-        default = next(f.default for f in dataclasses.fields(section) if f.name == leaf)
-        if getattr(section, leaf) != default:
+        spec = next(f for f in dataclasses.fields(section) if f.name == leaf)
+        if getattr(section, leaf) not in (spec.default, spec.metadata["off"]):
             out.append(key)
     return out
 

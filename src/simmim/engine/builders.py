@@ -16,7 +16,8 @@ from ..data.datasets import EpochSampler, SeededSamples, image_files, image_fold
 from ..data.fashion_mnist import FashionMNIST, balanced_subset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, patch_posterize
 from ..data.webdataset import INDEX_NAME, ShardedImages, ShardSampler, looks_like_shards, sharded_images
-from ..zoo import build_model, get_spec
+from ..zoo import get_spec
+from ..zoo.runs import run_network
 from .distributed import DistEnv
 
 FASHION_MNIST = "fashion-mnist"
@@ -40,23 +41,8 @@ def img_size(cfg: TrainConfig) -> int:
 
 def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
     """The pure model of a run (SimMIM or Classifier) with random weights."""
-    m = cfg.model
-    overrides = {k: v for k, v in (("img_size", m.img_size), ("window_size", m.window_size),
-                                   ("pretrained_window_sizes", m.pretrained_window_sizes),
-                                   ("drop_path_rate", m.drop_path_rate)) if v is not None}
-    if cfg.runtime.activation_checkpointing:
-        overrides["use_checkpoint"] = True
-    if not m.fused:
-        overrides["fused"] = False
-    if cfg.task == "pretrain":
-        overrides.update(mask_patch_size=cfg.mask.patch_size, mask_ratio=cfg.mask.ratio, decoder=m.decoder,
-                         loss=m.loss)
-        if m.norm_target is not None:
-            overrides["norm_target_window"] = m.norm_target_patch_size if m.norm_target else 0
-    else:
-        overrides["num_classes"] = num_classes
     try:
-        return build_model(get_spec(m.name), **overrides)
+        return run_network(cfg.to_dict(), num_classes)
     except TypeError as err:  # a setting the architecture does not have, e.g. window_size for a ViT
         raise ValueError(f"model: {err}") from None
 

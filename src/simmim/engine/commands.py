@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import PRESETS, TrainConfig, load_config
+from ..config import PRESETS, TrainConfig, load_config, source_recipe
 
 # the training modules are imported inside the commands: mounting them must not slow down the CLI
 
@@ -75,7 +75,11 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
     if args.resume == "auto" and not args.out:
         raise ValueError("--resume auto needs --out RUN_DIR (the run to continue)")
     base = None
-    if not args.preset and not args.config:
+    pretrained = getattr(args, "pretrained", None)
+    if not args.preset and not args.config and pretrained and not args.resume:
+        base = source_recipe(pretrained, task)  # the architecture the checkpoint names, with its recipe
+        print(f"{task}: {base['model']['name']} with its recipe (the architecture of {pretrained})")
+    elif not args.preset and not args.config:
         if not args.resume:
             raise ValueError(f"pass --preset NAME or --config FILE.yaml (presets: {', '.join(PRESETS)})")
         from ..checkpoint import training as checkpoints

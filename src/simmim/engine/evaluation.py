@@ -10,12 +10,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import training as checkpoints
-from ..checkpoint.sharded import consolidate, is_sharded_checkpoint
+from ..checkpoint.sharded import is_sharded_checkpoint
 from ..config import TrainConfig
 from ..data.datasets import EpochSampler, SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
 from ..zoo.hub import get_model, is_exported
-from .builders import build_network, eval_loader, eval_source
+from ..zoo.runs import load_run, read_run
+from .builders import eval_loader, eval_source
 from .distributed import DistEnv, all_reduce_sum, setup, teardown
 from .parallelize import autocast, resolve_precision
 
@@ -46,17 +47,14 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, sampler: EpochSampler,
 
 
 def load_run_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
-    """The model of a simmim training checkpoint (pretraining or fine-tuning; a file or a sharded
-    checkpoint directory), and its run's config."""
-    state = checkpoints.load(path)
-    cfg = TrainConfig.from_dict(state["config"])
-    weights = consolidate(path) if Path(path).is_dir() else state["model"]
-    num_classes = weights["head.weight"].shape[0] if cfg.task == "finetune" else None
-    model = build_network(cfg, num_classes=num_classes)
-    model.load_state_dict(weights)
-    if state.get("task", {}).get("classes"):
-        model.classes = list(state["task"]["classes"])
-    return model, cfg
+    """The model of a training run's folder (its newest checkpoint) or a simmim training checkpoint
+    (pretraining or fine-tuning; a file or a sharded checkpoint directory), and its run's config."""
+    found = load_run(path)
+    if found is None:
+        checkpoints.load(path)  # names what the file is not
+        raise ValueError(f"{path} is not a training run's folder: it holds no checkpoint")
+    model, config = found
+    return model, TrainConfig.from_dict(config)
 
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig]:
@@ -77,7 +75,7 @@ def load_eval_classifier(path: str | Path, model: str | None, num_classes: int) 
     `num_classes` outputs, read by the checkpoint package."""
     path = Path(path)
     if model:
-        if path.is_dir() and not is_sharded_checkpoint(path):  # HF's from_pretrained folder
+        if path.is_dir() and not is_sharded_checkpoint(path) and read_run(path) is None:  # HF's from_pretrained folder
             path = next((path / name for name in HF_WEIGHTS if (path / name).is_file()), path / HF_WEIGHTS[0])
         return get_model(model, pretrained=path, num_classes=num_classes), "auto"
     if is_exported(path):

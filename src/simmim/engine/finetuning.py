@@ -14,6 +14,7 @@ from ..checkpoint.transfer import load_weights
 from ..config import TrainConfig
 from ..data.datasets import SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
+from ..zoo.runs import check_fits, newest_checkpoint
 from .builders import build_network, eval_loader, first, img_size, labelled_source, train_transform
 from .distributed import DistEnv
 from .evaluation import evaluate_loader
@@ -53,9 +54,10 @@ class FinetuneTask:
     def build_model(self, resuming: bool) -> nn.Module:
         model = build_network(self.cfg, self.num_classes)
         if self.cfg.model.pretrained and not resuming:  # a resumed run has its own weights
+            source = newest_checkpoint(self.cfg.model.pretrained)
             # the encoder of any supported checkpoint; decoder / mask token dropped, position tables
             # resampled, and a head for another number of classes started afresh
-            report = load_weights(model, self.cfg.model.pretrained, new_head=True)
+            report = load_weights(model, source, new_head=True)
             self.log.print(f"pretrained weights from {self.cfg.model.pretrained}: {report.summary()}")
         return model
 
@@ -104,4 +106,9 @@ def finetune(cfg: TrainConfig, overwrite: bool = False) -> RunResult:
         raise ValueError(f"task: expected 'finetune', got {cfg.task!r} (use pretrain for SimMIM recipes)")
     if not cfg.data.path:
         raise ValueError("data.path: expected an image folder with train/ and val/, or 'fashion-mnist' (--data)")
+    if cfg.model.pretrained:  # before any data is read: a checkpoint that names another architecture
+        with torch.device("meta"):
+            model = build_network(cfg, num_classes=1)
+        check_fits(newest_checkpoint(cfg.model.pretrained), model, cfg.model.name,
+                   "set model.name={name}, or drop --preset (--pretrained alone takes its architecture)")
     return train(cfg, FinetuneTask, overwrite)

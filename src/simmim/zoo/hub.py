@@ -19,8 +19,8 @@ from ..fsutil import atomic_write_text
 from ..hardware import cache_dir
 from ..models import Classifier, FeatureMaps, SimMIM
 from .registry import CLASSIFIER_KEYS, SIMMIM_KEYS, SPECS, arch_of, build_model, get_spec
+from .runs import CONFIG_FILE, WEIGHTS_FILE, check_fits, is_exported, load_run, newest_checkpoint
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 PYTHON_HINT = "pass pretrained=PATH to a local file"
 
 
@@ -93,11 +93,6 @@ def export(model: nn.Module, out_dir: str | Path, name: str | None = None, class
     return out
 
 
-def is_exported(path: str | Path) -> bool:
-    """Whether `path` is a folder that `export` wrote."""
-    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
-
-
 def load_directory(path: str | Path) -> nn.Module:
     """A model exported with `export`."""
     path = Path(path)
@@ -114,19 +109,36 @@ def load_directory(path: str | Path) -> nn.Module:
 
 
 def get_model(name: str | Path, pretrained: bool | str | Path = False, features_only: bool = False,
-              out_indices: tuple[int, ...] | None = None, **overrides) -> nn.Module:
-    """A zoo model by name (case-insensitive) or an exported directory, in eval mode.
-    pretrained=True downloads the published weights (cached), a path loads a checkpoint of any
-    supported format (official, mmpretrain, HF, ours), adapting windows as needed. features_only=True
-    returns its encoder as `FeatureMaps`: a list of NCHW maps, one per stage (or ViT block) in
-    `out_indices` (all when None)."""
+              out_indices: tuple[int, ...] | None = None, random_decoder: bool = False, **overrides) -> nn.Module:
+    """A zoo model by name (case-insensitive), or a model that carries its architecture and weights: an
+    exported directory, a training run's folder (its newest checkpoint) or a training checkpoint; in
+    eval mode. For a zoo name, pretrained=True downloads the published weights (cached), a path loads
+    a checkpoint of any supported format (official, mmpretrain, HF, ours), adapting windows as needed;
+    an encoder-only file is refused for a pretraining model (its reconstructions would come from a
+    random decoder) unless `random_decoder`. features_only=True returns its encoder as `FeatureMaps`:
+    a list of NCHW maps, one per stage (or ViT block) in `out_indices` (all when None)."""
     if out_indices is not None and not features_only:
         raise TypeError("out_indices applies only with features_only=True")
-    model = load_directory(name) if Path(name).is_dir() else _zoo_model(str(name), pretrained, **overrides)
+    if Path(name).exists():
+        if not isinstance(pretrained, bool) or overrides:
+            raise ValueError(f"{name} carries its own architecture and weights: pass it without pretrained= "
+                             "or model settings")
+        model = load_directory(name) if is_exported(name) else _run_model(name)
+    else:
+        model = _zoo_model(str(name), pretrained, random_decoder, **overrides)
     return (FeatureMaps(model.encoder, out_indices) if features_only else model).eval()
 
 
-def _zoo_model(name: str, pretrained: bool | str | Path, **overrides) -> nn.Module:
+def _run_model(path: str | Path) -> nn.Module:
+    found = load_run(path)
+    if found is None:
+        raise ValueError(f"{path} is not a simmim training checkpoint, a training run's folder or an exported folder "
+                         f"({CONFIG_FILE} + {WEIGHTS_FILE}); for a published checkpoint name its zoo architecture and "
+                         "pass the file as its weights (--model, or --weights after a zoo name)")
+    return found[0]
+
+
+def _zoo_model(name: str, pretrained: bool | str | Path, random_decoder: bool = False, **overrides) -> nn.Module:
     spec = get_spec(str(name))
     model = build_model(spec, **overrides)
     if pretrained is True:
@@ -134,6 +146,14 @@ def _zoo_model(name: str, pretrained: bool | str | Path, **overrides) -> nn.Modu
             raise WeightsUnavailable(f"{spec.name} has no downloadable weights ({spec.notes or 'none were released'})")
         pretrained = download(spec.weights)
     if pretrained:
+        pretrained = newest_checkpoint(pretrained)
+        check_fits(pretrained, model, spec.name, "name {name} instead, or pass the source alone (it names its own "
+                                                 "architecture)")
         report = load_weights(model, pretrained)
+        if not random_decoder and any(k.startswith("decoder.") for k in report.initialized):
+            raise ValueError(f"{pretrained} holds no decoder for {spec.name} (an encoder-only file): its "
+                             "reconstructions would come from random decoder weights; continue pretraining from it "
+                             "(simmim pretrain --pretrained), or pass random_decoder=True (simmim reconstruct "
+                             "--random-decoder) to see them anyway")
         print(f"{spec.name}: {report.summary()}")
     return model
