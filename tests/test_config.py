@@ -192,3 +192,12 @@ def test_turning_off_what_the_task_does_not_do_passes():
     assert cfg.runtime.vis_every == 0
     with pytest.raises(ValueError, match=r"^runtime\.vis_every: read by pretraining runs only"):
         load_config("nano-finetune", overrides=["runtime.vis_every=5"])
+
+
+def test_overrides_for_several_runs_reach_the_runs_whose_task_reads_them():
+    from simmim.config import task_overrides
+
+    shared = ["mask.ratio=0.5", "data.labels_per_class=3", "optim.lr=1e-3", "data.heldout_images=16"]
+    assert task_overrides(shared, "finetune") == ["data.labels_per_class=3", "optim.lr=1e-3"]
+    assert task_overrides(shared, "pretrain") == ["mask.ratio=0.5", "optim.lr=1e-3", "data.heldout_images=16"]
+    load_config("nano-finetune", overrides=task_overrides(shared, "finetune"))

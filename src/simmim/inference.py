@@ -16,7 +16,7 @@ from .data.transforms import eval_transform
 from .models import SimMIM
 from .models.simmim import masked_reconstruction_loss
 from .viz import reconstruction_panels
-from .zoo.hub import get_model
+from .zoo.hub import get_model, is_exported
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
@@ -67,7 +67,8 @@ def load_model(model: str | Path, weights: str | Path | None = None, random_weig
     that carries its own weights: an exported directory, a training run's folder or checkpoint."""
     if random_weights and weights:
         raise ValueError("--weights and --random-weights exclude each other: pass one of them")
-    if Path(model).exists() and (weights or random_weights):
+    # an exported folder may lend its architecture to other weights; nothing gives it random ones
+    if Path(model).exists() and (random_weights or (weights and not is_exported(model))):
         raise ValueError(f"{model} carries its own weights: drop --weights / --random-weights")
     return get_model(model, pretrained=weights or not random_weights, random_decoder=random_decoder)
 

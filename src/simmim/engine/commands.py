@@ -46,7 +46,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                             "metrics (without it such a folder is refused)")
         if task == "finetune":
             p.add_argument("--pretrained", metavar="CKPT",
-                           help="initialize from this checkpoint's encoder (a pretraining run's or a published one)")
+                           help="initialize from this checkpoint's encoder (a pretraining run's folder or checkpoint, "
+                                "or a published one); without --preset/--config, the run's architecture and its recipe")
         p.add_argument("--epochs", type=int, metavar="N", help="same as --set schedule.epochs=N")
         p.add_argument("--batch-size", type=int, metavar="N", help="images per process (--set data.batch_size=N)")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as --set runtime.device=...)")

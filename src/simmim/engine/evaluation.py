@@ -49,10 +49,12 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, sampler: EpochSampler,
 def load_run_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     """The model of a training run's folder (its newest checkpoint) or a simmim training checkpoint
     (pretraining or fine-tuning; a file or a sharded checkpoint directory), and its run's config."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     found = load_run(path)
     if found is None:
-        checkpoints.load(path)  # names what the file is not
-        raise ValueError(f"{path} is not a training run's folder: it holds no checkpoint")
+        raise ValueError(f"{path} is not a simmim training checkpoint (no {checkpoints.FORMAT!r} format tag) or a "
+                         "training run's folder")
     model, config = found
     return model, TrainConfig.from_dict(config)
 

@@ -93,8 +93,8 @@ def export(model: nn.Module, out_dir: str | Path, name: str | None = None, class
     return out
 
 
-def load_directory(path: str | Path) -> nn.Module:
-    """A model exported with `export`."""
+def load_directory(path: str | Path, weights: str | Path | None = None, random_decoder: bool = False) -> nn.Module:
+    """A model exported with `export`; `weights` loads another checkpoint into its architecture."""
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file() or not (path / WEIGHTS_FILE).is_file():
@@ -104,7 +104,10 @@ def load_directory(path: str | Path) -> nn.Module:
         model = build_from_config(config)
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{config_file}: not a simmim model config ({err})") from None
-    load_weights(model, path / WEIGHTS_FILE)
+    if weights:
+        _load_pretrained(model, config.get("name") or str(path), weights, random_decoder)
+    else:
+        load_weights(model, path / WEIGHTS_FILE)
     return model
 
 
@@ -119,11 +122,14 @@ def get_model(name: str | Path, pretrained: bool | str | Path = False, features_
     a list of NCHW maps, one per stage (or ViT block) in `out_indices` (all when None)."""
     if out_indices is not None and not features_only:
         raise TypeError("out_indices applies only with features_only=True")
-    if Path(name).exists():
-        if not isinstance(pretrained, bool) or overrides:
+    weights = None if isinstance(pretrained, bool) else pretrained
+    if is_exported(name) and not overrides:  # its architecture, with its own weights or `pretrained`
+        model = load_directory(name, weights, random_decoder)
+    elif Path(name).exists():
+        if weights or overrides:
             raise ValueError(f"{name} carries its own architecture and weights: pass it without pretrained= "
                              "or model settings")
-        model = load_directory(name) if is_exported(name) else _run_model(name)
+        model = _run_model(name)
     else:
         model = _zoo_model(str(name), pretrained, random_decoder, **overrides)
     return (FeatureMaps(model.encoder, out_indices) if features_only else model).eval()
@@ -146,14 +152,19 @@ def _zoo_model(name: str, pretrained: bool | str | Path, random_decoder: bool = 
             raise WeightsUnavailable(f"{spec.name} has no downloadable weights ({spec.notes or 'none were released'})")
         pretrained = download(spec.weights)
     if pretrained:
-        pretrained = newest_checkpoint(pretrained)
-        check_fits(pretrained, model, spec.name, "name {name} instead, or pass the source alone (it names its own "
-                                                 "architecture)")
-        report = load_weights(model, pretrained)
-        if not random_decoder and any(k.startswith("decoder.") for k in report.initialized):
-            raise ValueError(f"{pretrained} holds no decoder for {spec.name} (an encoder-only file): its "
-                             "reconstructions would come from random decoder weights; continue pretraining from it "
-                             "(simmim pretrain --pretrained), or pass random_decoder=True (simmim reconstruct "
-                             "--random-decoder) to see them anyway")
-        print(f"{spec.name}: {report.summary()}")
+        _load_pretrained(model, spec.name, pretrained, random_decoder)
     return model
+
+
+def _load_pretrained(model: nn.Module, name: str, source: str | Path, random_decoder: bool) -> None:
+    """Loads a checkpoint of any supported format (a run folder: its newest) into `model` (called `name`),
+    refusing one that names another architecture, and for a pretraining model one without a decoder."""
+    source = newest_checkpoint(source)
+    check_fits(source, model, name, "name {name} instead, or pass the source alone (it names its own architecture)")
+    report = load_weights(model, source)
+    if not random_decoder and any(k.startswith("decoder.") for k in report.initialized):
+        raise ValueError(f"{source} holds no decoder for {name} (an encoder-only file): its reconstructions would "
+                         "come from random decoder weights; continue pretraining from it (simmim pretrain "
+                         "--pretrained), or pass random_decoder=True (simmim reconstruct --random-decoder) to see "
+                         "them anyway")
+    print(f"{name}: {report.summary()}")
