@@ -134,3 +134,10 @@ def test_random_config_values_give_a_clean_error_or_a_config(key, value, task):
         assert "\n" not in str(err) and key.split(".")[-1] in str(err) or "task" in str(err), str(err)
     else:
         assert load_config(base=cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_too_many_labels_per_class_name_the_key(data):
+    from simmim.engine.builders import labelled_source
+
+    with pytest.raises(ValueError, match=r"^data\.labels_per_class: class \d+ has 2 images, fewer than the 5 asked"):
+        labelled_source(str(data), "train", 5)

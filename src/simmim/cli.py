@@ -70,7 +70,8 @@ def _load_model(args: argparse.Namespace):
     if args.random_weights:
         print("warning: --random-weights: the model is untrained and its output meaningless", file=sys.stderr)
     try:
-        return load_model(args.model, args.weights, random_weights=args.random_weights)
+        return load_model(args.model, args.weights, random_weights=args.random_weights,
+                          random_decoder=getattr(args, "random_decoder", False))
     except WeightsUnavailable as err:
         raise UsageError(f"{err.reason}; pass --weights PATH to a local file "
                          "(or --random-weights to try the command on an untrained model)") from None
@@ -120,8 +121,9 @@ def _convert(args: argparse.Namespace) -> None:
         _export_to(args.src, args.dst, args.model, "hf")
         return
     from .checkpoint.convert import convert
+    from .zoo.runs import newest_checkpoint
 
-    src, dst = convert(args.src, args.dst, args.to)
+    src, dst = convert(newest_checkpoint(args.src), args.dst, args.to)
     print(f"{args.src} ({src}) -> {args.dst} ({dst})")
 
 
@@ -131,14 +133,13 @@ def _export(args: argparse.Namespace) -> None:
 
 def _export_to(checkpoint: str, out_dir: str, model_name: str | None, fmt: str) -> None:
     from .zoo.hub import export, get_model
+    from .zoo.runs import architecture_of
 
     if model_name:
         model, name = get_model(model_name, pretrained=checkpoint), model_name
-    else:  # a training run's checkpoint describes its own model
-        from .engine.evaluation import load_run_model
-
-        model, cfg = load_run_model(checkpoint)
-        name = cfg.model.name
+    else:  # a training run, its checkpoint or an exported folder describes its own model
+        model, found = get_model(checkpoint), architecture_of(checkpoint)
+        name = found.name if found else None
     if fmt == "hf":
         from .checkpoint.ecosystem import export_hf
 
@@ -154,7 +155,7 @@ def _probe(args: argparse.Namespace) -> None:
     from .engine.probe import ProbeSettings, load_encoder, probe_encoder, summary_line, write_result
 
     encoder = load_encoder(args.checkpoint, args.model)
-    train = labelled_source(args.data, "train", args.labels_per_class, seed=args.seed)
+    train = labelled_source(args.data, "train", args.labels_per_class, seed=args.seed, key="--labels-per-class")
     val = eval_source(args.data)
     if list(train.classes) != list(val.classes):
         raise UsageError(f"{args.data}: train and val name different classes")
@@ -213,6 +214,9 @@ def _add_weights_arguments(parser: argparse.ArgumentParser,
 Subparsers = argparse._SubParsersAction
 
 
+MODEL_HELP = "zoo name, exported directory, training run folder (its newest checkpoint) or training checkpoint"
+
+
 def _models_parser(sub: Subparsers) -> None:
     p = sub.add_parser("models", help="the model zoo with measured params and FLOPs")
     p.add_argument("pattern", nargs="?", help="case-insensitive wildcard, e.g. 'swin-base*'")
@@ -250,7 +254,7 @@ def _study_parser(sub: Subparsers) -> None:
 
 def _predict_parser(sub: Subparsers) -> None:
     p = sub.add_parser("predict", help="classify images")
-    p.add_argument("model", help="zoo name or exported directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("images", nargs="+")
     _add_weights_arguments(p)
     p.add_argument("--topk", type=int, default=5)
@@ -259,7 +263,7 @@ def _predict_parser(sub: Subparsers) -> None:
 
 def _reconstruct_parser(sub: Subparsers) -> None:
     p = sub.add_parser("reconstruct", help="picture of a pretraining model's reconstruction of a masked image")
-    p.add_argument("model", help="zoo name or exported directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("image")
     p.add_argument("--out", default="reconstruction.png")
     _add_weights_arguments(p)
@@ -267,12 +271,15 @@ def _reconstruct_parser(sub: Subparsers) -> None:
     p.add_argument("--mask-ratio", type=float, help="default: the checkpoint's (else the model's)")
     p.add_argument("--mask-patch-size", type=int, help="default: the checkpoint's (else the model's)")
     p.add_argument("--scale", type=int, default=1, help="enlarge the panels this many times")
+    p.add_argument("--random-decoder", action="store_true",
+                   help="accept --weights without a decoder (an encoder-only file): the pictures then come from "
+                        "an untrained decoder")
     p.set_defaults(func=_reconstruct)
 
 
 def _serve_parser(sub: Subparsers) -> None:
     p = sub.add_parser("serve", help="a local page and JSON API for a model's reconstructions or predictions")
-    p.add_argument("model", help="zoo name, exported directory or simmim training checkpoint")
+    p.add_argument("model", help=MODEL_HELP)
     _add_weights_arguments(p, random_help="untrained weights (to try the page and API)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
@@ -284,7 +291,7 @@ def _serve_parser(sub: Subparsers) -> None:
 
 def _convert_parser(sub: Subparsers) -> None:
     p = sub.add_parser("convert", help="rewrite a checkpoint in another format")
-    p.add_argument("src")
+    p.add_argument("src", help="checkpoint of any supported format, or a training run folder (its newest checkpoint)")
     p.add_argument("dst")
     p.add_argument("--to", default="simmim", choices=["official", "mmpretrain", "hf", "simmim", "timm"],
                    help="hf with a folder as dst writes config.json + model.safetensors for transformers")
@@ -294,7 +301,8 @@ def _convert_parser(sub: Subparsers) -> None:
 
 def _export_parser(sub: Subparsers) -> None:
     p = sub.add_parser("export", help="write model.safetensors + config.json for a checkpoint")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="training run folder (its newest checkpoint), training checkpoint, or with "
+                                      "--model a checkpoint of any supported format")
     p.add_argument("out_dir")
     p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
     p.add_argument("--format", default="simmim", choices=["simmim", "hf"],
@@ -304,8 +312,8 @@ def _export_parser(sub: Subparsers) -> None:
 
 def _probe_parser(sub: Subparsers) -> None:
     p = sub.add_parser("probe", help="frozen-encoder k-NN and linear probe of a checkpoint or zoo model")
-    p.add_argument("checkpoint", help="simmim run checkpoint, exported folder, zoo name (published weights) "
-                                      "or any supported checkpoint with --model")
+    p.add_argument("checkpoint", help="simmim run folder or checkpoint, exported folder, zoo name (published "
+                                      "weights) or any supported checkpoint with --model")
     p.add_argument("--data", required=True, help="DIR with train/ and val/ class folders, or fashion-mnist")
     p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
     p.add_argument("--labels-per-class", type=int, help="a balanced subset of the training images")

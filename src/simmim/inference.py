@@ -17,7 +17,7 @@ from .errors import BadArgument, UsageError
 from .models import SimMIM
 from .models.simmim import masked_reconstruction_loss
 from .viz import reconstruction_panels
-from .zoo.hub import get_model
+from .zoo.hub import get_model, is_exported
 from .zoo.sources import resolve
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -63,12 +63,16 @@ def _to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray((t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
 
 
-def load_model(model: str | Path, weights: str | Path | None = None, random_weights: bool = False) -> nn.Module:
-    """A zoo name with its published weights (or `weights`, or none with `random_weights`), or an
-    exported directory."""
+def load_model(model: str | Path, weights: str | Path | None = None, random_weights: bool = False,
+               random_decoder: bool = False) -> nn.Module:
+    """A zoo name with its published weights (or `weights`, or none with `random_weights`), or a source
+    that carries its own weights: an exported directory, a training run's folder or checkpoint."""
     if random_weights and weights:
-        raise UsageError("random weights and a weights file exclude each other: pass one of them")
-    return get_model(model, pretrained=weights or not (random_weights or Path(model).is_dir()))
+        raise UsageError("--weights and --random-weights exclude each other: pass one of them")
+    # an exported folder may lend its architecture to other weights; nothing gives it random ones
+    if Path(model).exists() and (random_weights or (weights and not is_exported(model))):
+        raise UsageError(f"{model} carries its own weights: drop --weights / --random-weights")
+    return get_model(model, pretrained=weights or not random_weights, random_decoder=random_decoder)
 
 
 def checkpoint_mask_settings(weights: str | Path) -> dict:

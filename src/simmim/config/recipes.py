@@ -89,3 +89,22 @@ def preset(name: str) -> dict[str, Any]:
         raise UsageError(f"model {spec.name} has no training recipe; pick one with --preset "
                          f"<{' | '.join(PRESETS)}> --set model.name={spec.name}")
     return merge(PRESETS[recipe], {"preset": name, "model": {"name": spec.name}})
+
+
+def source_recipe(source: str, task: str) -> dict[str, Any]:
+    """The plain data of a run of `task` ('pretrain' or 'finetune') on the architecture that `source` (a
+    run folder, training checkpoint or exported folder) names: its zoo model of that task with the
+    model's recipe; a pretraining source's resolution and windows carry over to a pretraining run."""
+    from ..zoo.runs import architecture_of
+
+    found = architecture_of(source)
+    if found is None:
+        raise ValueError(f"{source} does not name its architecture (a published or foreign checkpoint): pass "
+                         f"--preset NAME (presets: {', '.join(PRESETS)})")
+    spec = found.counterpart("pretrain" if task == "pretrain" else "classification")
+    if spec is None:
+        raise ValueError(f"{source} is {found.describe()}, and the zoo has no {task} model of its sizes: pass --preset")
+    data = preset(spec.name)
+    if task == "pretrain" and found.task == "pretrain":
+        data = merge(data, {"model": found.settings})
+    return data

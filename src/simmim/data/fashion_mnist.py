@@ -145,7 +145,7 @@ def balanced_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
         if len(members) < per_class:
-            raise UsageError(f"class {cls} has {len(members)} samples, fewer than per_class={per_class}")
+            raise UsageError(f"class {cls} has {len(members)} images, fewer than the {per_class} asked")
         picked.append(rng.choice(members, size=per_class, replace=False))
     return np.sort(np.concatenate(picked))
 

@@ -17,7 +17,8 @@ from ..data.fashion_mnist import FashionMNIST, balanced_subset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, patch_posterize
 from ..data.webdataset import INDEX_NAME, ShardedImages, ShardSampler, looks_like_shards, sharded_images
 from ..errors import BadArgument, UsageError
-from ..zoo import build_model, get_spec
+from ..zoo import get_spec
+from ..zoo.runs import run_network
 from .distributed import DistEnv
 
 FASHION_MNIST = "fashion-mnist"
@@ -41,23 +42,8 @@ def img_size(cfg: TrainConfig) -> int:
 
 def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
     """The pure model of a run (SimMIM or Classifier) with random weights."""
-    m = cfg.model
-    overrides = {k: v for k, v in (("img_size", m.img_size), ("window_size", m.window_size),
-                                   ("pretrained_window_sizes", m.pretrained_window_sizes),
-                                   ("drop_path_rate", m.drop_path_rate)) if v is not None}
-    if cfg.runtime.activation_checkpointing:
-        overrides["use_checkpoint"] = True
-    if not m.fused:
-        overrides["fused"] = False
-    if cfg.task == "pretrain":
-        overrides.update(mask_patch_size=cfg.mask.patch_size, mask_ratio=cfg.mask.ratio, decoder=m.decoder,
-                         loss=m.loss)
-        if m.norm_target is not None:
-            overrides["norm_target_window"] = m.norm_target_patch_size if m.norm_target else 0
-    else:
-        overrides["num_classes"] = num_classes
     try:
-        return build_model(get_spec(m.name), **overrides)
+        return run_network(cfg.to_dict(), num_classes)
     except BadArgument as err:  # a setting the architecture does not have, e.g. window_size for a ViT
         raise BadArgument(f"model: {err}") from None
 
@@ -93,14 +79,17 @@ def heldout_source(path: str) -> Dataset | None:
     return sharded_images(val) if looks_like_shards(val) else image_files(val)
 
 
-def labelled_source(path: str, split: str, labels_per_class: int | None = None, seed: int = 0) -> Dataset:
+def labelled_source(path: str, split: str, labels_per_class: int | None = None, seed: int = 0,
+                    key: str = "data.labels_per_class") -> Dataset:
     """Classification images of a split ('train' or 'val'): Fashion-MNIST (its test split as 'val') or
-    DIR/<split>/<class>/*; optionally a balanced subset of `labels_per_class` images per class."""
+    DIR/<split>/<class>/*; optionally a balanced subset of `labels_per_class` images per class (`key`
+    names that setting in errors)."""
     if path == FASHION_MNIST:
         fm_split = "train" if split == "train" else "test"
         dataset = FashionMNIST(fm_split)
         if labels_per_class:
-            dataset = FashionMNIST(fm_split, indices=balanced_subset(dataset.targets, labels_per_class, seed))
+            dataset = FashionMNIST(fm_split, indices=_balanced(dataset.targets, labels_per_class, seed, key,
+                                                               f"{path} {fm_split}"))
         return dataset
     root = Path(path) / split
     if not root.is_dir():
@@ -108,13 +97,21 @@ def labelled_source(path: str, split: str, labels_per_class: int | None = None, 
                                 "(or --data fashion-mnist)")
     if looks_like_shards(root):
         if labels_per_class:
-            raise UsageError("data.labels_per_class: needs an image folder or fashion-mnist (WebDataset shards "
+            raise UsageError(f"{key}: needs an image folder or fashion-mnist (WebDataset shards "
                              "are read in shard order, not by class)")
         return labelled_shards(root)
     dataset = image_folder(root)
     if labels_per_class:
-        dataset = dataset.subset(balanced_subset(np.asarray(dataset.targets), labels_per_class, seed).tolist())
+        picked = _balanced(np.asarray(dataset.targets), labels_per_class, seed, key, str(root))
+        dataset = dataset.subset(picked.tolist())
     return dataset
+
+
+def _balanced(targets: np.ndarray, per_class: int, seed: int, key: str, where: str) -> np.ndarray:
+    try:
+        return balanced_subset(targets, per_class, seed)
+    except ValueError as err:  # the subset's own words, with the setting that asked for it
+        raise ValueError(f"{key}: {err} ({where})") from None
 
 
 def eval_source(path: str) -> Dataset:

@@ -10,14 +10,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import training as checkpoints
-from ..checkpoint.sharded import consolidate
 from ..config import TrainConfig
 from ..data.datasets import EpochSampler, SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
 from ..errors import UsageError
 from ..zoo.hub import get_model, is_exported
+from ..zoo.runs import load_run
 from ..zoo.sources import parse_hub
-from .builders import build_network, eval_loader, eval_source
+from .builders import eval_loader, eval_source
 from .distributed import DistEnv, all_reduce_sum, setup, teardown
 from .parallelize import autocast, resolve_precision
 
@@ -48,17 +48,16 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, sampler: EpochSampler,
 
 
 def load_run_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
-    """The model of a simmim training checkpoint (pretraining or fine-tuning; a file or a sharded
-    checkpoint directory), and its run's config."""
-    state = checkpoints.load(path)
-    cfg = TrainConfig.from_dict(state["config"])
-    weights = consolidate(path) if Path(path).is_dir() else state["model"]
-    num_classes = weights["head.weight"].shape[0] if cfg.task == "finetune" else None
-    model = build_network(cfg, num_classes=num_classes)
-    model.load_state_dict(weights)
-    if state.get("task", {}).get("classes"):
-        model.classes = list(state["task"]["classes"])
-    return model, cfg
+    """The model of a training run's folder (its newest checkpoint) or a simmim training checkpoint
+    (pretraining or fine-tuning; a file or a sharded checkpoint directory), and its run's config."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    found = load_run(path)
+    if found is None:
+        raise ValueError(f"{path} is not a simmim training checkpoint (no {checkpoints.FORMAT!r} format tag) or a "
+                         "training run's folder")
+    model, config = found
+    return model, TrainConfig.from_dict(config)
 
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig]:

@@ -15,6 +15,7 @@ from ..config import TrainConfig
 from ..data.datasets import SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
 from ..errors import UsageError
+from ..zoo.runs import check_fits
 from ..zoo.sources import resolve
 from .builders import build_network, eval_loader, first, img_size, labelled_source, train_transform
 from .distributed import DistEnv
@@ -106,4 +107,9 @@ def finetune(cfg: TrainConfig, overwrite: bool = False) -> RunResult:
         raise UsageError(f"task: expected 'finetune', got {cfg.task!r} (use pretrain for SimMIM recipes)")
     if not cfg.data.path:
         raise UsageError("data.path: expected an image folder with train/ and val/, or 'fashion-mnist' (--data)")
+    if cfg.model.pretrained:  # before any data is read: a checkpoint that names another architecture
+        with torch.device("meta"):
+            model = build_network(cfg, num_classes=1)
+        check_fits(resolve(cfg.model.pretrained), model, cfg.model.name,
+                   "set model.name={name}, or drop --preset (--pretrained alone takes its architecture)")
     return train(cfg, FinetuneTask, overwrite)

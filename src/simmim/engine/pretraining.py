@@ -172,7 +172,8 @@ def _and(parts: list[str]) -> str:
 def knn_monitor_sets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     """The k-NN monitor's neighbour bank (a balanced labelled subset) and validation images."""
     path = cfg.eval.knn_data or cfg.data.path
-    bank = labelled_source(path, "train", cfg.eval.knn_labels_per_class, seed=cfg.data.seed)
+    bank = labelled_source(path, "train", cfg.eval.knn_labels_per_class, seed=cfg.data.seed,
+                           key="eval.knn_labels_per_class")
     val = eval_source(path)
     return bank, first(val, cfg.eval.knn_val_images)
 

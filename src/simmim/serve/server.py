@@ -27,12 +27,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..checkpoint.training import list_checkpoints
 from ..data.masking import MaskGenerator
 from ..errors import UsageError
 from ..inference import check_mask, class_names, classify, load_model, mask_shape, preprocess, reconstruct
 from ..models import SimMIM
-from ..zoo.hub import CONFIG_FILE, model_config
+from ..zoo.hub import model_config
+from ..zoo.runs import architecture_of, newest_checkpoint
 from .batching import Batcher
 
 PANELS = ("original", "masked", "reconstruction", "pasted")
@@ -68,21 +68,13 @@ def load_served_model(source: str, weights: str | None = None,
                       random_weights: bool = False) -> tuple[nn.Module, str, str]:
     """(model, name, where its weights came from) for a zoo name, an exported directory, a simmim
     training checkpoint, or a training run's folder (its newest checkpoint)."""
-    path = Path(source)
-    run_checkpoints = list_checkpoints(path) if not (path / CONFIG_FILE).is_file() else []
-    if run_checkpoints:
-        path = run_checkpoints[-1]
-    if path.is_file() or run_checkpoints:
-        from ..engine.evaluation import load_run_model
-
-        model, cfg = load_run_model(path)
-        return model.eval(), cfg.model.name, str(path)
     model = load_model(source, weights, random_weights=random_weights)
-    if random_weights:
-        return model, source, "random (untrained)"
-    if path.is_dir():  # an exported directory names its model in its config
-        return model, json.loads((path / CONFIG_FILE).read_text()).get("name") or path.name, str(weights or path)
-    return model, source, str(weights or "published")
+    if not Path(source).exists():
+        return model, source, "random (untrained)" if random_weights else str(weights or "published")
+    # a run folder, training checkpoint or exported directory names its model
+    found = architecture_of(source)
+    path = newest_checkpoint(source)
+    return model, found.name if found and found.name else path.name, str(path)
 
 
 def model_info(model: nn.Module, name: str, weights: str, settings: ServeSettings) -> dict:

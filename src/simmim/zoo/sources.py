@@ -35,6 +35,7 @@ from ..errors import UsageError
 from ..fsutil import fsync_directory
 from ..hardware import cache_dir
 from .registry import get_spec
+from .runs import newest_checkpoint
 
 PYTHON_HINT = "pass pretrained=PATH to a local file"
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -203,7 +204,7 @@ def resolve(source: str | Path) -> Path:
     hub = parse_hub(str(source))
     if hub is not None:
         return hub_download(hub)
-    path = Path(source)
+    path = newest_checkpoint(source)  # a training run's folder: its newest checkpoint
     if path.is_dir():
         return folder_weights(path)
     if path.exists():
