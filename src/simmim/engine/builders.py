@@ -110,8 +110,8 @@ def labelled_source(path: str, split: str, labels_per_class: int | None = None, 
 def _balanced(targets: np.ndarray, per_class: int, seed: int, key: str, where: str) -> np.ndarray:
     try:
         return balanced_subset(targets, per_class, seed)
-    except ValueError as err:  # the subset's own words, with the setting that asked for it
-        raise ValueError(f"{key}: {err} ({where})") from None
+    except UsageError as err:  # the subset's own words, with the setting that asked for it
+        raise UsageError(f"{key}: {err} ({where})") from None
 
 
 def eval_source(path: str) -> Dataset:
