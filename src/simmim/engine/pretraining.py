@@ -39,8 +39,9 @@ class PretrainTask:
     def __init__(self, cfg: TrainConfig, env: DistEnv, log: RunLogger):
         self.cfg, self.env, self.log = cfg, env, log
         self.size = img_size(cfg)
-        self.source = first(unlabelled_source(cfg.data.path), cfg.data.max_images)
-        heldout = first(heldout_source(cfg.data.path), cfg.data.max_images) if cfg.data.heldout_images else None
+        data = cfg.data
+        self.source = first(unlabelled_source(data.path, data.classes), data.max_images)
+        heldout = first(heldout_source(data.path, data.classes), data.max_images) if data.heldout_images else None
         self.heldout = SeededSamples(heldout or self.source, eval_transform(self.size))
         self.heldout_count = min(cfg.data.heldout_images, len(heldout)) if heldout else 0
         self.knn_sets = knn_monitor_sets(cfg) if cfg.eval.knn_every else None
@@ -137,8 +138,9 @@ class PretrainTask:
 def knn_monitor_sets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     """The k-NN monitor's neighbour bank (a balanced labelled subset) and validation images."""
     path = cfg.eval.knn_data or cfg.data.path
-    bank = labelled_source(path, "train", cfg.eval.knn_labels_per_class, seed=cfg.data.seed)
-    val = eval_source(path)
+    classes = None if cfg.eval.knn_data else cfg.data.classes  # another dataset has classes of its own
+    bank = labelled_source(path, "train", cfg.eval.knn_labels_per_class, seed=cfg.data.seed, classes=classes)
+    val = eval_source(path, classes)
     return bank, first(val, cfg.eval.knn_val_images)
 
 
