@@ -252,9 +252,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/results")
     p.add_argument("--work", default="runs/study", help="run folders and results.jsonl (resumable)")
     p.add_argument("--quick", action="store_true", help="a smoke-sized study on a few images")
-    p.add_argument("--only", choices=["main", "ablations", "precision"],
+    p.add_argument("--only", choices=["main", "ablations", "precision", "continue"],
                    help="main or ablations: that part (e.g. in two processes), no report; precision: the demo per "
-                   "precision and seed -> precision.md")
+                   "precision and seed -> precision.md; continue: continuing pretraining on a new domain -> "
+                   "continue.md")
     p.add_argument("--seeds", type=_seed_list, metavar="0,1,2",
                    help="only these seeds (e.g. --only main --seeds 1,2 in a second process; the pretraining-length "
                    "curve and the ablations are seed 0's)")
