@@ -28,7 +28,7 @@ import torch
 
 import simmim
 from simmim.cli import main
-from simmim.zoo import get_spec, hub
+from simmim.zoo import get_spec, sources
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -85,7 +85,9 @@ def stand_in_argv(command: str, data: Path) -> list[str]:
     """The command's arguments with the stand-ins of the tables above."""
     argv = shlex.split(command)[1:]
     if argv[0] in TRAINING:
-        argv = [PRESETS.get(a, a) for a in argv] + FAST
+        # a zoo name after --preset is its recipe; elsewhere (--pretrained NAME) its weights
+        argv = [PRESETS.get(a, a) if before == "--preset" else a
+                for before, a in zip(["", *argv[:-1]], argv, strict=True)] + FAST
     argv = [stand_in(a) for a in argv]
     newest = [sorted(Path().glob(a.replace("<step>", "*")))[-1].as_posix() if "<step>" in a else a for a in argv]
     return [str(data) if a in DATA else a for a in newest]
@@ -110,8 +112,8 @@ def scratch(tmp_path, monkeypatch, image_folder):
         torch.save({"model": simmim.get_model(name).state_dict()}, path)
         return path
 
-    monkeypatch.setattr(hub, "get_spec", published)
-    monkeypatch.setattr(hub, "download", download)
+    monkeypatch.setattr(sources, "get_spec", published)
+    monkeypatch.setattr(sources, "download", download)
     return image_folder(tmp_path / "data", train_per_class=4, val_per_class=2, size=64)
 
 

@@ -20,7 +20,12 @@ def _models(args: argparse.Namespace) -> None:
     for r in rows:
         top1 = f"{r['top1']:.1f}" if r["top1"] else "-"
         print(f"{r['name']:60s} {r['task']:14s} {r['input_size']:4d} {r['params']:13,d} "
-              f"{r['flops'] / 1e9:7.2f} {r['flops_input_size']:5d} {top1:>5s}  {r['weights'] or '-'}")
+              f"{r['flops'] / 1e9:7.2f} {r['flops_input_size']:5d} {top1:>5s}  {weights_column(r)}")
+
+
+def weights_column(row: dict) -> str:
+    """Where a zoo model's weights are: a URL, a Hub repository (`hf-hub:` source), or '-'."""
+    return row["weights"] or (f"hf-hub:{row['hub']}" if row["hub"] else "-")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -64,7 +69,7 @@ def _class_list(text: str) -> tuple[str, ...]:
 def _load_model(args: argparse.Namespace):
     """The model of `predict` / `reconstruct`, with the CLI's remedy when published weights are missing."""
     from .inference import load_model
-    from .zoo.hub import WeightsUnavailable
+    from .zoo.sources import WeightsUnavailable
 
     if args.random_weights:
         print("warning: --random-weights: the model is untrained and its output meaningless", file=sys.stderr)

@@ -17,6 +17,7 @@ from .models import SimMIM
 from .models.simmim import masked_reconstruction_loss
 from .viz import reconstruction_panels
 from .zoo.hub import get_model
+from .zoo.sources import resolve
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
@@ -71,13 +72,13 @@ def load_model(model: str | Path, weights: str | Path | None = None, random_weig
 
 def checkpoint_mask_settings(weights: str | Path) -> dict:
     """The mask a checkpoint's run was trained with, as SimMIM overrides (mask_patch_size, mask_ratio):
-    from the config of a simmim training checkpoint (file or sharded directory) or an official one;
-    {} for formats that do not record it."""
+    from the config of a simmim training checkpoint (file or sharded directory) or an official one
+    (any weights source, `zoo.sources`); {} for formats that do not record it."""
     from .checkpoint.io import load_checkpoint_file
     from .checkpoint.sharded import STATE_FILE
     from .checkpoint.training import FORMAT
 
-    path = Path(weights)
+    path = resolve(weights)
     state = load_checkpoint_file(path / STATE_FILE if path.is_dir() else path)
     config = state.get("config")
     if not isinstance(config, dict):

@@ -199,12 +199,16 @@ def _sha256(path: PathLike) -> str:
     return digest.hexdigest()
 
 
+def hash_in_name(name: str) -> str | None:
+    """The sha256 prefix a published file name carries (`<name>-<hex>.<ext>`), None if it has none."""
+    match = _HASH_IN_NAME.search(Path(name).name)
+    return match.group(1) if match else None
+
+
 def sha256_prefix_matches(path: PathLike, name: str) -> bool | None:
     """Whether the file's sha256 starts with the hash fragment in file name `name`; None if it has none."""
-    match = _HASH_IN_NAME.search(Path(name).name)
-    if match is None:
-        return None
-    return _sha256(path).startswith(match.group(1))
+    prefix = hash_in_name(name)
+    return None if prefix is None else _sha256(path).startswith(prefix)
 
 
 def check_hash_in_name(path: PathLike, name: str | None = None) -> bool:
@@ -214,7 +218,7 @@ def check_hash_in_name(path: PathLike, name: str | None = None) -> bool:
     if matches is None:
         return False
     if not matches:
-        expected = _HASH_IN_NAME.search(published).group(1)  # type: ignore[union-attr]
+        expected = hash_in_name(published)
         raise ValueError(
             f"{path}: sha256 does not start with {expected!r} from its name {published!r}; "
             "the file is corrupt or not the published one"

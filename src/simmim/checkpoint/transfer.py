@@ -4,8 +4,8 @@ One function decides what may differ between a checkpoint and a model, explicitl
 - a classifier may leave out the pretraining decoder and mask token, start its head (and ViT
   `fc_norm`) fresh, and drop the pretraining ViT's final norm and shared position table (copied
   into every block, as the official code does);
-- a pretraining model may start its decoder and mask token fresh (continued pretraining from an
-  encoder-only file);
+- a pretraining model may start its decoder and mask token fresh and leave out a classifier's head
+  and `fc_norm` (continued pretraining from an encoder-only or fine-tuned file);
 - relative position bias tables are resampled when the window changes, absolute position
   embeddings when the grid changes.
 Anything else missing, extra or of another shape is an error naming the keys.
@@ -79,7 +79,7 @@ def _allowed_missing(model: nn.Module) -> re.Pattern:
 def _allowed_extra(model: nn.Module) -> re.Pattern:
     if isinstance(model, Classifier):
         return re.compile(r"^(decoder\.|encoder\.mask_token$|encoder\.norm\.|encoder\.rel_pos_bias\.)")
-    return re.compile(r"^$")
+    return re.compile(r"^(head|fc_norm)\.")
 
 
 def _rel_pos_window(rows: int, extra: int) -> int:

@@ -78,8 +78,10 @@ class ModelConfig(_Section):
     norm_target_patch_size: int = 47
     """The normalized target's window (odd, in pixels; the releases' 47)."""
     pretrained: str | None = None
-    """Fine-tuning: checkpoint whose encoder initializes the model (a pretraining run's or any
-    supported checkpoint); ignored when resuming."""
+    """Weights to start from (`simmim.zoo.sources`: a checkpoint file or folder of any supported layout,
+    a training checkpoint, an exported folder, a zoo name with published weights). Fine-tuning takes
+    the encoder; pretraining the encoder, mask token and decoder (the last two fresh where the
+    checkpoint has none). A resumed run keeps its own weights and does not read it."""
 
     def check(self) -> None:
         from ..zoo import get_spec

@@ -14,10 +14,19 @@ examples:
   simmim {task} --preset {preset} --data DIR
   simmim {task} --config configs/{preset}.yaml --set optim.lr=1e-4 --set data.batch_size=64
   simmim {task} --out RUN_DIR --resume auto            # continue a run, config from its checkpoint
+  simmim {task} --preset {preset} --data DIR --pretrained CKPT
   torchrun --nproc_per_node 8 -m simmim.cli {task} --preset {recipe} --data DIR
 
 presets: {presets} (or a zoo model name: that model with its recipe)
 """
+
+
+SOURCES = "a checkpoint file or folder of any supported layout, or a zoo name with published weights"
+PRETRAINED_HELP = {
+    "pretrain": f"continue pretraining from these weights: encoder, mask token and decoder ({SOURCES}); a "
+                "checkpoint without a decoder or mask token starts them fresh",
+    "finetune": f"initialize from these weights' encoder (a pretraining run's checkpoint, or {SOURCES})",
+}
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -44,9 +53,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--overwrite", action="store_true",
                        help="start afresh in a RUN_DIR that holds a run, removing its checkpoints, config and "
                             "metrics (without it such a folder is refused)")
-        if task == "finetune":
-            p.add_argument("--pretrained", metavar="CKPT",
-                           help="initialize from this checkpoint's encoder (a pretraining run's or a published one)")
+        p.add_argument("--pretrained", metavar="SRC", help=PRETRAINED_HELP[task])
         p.add_argument("--epochs", type=int, metavar="N", help="same as --set schedule.epochs=N")
         p.add_argument("--batch-size", type=int, metavar="N", help="images per process (--set data.batch_size=N)")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as --set runtime.device=...)")
@@ -69,7 +76,7 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
     """The run's config: preset and/or YAML (or, resuming without either, the checkpoint's own config),
     then --set overrides, then the explicit flags."""
     flags = {"data.path": args.data, "schedule.epochs": args.epochs, "data.batch_size": args.batch_size,
-             "runtime.device": args.device, "model.pretrained": getattr(args, "pretrained", None),
+             "runtime.device": args.device, "model.pretrained": args.pretrained,
              "checkpoint.resume": args.resume, "out_dir": args.out}
     overrides = list(args.overrides) + [f"{key}={value}" for key, value in flags.items() if value is not None]
     if args.resume == "auto" and not args.out:

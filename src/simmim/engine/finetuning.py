@@ -14,6 +14,7 @@ from ..checkpoint.transfer import load_weights
 from ..config import TrainConfig
 from ..data.datasets import SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
+from ..zoo.sources import resolve
 from .builders import build_network, eval_loader, first, img_size, labelled_source, train_transform
 from .distributed import DistEnv
 from .evaluation import evaluate_loader
@@ -55,7 +56,7 @@ class FinetuneTask:
         if self.cfg.model.pretrained and not resuming:  # a resumed run has its own weights
             # the encoder of any supported checkpoint; decoder / mask token dropped, position tables
             # resampled, and a head for another number of classes started afresh
-            report = load_weights(model, self.cfg.model.pretrained, new_head=True)
+            report = load_weights(model, resolve(self.cfg.model.pretrained), new_head=True)
             self.log.print(f"pretrained weights from {self.cfg.model.pretrained}: {report.summary()}")
         return model
 

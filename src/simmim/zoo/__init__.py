@@ -62,6 +62,7 @@ def measure(spec: ModelSpec) -> dict:
         "published_size": spec.published_size,
         "top1": spec.top1,
         "weights": spec.weights,
+        "hub": spec.hub,
         "source": spec.source,
         "notes": spec.notes,
     }

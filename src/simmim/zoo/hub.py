@@ -1,58 +1,22 @@
-"""Weights: download and cache the published files, export and load self-describing directories."""
+"""Models with their weights: zoo names with published or given weights (`sources.py` finds them),
+and self-describing directories exported and loaded again."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint.io import atomic_save_safetensors, check_hash_in_name
+from ..checkpoint.io import atomic_save_safetensors
 from ..checkpoint.transfer import load_weights
 from ..fsutil import atomic_write_text
-from ..hardware import cache_dir
 from ..models import Classifier, FeatureMaps, SimMIM
 from .registry import CLASSIFIER_KEYS, SIMMIM_KEYS, SPECS, arch_of, build_model, get_spec
+from .sources import published_weights, resolve
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-PYTHON_HINT = "pass pretrained=PATH to a local file"
-
-
-class WeightsUnavailable(ConnectionError):
-    """Published weights that cannot be had (none released, or the download failed); `reason` says
-    why without the remedy, which differs between Python (`pretrained=PATH`) and the CLI."""
-
-    def __init__(self, reason: str):
-        super().__init__(f"{reason}; {PYTHON_HINT}")
-        self.reason = reason
-
-
-def download(url: str, cache: Path | None = None) -> Path:
-    """The cached copy of `url`, downloaded on first use and checked against the hash in its name."""
-    cache = cache or cache_dir()
-    target = cache / Path(urllib.request.url2pathname(url.rsplit("/", 1)[-1]))
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {url} -> {target}")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, \
-                    tempfile.NamedTemporaryFile(dir=cache, delete=False) as tmp:
-                shutil.copyfileobj(response, tmp)
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise WeightsUnavailable(f"could not download {url} ({reason}); fetch it on a connected machine "
-                                     f"(or put it in {cache})") from None
-        os.replace(tmp.name, target)
-    check_hash_in_name(target)
-    return target
-
-
 def model_config(model: nn.Module, name: str | None = None, classes: list[str] | None = None) -> dict:
     """Plain-data description from which `build_from_config` rebuilds the same architecture."""
     if not isinstance(model, SimMIM | Classifier):
@@ -116,8 +80,9 @@ def load_directory(path: str | Path) -> nn.Module:
 def get_model(name: str | Path, pretrained: bool | str | Path = False, features_only: bool = False,
               out_indices: tuple[int, ...] | None = None, **overrides) -> nn.Module:
     """A zoo model by name (case-insensitive) or an exported directory, in eval mode.
-    pretrained=True downloads the published weights (cached), a path loads a checkpoint of any
-    supported format (official, mmpretrain, HF, ours), adapting windows as needed. features_only=True
+    pretrained=True downloads the published weights (cached); any other weights source (`sources.py`:
+    a checkpoint file or folder of any supported format, official, mmpretrain, HF or ours, or a zoo
+    name) is loaded, adapting windows as needed. features_only=True
     returns its encoder as `FeatureMaps`: a list of NCHW maps, one per stage (or ViT block) in
     `out_indices` (all when None)."""
     if out_indices is not None and not features_only:
@@ -129,11 +94,7 @@ def get_model(name: str | Path, pretrained: bool | str | Path = False, features_
 def _zoo_model(name: str, pretrained: bool | str | Path, **overrides) -> nn.Module:
     spec = get_spec(str(name))
     model = build_model(spec, **overrides)
-    if pretrained is True:
-        if spec.weights is None:
-            raise WeightsUnavailable(f"{spec.name} has no downloadable weights ({spec.notes or 'none were released'})")
-        pretrained = download(spec.weights)
     if pretrained:
-        report = load_weights(model, pretrained)
+        report = load_weights(model, published_weights(spec.name) if pretrained is True else resolve(pretrained))
         print(f"{spec.name}: {report.summary()}")
     return model
