@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -19,27 +18,10 @@ from simmim.checkpoint.formats import HF
 from simmim.checkpoint.io import atomic_save_safetensors
 from simmim.cli import main
 from simmim.data.photos import load_photo
-from simmim.zoo import sources
+from simmim.zoo import hub, sources
 
-PRE = "simmim_swin-nano_test-64px"
+PRE, CLS = "simmim_swin-nano_test-64px", "swin-nano_test-64px"
 REPO = "test-org/swin-nano-simmim"
-
-
-def _hub_repo(cache: Path, repo: str, commit: str, files: dict[str, bytes], refs: tuple[str, ...] = ("main",)) -> Path:
-    """One commit of a Hub repository in huggingface_hub's cache layout: blobs/<sha256>, refs/<ref>
-    holding the commit hash, snapshots/<commit>/<file> linking to its blob."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    for name, data in files.items():
-        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = folder / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (folder / "refs").mkdir(parents=True, exist_ok=True)
-        (folder / "refs" / ref).write_text(commit)
-    return folder
 
 
 def _hf_files(model: torch.nn.Module, tmp_path: Path) -> dict[str, bytes]:
@@ -50,16 +32,16 @@ def _hf_files(model: torch.nn.Module, tmp_path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def hub_cache(tmp_path, monkeypatch, randomize):
+def hub_cache(tmp_path, monkeypatch, randomize, hub_repo):
     """An offline Hub cache with REPO at two commits: main (model A), tag v1 (model B, also as an
     official-layout .pth file); returns (A, B, the commit of v1)."""
     cache = tmp_path / "hf-cache"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     a, b = randomize(simmim.get_model(PRE)), randomize(simmim.get_model(PRE))
-    _hub_repo(cache, REPO, "a" * 40, _hf_files(a, tmp_path))
+    hub_repo(cache, REPO, "a" * 40, _hf_files(a, tmp_path))
     torch.save({"model": b.state_dict()}, tmp_path / "b.pth")
-    _hub_repo(cache, REPO, "b" * 40, {**_hf_files(b, tmp_path), "official/b.pth": (tmp_path / "b.pth").read_bytes()},
+    hub_repo(cache, REPO, "b" * 40, {**_hf_files(b, tmp_path), "official/b.pth": (tmp_path / "b.pth").read_bytes()},
               refs=("v1",))
     return a, b, "b" * 40
 
@@ -205,3 +187,70 @@ def test_a_download_with_another_hash_leaves_nothing(server, tmp_path, randomize
     (cache / right).write_bytes(b"damaged")  # a cached file that fails its hash is downloaded again
     assert sources.download(f"{server}/{right}", cache).read_bytes() == data
     assert sorted(p.name for p in cache.iterdir()) == [right]
+
+
+def test_an_exported_folder_on_the_hub_is_a_model_for_every_command(hub_cache, hub_repo, tmp_path, randomize,
+                                                                    image_folder, capsys):
+    from simmim.engine.probe import load_encoder
+    from simmim.serve.server import load_served_model
+
+    classifier = randomize(simmim.get_model(CLS, num_classes=2)).eval()
+    folder = hub.export(classifier, tmp_path / "exported", name=CLS, classes=["class_0", "class_1"])
+    hub_repo(tmp_path / "hf-cache", "test-org/exported", "c" * 40,
+             {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")})
+    source = "hf-hub:test-org/exported"
+    assert _same(simmim.get_model(source), classifier) and simmim.get_model(source).classes == ["class_0", "class_1"]
+    assert _same(load_encoder(source), classifier.encoder)  # probe
+    served, name, _ = load_served_model(source)  # serve
+    assert _same(served, classifier) and name == source
+    data = image_folder(tmp_path / "data", train_per_class=2, val_per_class=2, size=64)
+    capsys.readouterr()
+    assert main(["evaluate", source, "--data", str(data), "--batch-size", "4"]) == 0
+    assert main(["evaluate", str(folder), "--data", str(data), "--batch-size", "4"]) == 0
+    from_hub, local = capsys.readouterr().out.splitlines()
+    assert from_hub == local and "(4 images)" in local
+    # an HF transformers repository holds no simmim architecture: named with --model, read as weights
+    assert main(["evaluate", f"hf-hub:{REPO}", "--data", str(data)]) == 2
+    assert "name its architecture" in capsys.readouterr().err
+
+
+class _Hub(http.server.BaseHTTPRequestHandler):
+    """A Hub endpoint that has nothing: the answers of huggingface.co's resolve URLs for a missing
+    repository, revision or file (404 with its X-Error-Code header)."""
+
+    def do_HEAD(self):
+        _, org, name, _, revision, *_ = self.path.split("/")
+        code = ("RepoNotFound" if name == "missing" else "RevisionNotFound" if revision == "v9" else
+                "GatedRepo" if name == "gated" else "EntryNotFound")
+        self.send_response(403 if code == "GatedRepo" else 404)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("hf-hub:test-org/missing", "hf-hub:test-org/missing: no repository test-org/missing on the Hub"),
+    ("hf-hub:test-org/model@v9", "hf-hub:test-org/model@v9: test-org/model has no revision v9"),
+    ("hf-hub:test-org/model", "hf-hub:test-org/model: test-org/model has no model.safetensors or pytorch_model.bin; "
+                              "name one as hf-hub:test-org/model:FILE"),
+    ("hf-hub:test-org/model:w.pth", "hf-hub:test-org/model:w.pth: test-org/model has no w.pth$"),
+    ("hf-hub:test-org/gated", "hf-hub:test-org/gated: test-org/gated is gated on the Hub"),
+])
+def test_the_hubs_own_errors_become_one_line(source, message, tmp_path, monkeypatch):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{httpd.server_port}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    try:
+        with pytest.raises(OSError, match=message) as failed:
+            sources.resolve(source)
+        assert len(str(failed.value).splitlines()) == 1
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..errors import UsageError
 from .masking import MaskGenerator
 
 IMAGE_SUFFIXES = (*IMG_EXTENSIONS, ".gif")  # torchvision's list leaves out GIF, which PIL reads
@@ -101,9 +102,9 @@ class ClassSubset(Dataset):
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
                 hint = f"did you mean {close[0]!r}?" if close else "the data's classes: " + ", ".join(known)
-                raise ValueError(f"{where}: unknown class {name!r}; {hint}")
+                raise UsageError(f"{where}: unknown class {name!r}; {hint}")
         if len(set(names)) != len(names) or not names:
-            raise ValueError(f"{where}: expected distinct class names, got {list(names)!r}")
+            raise UsageError(f"{where}: expected distinct class names, got {list(names)!r}")
         ids = [known.index(name) for name in names]
         self.source, self.classes = source, list(names)
         self.label = {old: new for new, old in enumerate(ids)}
@@ -162,7 +163,7 @@ def require_readable(source: Dataset, where: str) -> None:
             return
         except UnreadableImage:
             continue
-    raise ValueError(f"{where}: none of its {len(source)} images could be decoded ({len(source)} skipped; "
+    raise UsageError(f"{where}: none of its {len(source)} images could be decoded ({len(source)} skipped; "
                      f"`simmim verify-data {where}` names each and why)")
 
 

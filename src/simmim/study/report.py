@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from ..config import load_config
+from ..config import load_config, task_overrides
 from ..demo import PRETRAIN_PRESET
 from ..engine.distributed import pick_device
 from ..hardware import auto_precision, cpu_model
@@ -32,7 +32,7 @@ def _curves(runs: list[dict]) -> list[float]:
 
 def precision_of(s: StudySettings) -> str:
     """The precision the study's runs trained in, and why (auto's choice names the CPU feature)."""
-    runtime = load_config(PRETRAIN_PRESET, overrides=list(s.extra)).runtime
+    runtime = load_config(PRETRAIN_PRESET, overrides=task_overrides(s.extra, "pretrain")).runtime
     if runtime.precision != "auto":
         return f"{runtime.precision} (runtime.precision={runtime.precision})"
     return auto_precision(pick_device(runtime.device))[1]

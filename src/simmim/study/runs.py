@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import load_config
+from ..config import load_config, task_overrides
 from ..demo import PRETRAIN_PRESET, DemoSettings, finetune_run, pretrain_run
 from ..engine.builders import build_network, eval_source, first, labelled_source
 from ..engine.evaluation import load_run_model
@@ -111,7 +111,7 @@ class Runs:
         label, per_class, _ = budget
         key, start, overrides = f"probe/{name}/{label}/seed{seed}", _start(init), self.s.extra + overrides
         if _stale(self.done, key, settings=_settings(overrides), **start):
-            cfg = load_config(PRETRAIN_PRESET, overrides=list(overrides))
+            cfg = load_config(PRETRAIN_PRESET, overrides=task_overrides(overrides, "pretrain"))
             if init is None:
                 torch.manual_seed(seed)
                 encoder = build_network(cfg).encoder

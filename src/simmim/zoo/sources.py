@@ -10,7 +10,8 @@ A source is one of
   with a revision, a branch, tag or commit, after `@`, and a file inside the repository after `:`;
   without a file, the repository's `model.safetensors` or else `pytorch_model.bin`, so that an HF
   transformers repository loads as an HF folder does). It goes through `huggingface_hub` itself:
-  its cache (`HF_HUB_CACHE`, `HF_HOME`), `HF_HUB_OFFLINE=1`, its token; its errors become one line.
+  its cache (`HF_HUB_CACHE`, `HF_HOME`), `HF_HUB_OFFLINE=1`, `HF_ENDPOINT`, its token; its errors
+  become one line.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from torch.hub import download_url_to_file
 
 from ..checkpoint.io import hash_in_name, sha256_prefix_matches
 from ..checkpoint.sharded import is_sharded_checkpoint
+from ..errors import UsageError
 from ..fsutil import fsync_directory
 from ..hardware import cache_dir
 from .registry import get_spec
+from .runs import newest_checkpoint
 
 PYTHON_HINT = "pass pretrained=PATH to a local file"
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -80,7 +83,7 @@ def download(url: str, cache: Path | None = None) -> Path:
         os.replace(tmp, target)
         fsync_directory(cache)
     except RuntimeError as err:  # torch.hub's "invalid hash value"
-        raise ValueError(f"{url}: sha256 does not start with {prefix!r} from its name (a transfer cut short, or not "
+        raise UsageError(f"{url}: sha256 does not start with {prefix!r} from its name (a transfer cut short, or not "
                          f"the published file); nothing was kept, try again ({err})") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         if isinstance(err, WeightsUnavailable):
@@ -147,7 +150,7 @@ def parse_hub(source: str) -> HubFile | None:
         return None
     match = _HUB.fullmatch(source.removeprefix(HUB_PREFIX))
     if match is None:
-        raise ValueError(f"{source}: expected {HUB_PREFIX}ORG/NAME, optionally @REVISION and :FILE "
+        raise UsageError(f"{source}: expected {HUB_PREFIX}ORG/NAME, optionally @REVISION and :FILE "
                          f"(e.g. {HUB_PREFIX}microsoft/swin-base-simmim-window6-192@main:model.safetensors)")
     return HubFile(match["repo"], match["revision"], match["filename"])
 
@@ -165,12 +168,12 @@ def hub_download(hub: HubFile) -> Path:
 
     # read at each call, not only when huggingface_hub was imported: a caller may set them later
     offline = constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
-    cache = os.environ.get("HF_HUB_CACHE") or None
+    cache, endpoint = os.environ.get("HF_HUB_CACHE") or None, os.environ.get("HF_ENDPOINT") or None
     at = f" at revision {hub.revision}" if hub.revision else ""
     names = [hub.filename] if hub.filename else list(FOLDER_WEIGHTS)
     for name in names:
         try:
-            return Path(hf_hub_download(hub.repo, name, revision=hub.revision, cache_dir=cache,
+            return Path(hf_hub_download(hub.repo, name, revision=hub.revision, cache_dir=cache, endpoint=endpoint,
                                         local_files_only=offline))
         except GatedRepoError:
             raise WeightsUnavailable(f"{hub}: {hub.repo} is gated on the Hub: accept its terms on its page and log "
@@ -201,7 +204,7 @@ def resolve(source: str | Path) -> Path:
     hub = parse_hub(str(source))
     if hub is not None:
         return hub_download(hub)
-    path = Path(source)
+    path = newest_checkpoint(source)  # a training run's folder: its newest checkpoint
     if path.is_dir():
         return folder_weights(path)
     if path.exists():
