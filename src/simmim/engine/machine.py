@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -28,8 +27,7 @@ PROBE_IMAGES = 32
 fraction of the start-up of a large model."""
 
 
-@dataclass(frozen=True)
-class CoreSplit:
+class CoreSplit(NamedTuple):
     """Intra-op threads and loader workers of one CPU process, and why (for the run's header)."""
 
     threads: int
@@ -64,8 +62,9 @@ def split_cores(cores: int, load_rate: float | None, step_rates: Mapping[int, fl
         threads = fastest if light or workers == 0 else max(1, cores - workers)
     steps = ", ".join(f"{rate:.0f} img/s on {t} thread{'s' * (t > 1)}" for t, rate in sorted(step_rates.items()))
     how = "light, so the faster thread count computes" if light else "heavy, so the workers keep cores of their own"
-    return CoreSplit(threads, workers, f"{cores} cores; step {steps}; loading {load_rate:.0f} img/s per process, "
-                                       f"{busy:.2f} of a core at the faster step: {how}")
+    return CoreSplit(threads, workers, f"{cores} core{'s' * (cores > 1)}; step {steps}; loading "
+                                       f"{load_rate:.0f} img/s per process, {busy:.2f} of a core at the faster "
+                                       f"step: {how}")
 
 
 def measure_rates(dataset: Any, collate: Callable[[list], Any], count: int, step: Callable[[Any], None],
@@ -75,28 +74,28 @@ def measure_rates(dataset: Any, collate: Callable[[list], Any], count: int, step
     key them) and up to PROBE_IMAGES of them: after a warm-up step (allocator, oneDNN primitives), the
     best of two steps per thread count (one where the warm-up took longer than `budget_s`). Every random
     stream is left as it was; the thread count is the caller's to set after."""
-    samples, start = [], time.perf_counter()
-    while len(samples) < min(count, len(dataset)) and (len(samples) < 2 or time.perf_counter() - start < budget_s):
-        samples.append(dataset[(len(samples), len(samples))])
-    collate(samples)
-    load_rate = len(samples) / (time.perf_counter() - start)
-    size = min(len(samples), PROBE_IMAGES)
-    size -= size % 2 if size > 1 else 0  # Mixup pairs the images of a batch
-    probe = collate(samples[:size])
-    torch.set_num_threads(thread_counts[0])
-    repeats = 1 if _timed(step, probe) > budget_s else 2
-    rates = {}
-    for threads in thread_counts:
-        torch.set_num_threads(threads)
-        rates[threads] = size / min(_timed(step, probe) for _ in range(repeats))
+    with seeded(0):  # transforms, dropout, drop path and Mixup draw here as in a run; its streams are restored
+        samples, start = [], time.perf_counter()
+        while len(samples) < min(count, len(dataset)) and (len(samples) < 2 or time.perf_counter() - start < budget_s):
+            samples.append(dataset[(len(samples), len(samples))])
+        collate(samples)
+        load_rate = len(samples) / (time.perf_counter() - start)
+        size = min(len(samples), PROBE_IMAGES)
+        size -= size % 2 if size > 1 else 0  # Mixup pairs the images of a batch
+        probe = collate(samples[:size])
+        torch.set_num_threads(thread_counts[0])
+        repeats = 1 if _timed(step, probe) > budget_s else 2
+        rates = {}
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            rates[threads] = size / min(_timed(step, probe) for _ in range(repeats))
     return load_rate, rates
 
 
 def _timed(step: Callable[[Any], None], batch: Any) -> float:
-    with seeded(0):  # dropout, drop path and Mixup draw here as in a step; the run's streams are restored
-        start = time.perf_counter()
-        step(batch)
-        return time.perf_counter() - start
+    start = time.perf_counter()
+    step(batch)
+    return time.perf_counter() - start
 
 
 def choose_split(env: DistEnv, threads: int | None, workers: int | None,
