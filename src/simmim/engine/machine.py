@@ -138,9 +138,14 @@ def inference_split(env: DistEnv, dataset: Any, collate: Callable[[list], Any], 
                     model: torch.nn.Module, precision: str, threads: int | None = None,
                     workers: int | None = None) -> CoreSplit | None:
     """`choose_split` for a pass of `model` in eval mode over `dataset` (evaluation, probe features)."""
+    was_training = model.training
     model.eval()
     step = forward_step(model, precision, env.device)
-    return choose_split(env, threads, workers, lambda counts: measure_rates(dataset, collate, batch_size, step, counts))
+    try:
+        return choose_split(env, threads, workers,
+                            lambda counts: measure_rates(dataset, collate, batch_size, step, counts))
+    finally:
+        model.train(was_training)
 
 
 def loss_step(loss: Callable[[Any], torch.Tensor], parameters: Sequence[torch.nn.Parameter]) -> Callable[[Any], None]:
