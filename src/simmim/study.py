@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
+from .config import load_config, task_overrides
 from .demo import FINETUNE_PRESET, PRETRAIN_PRESET, DemoSettings, finetune_run, pretrain_run
 from .engine.builders import build_network, eval_source, first, labelled_source
 from .engine.distributed import pick_device
@@ -109,7 +109,7 @@ def run_study(s: StudySettings) -> dict:
     s.work.mkdir(parents=True, exist_ok=True)
     results = s.work / "results.jsonl"
     done = _done(results)
-    data = load_config(PRETRAIN_PRESET, overrides=list(s.extra)).data
+    data = load_config(PRETRAIN_PRESET, overrides=task_overrides(s.extra, "pretrain")).data
     preset_epochs = load_config(PRETRAIN_PRESET).schedule.epochs
     used: set[str] = set()  # the runs this report reads: its compute figure adds up their times
 
@@ -152,7 +152,8 @@ def run_study(s: StudySettings) -> dict:
         if _stale(done, key, init=init_name, settings=settings):
             if checkpoint is None:
                 torch.manual_seed(seed)
-                encoder = build_network(load_config(PRETRAIN_PRESET, overrides=list(s.extra))).encoder
+                cfg = load_config(PRETRAIN_PRESET, overrides=task_overrides(s.extra, "pretrain"))
+                encoder = build_network(cfg).encoder
             else:
                 encoder = load_run_model(checkpoint)[0].encoder
             if (name, seed) not in val_features:
@@ -222,7 +223,7 @@ def _curves(runs: list[dict]) -> list[float]:
 
 def _precision(s: StudySettings) -> str:
     """The precision the study's runs trained in, and why (auto's choice names the CPU feature)."""
-    runtime = load_config(PRETRAIN_PRESET, overrides=list(s.extra)).runtime
+    runtime = load_config(PRETRAIN_PRESET, overrides=task_overrides(s.extra, "pretrain")).runtime
     if runtime.precision != "auto":
         return f"{runtime.precision} (runtime.precision={runtime.precision})"
     return auto_precision(pick_device(runtime.device))[1]

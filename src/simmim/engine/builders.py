@@ -16,7 +16,9 @@ from ..data.datasets import EpochSampler, SeededSamples, image_files, image_fold
 from ..data.fashion_mnist import FashionMNIST, balanced_subset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, patch_posterize
 from ..data.webdataset import INDEX_NAME, ShardedImages, ShardSampler, looks_like_shards, sharded_images
-from ..zoo import build_model, get_spec
+from ..errors import BadArgument, UsageError
+from ..zoo import get_spec
+from ..zoo.runs import run_network
 from .distributed import DistEnv
 
 FASHION_MNIST = "fashion-mnist"
@@ -40,25 +42,10 @@ def img_size(cfg: TrainConfig) -> int:
 
 def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
     """The pure model of a run (SimMIM or Classifier) with random weights."""
-    m = cfg.model
-    overrides = {k: v for k, v in (("img_size", m.img_size), ("window_size", m.window_size),
-                                   ("pretrained_window_sizes", m.pretrained_window_sizes),
-                                   ("drop_path_rate", m.drop_path_rate)) if v is not None}
-    if cfg.runtime.activation_checkpointing:
-        overrides["use_checkpoint"] = True
-    if not m.fused:
-        overrides["fused"] = False
-    if cfg.task == "pretrain":
-        overrides.update(mask_patch_size=cfg.mask.patch_size, mask_ratio=cfg.mask.ratio, decoder=m.decoder,
-                         loss=m.loss)
-        if m.norm_target is not None:
-            overrides["norm_target_window"] = m.norm_target_patch_size if m.norm_target else 0
-    else:
-        overrides["num_classes"] = num_classes
     try:
-        return build_model(get_spec(m.name), **overrides)
-    except TypeError as err:  # a setting the architecture does not have, e.g. window_size for a ViT
-        raise ValueError(f"model: {err}") from None
+        return run_network(cfg.to_dict(), num_classes)
+    except BadArgument as err:  # a setting the architecture does not have, e.g. window_size for a ViT
+        raise BadArgument(f"model: {err}") from None
 
 
 def train_transform(aug: AugmentConfig, size: int) -> Callable:
@@ -92,14 +79,17 @@ def heldout_source(path: str) -> Dataset | None:
     return sharded_images(val) if looks_like_shards(val) else image_files(val)
 
 
-def labelled_source(path: str, split: str, labels_per_class: int | None = None, seed: int = 0) -> Dataset:
+def labelled_source(path: str, split: str, labels_per_class: int | None = None, seed: int = 0,
+                    key: str = "data.labels_per_class") -> Dataset:
     """Classification images of a split ('train' or 'val'): Fashion-MNIST (its test split as 'val') or
-    DIR/<split>/<class>/*; optionally a balanced subset of `labels_per_class` images per class."""
+    DIR/<split>/<class>/*; optionally a balanced subset of `labels_per_class` images per class (`key`
+    names that setting in errors)."""
     if path == FASHION_MNIST:
         fm_split = "train" if split == "train" else "test"
         dataset = FashionMNIST(fm_split)
         if labels_per_class:
-            dataset = FashionMNIST(fm_split, indices=balanced_subset(dataset.targets, labels_per_class, seed))
+            dataset = FashionMNIST(fm_split, indices=_balanced(dataset.targets, labels_per_class, seed, key,
+                                                               f"{path} {fm_split}"))
         return dataset
     root = Path(path) / split
     if not root.is_dir():
@@ -107,13 +97,21 @@ def labelled_source(path: str, split: str, labels_per_class: int | None = None, 
                                 "(or --data fashion-mnist)")
     if looks_like_shards(root):
         if labels_per_class:
-            raise ValueError("data.labels_per_class: needs an image folder or fashion-mnist (WebDataset shards "
+            raise UsageError(f"{key}: needs an image folder or fashion-mnist (WebDataset shards "
                              "are read in shard order, not by class)")
         return labelled_shards(root)
     dataset = image_folder(root)
     if labels_per_class:
-        dataset = dataset.subset(balanced_subset(np.asarray(dataset.targets), labels_per_class, seed).tolist())
+        picked = _balanced(np.asarray(dataset.targets), labels_per_class, seed, key, str(root))
+        dataset = dataset.subset(picked.tolist())
     return dataset
+
+
+def _balanced(targets: np.ndarray, per_class: int, seed: int, key: str, where: str) -> np.ndarray:
+    try:
+        return balanced_subset(targets, per_class, seed)
+    except ValueError as err:  # the subset's own words, with the setting that asked for it
+        raise ValueError(f"{key}: {err} ({where})") from None
 
 
 def eval_source(path: str) -> Dataset:
@@ -129,7 +127,7 @@ def labelled_shards(root: Path) -> ShardedImages:
     """Shards of labelled samples (.cls or .json labels) whose shard index names the classes."""
     dataset = sharded_images(root)
     if not dataset.classes:
-        raise ValueError(f"{root}: the shards name no classes ('classes' in {INDEX_NAME}, as simmim "
+        raise UsageError(f"{root}: the shards name no classes ('classes' in {INDEX_NAME}, as simmim "
                          "export-dataset writes it); classification needs them")
     return dataset
 
@@ -147,7 +145,7 @@ def train_loader(dataset: SeededSamples, collate: Callable, cfg: TrainConfig, en
                                shuffle=True, batch_multiple=cfg.optim.accumulation_steps)
     if sampler.batches == 0:
         need = cfg.data.batch_size * env.world_size * cfg.optim.accumulation_steps
-        raise ValueError(f"data.path: {len(dataset)} images are fewer than one step of {need} "
+        raise UsageError(f"data.path: {len(dataset)} images are fewer than one step of {need} "
                          "(data.batch_size x processes x optim.accumulation_steps)")
     # the loader gets a generator of its own, so creating an iterator never draws from the global
     # stream (a resumed run would otherwise draw at another point than the uninterrupted one)

@@ -167,16 +167,7 @@ def load_encoder(source: str, model_name: str | None = None) -> nn.Module:
     """The encoder of a simmim training checkpoint, an exported folder, a zoo name with published
     weights, or any supported checkpoint file with `model_name` naming its architecture."""
     from ..zoo.hub import get_model
-    from .evaluation import load_run_model
 
-    path = Path(source)
-    if model_name:
-        return get_model(model_name, pretrained=source).encoder
-    if path.is_dir() and (path / "config.json").is_file():
-        return get_model(path).encoder
-    if path.exists():
-        try:
-            return load_run_model(path)[0].encoder
-        except ValueError as err:
-            raise ValueError(f"{err}; name the architecture of other checkpoints with --model") from None
-    return get_model(source, pretrained=True).encoder
+    if model_name:  # the encoder alone is read: a file without a decoder is fine
+        return get_model(model_name, pretrained=source, random_decoder=True).encoder
+    return get_model(source, pretrained=True).encoder  # a zoo name's published weights, else the source's own

@@ -13,7 +13,6 @@ variables honoured) at first use, once per process, thread count and cache direc
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -23,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import hardware
-from ..fsutil import atomic_write_text
+from ..errors import UsageError
+from ..fsutil import read_json_cache, update_json_cache
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 """Whether this torch build has oneDNN's linear, the 'onednn' route."""
@@ -115,7 +115,7 @@ def _requested(name: str, configured: str, env: str, values: dict[str, str]) -> 
         return configured, f"runtime.{name}={configured}"
     if raw not in values:
         expected = "'onednn', 'aten' or 'auto'" if env == ROUTE_ENV else "auto, 1 (recompute) or 0 (keep)"
-        raise ValueError(f"{env}={raw!r}: expected {expected}")
+        raise UsageError(f"{env}={raw!r}: expected {expected}")
     return values[raw], f"{env}={raw}, overriding runtime.{name}={configured}"
 
 
@@ -126,7 +126,7 @@ def resolve(gemm_route: str = "auto", recompute: str = "auto", calibrate_route: 
     route, route_why = _requested("gemm_route", gemm_route, ROUTE_ENV, {r: r for r in ("auto", *ROUTES)})
     mode, mode_why = _requested("recompute", recompute, RECOMPUTE_ENV, _RECOMPUTE_ENV_VALUES)
     if route == "onednn" and not ONEDNN:
-        raise ValueError(f"{route_why.split(',')[0]}: this torch build has no oneDNN linear "
+        raise UsageError(f"{route_why.split(',')[0]}: this torch build has no oneDNN linear "
                          "(torch.ops.mkldnn._linear_pointwise)")
     if route == "auto":
         if not ONEDNN:
@@ -150,20 +150,12 @@ def calibrated_route() -> tuple[str, str]:
 
 def _cached_or_calibrated(path: str, key: str) -> tuple[str, str]:
     threads = torch.get_num_threads()
-    try:
-        with open(path) as f:
-            cache = json.load(f)
-    except (OSError, ValueError):
-        cache = {}
-    route = cache.get(key, {}).get("route") if isinstance(cache, dict) else None
+    route = read_json_cache(path).get(key, {}).get("route")
     if route in ROUTES:
         return route, f"cached in {path} for {threads} thread{'s' if threads > 1 else ''}"
     seconds = calibrate()
     route = min(ROUTES, key=seconds.__getitem__)
-    cache = {**(cache if isinstance(cache, dict) else {}), key: {"route": route, "seconds": seconds}}
-    with contextlib.suppress(OSError):  # only a cache: an unwritable one means calibrating again
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write_text(path, json.dumps(cache, indent=1), "GEMM route cache")
+    update_json_cache(path, {key: {"route": route, "seconds": seconds}}, "GEMM route cache")
     measured = ", ".join(f"{r} {s * 1e3:.0f} ms" for r, s in seconds.items())
     return route, f"calibrated at {threads} thread{'s' if threads > 1 else ''}: {measured}"
 
