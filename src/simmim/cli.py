@@ -169,7 +169,7 @@ def _probe(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.data}: train and val name different classes")
     settings = ProbeSettings(k=args.k, temperature=args.temperature, epochs=args.epochs, seed=args.seed)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    result = probe_encoder(encoder, train, val, len(val.classes), settings, device, args.batch_size)
+    result = probe_encoder(encoder, train, val, len(val.classes), settings, device, args.batch_size, log=print)
     result.update(checkpoint=args.checkpoint, model=args.model, data=args.data)
     if args.out:
         write_result(result, args.out)

@@ -14,6 +14,7 @@ import yaml
 
 from ..errors import UnknownName, UsageError
 from ..fsutil import atomic_write_text
+from ..hardware import GEMM_ROUTES
 from .values import convert, field_types, plain
 
 TASKS = ("pretrain", "finetune")
@@ -122,7 +123,8 @@ class DataConfig(_Section):
     batch_size: int = 128
     """Images per process and micro-step; the effective batch is this x processes x accumulation."""
     num_workers: int | None = None
-    """Loader processes per rank; None picks min(8, CPUs per rank - 1)."""
+    """Loader processes per rank; None picks them: on a GPU min(8, CPUs per rank - 1), on the CPU with
+    runtime.threads from the measured loading and step rates."""
     labels_per_class: int | None = only("finetune", None)
     """Fine-tune on a balanced labelled subset of this many images per class (chosen by data.seed)."""
     seed: int = 0
@@ -302,7 +304,16 @@ class RuntimeConfig(_Section):
     seed: int = 0
     """Seed of weight init, data order, augmentation and masks (the same on every rank)."""
     threads: int | None = None
-    """CPU training: intra-op threads per process; None takes the cores the loader workers leave free."""
+    """CPU runs: intra-op threads per process; None chooses them with data.num_workers from the cores and
+    the measured loading and step rates (every core computes where loading is light; the header says why)."""
+    gemm_route: str = "auto"
+    """Route of the float32 CPU GEMMs of the fused layers: 'onednn', 'aten' (torch's BLAS) or 'auto'
+    (calibrated at the run's start, cached per machine and thread count; under torchrun rank 0 decides).
+    SIMMIM_GEMM_ROUTE, when set, overrides it; the run records the route it took."""
+    recompute: str = "auto"
+    """Norm and GELU outputs in the backward of the fused layers: 'recompute' (less memory), 'keep' (one
+    elementwise pass less), or 'auto' (keep only 16-bit GELU outputs). SIMMIM_RECOMPUTE=1|0|auto, when
+    set, overrides it."""
     log_every: int = 10
     """Optimizer steps between progress lines and metrics records (the loss is read from the device
     only then)."""
@@ -321,6 +332,8 @@ class RuntimeConfig(_Section):
         self.require(ok, "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
         self.choice("precision", ("auto", "fp32", "bf16", "fp16"))
         self.choice("parallel", ("ddp", "fsdp"))
+        self.choice("gemm_route", ("auto", *GEMM_ROUTES))
+        self.choice("recompute", ("auto", "recompute", "keep"))
         self.require(self.log_every >= 1, "log_every", "a count >= 1")
         self.require(self.vis_every >= 0, "vis_every", "a count >= 0")
         self.require(self.eval_every >= 1, "eval_every", "a count >= 1")

@@ -152,9 +152,10 @@ def labelled_shards(root: Path) -> ShardedImages:
     return dataset
 
 
-def train_loader(dataset: SeededSamples, collate: Callable, cfg: TrainConfig, env: DistEnv
-                 ) -> tuple[DataLoader, EpochSampler]:
-    """This rank's training loader; the sampler decides order, shards, resume position and seeds."""
+def train_loader(dataset: SeededSamples, collate: Callable, cfg: TrainConfig, env: DistEnv,
+                 num_workers: int | None = None) -> tuple[DataLoader, EpochSampler]:
+    """This rank's training loader with `num_workers` workers (None: loader_settings' default); the
+    sampler decides order, shards, resume position and seeds."""
     require_readable(dataset.source, cfg.data.path)
     if isinstance(dataset.source, ShardedImages):  # read shard by shard, mixed within a bounded buffer
         sampler: EpochSampler = ShardSampler(dataset.source.counts, cfg.data.batch_size, env.rank, env.world_size,
@@ -169,8 +170,7 @@ def train_loader(dataset: SeededSamples, collate: Callable, cfg: TrainConfig, en
     # the loader gets a generator of its own, so creating an iterator never draws from the global
     # stream (a resumed run would otherwise draw at another point than the uninterrupted one)
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate,
-                        generator=torch.Generator(), **loader_settings(cfg.data.num_workers, env.device,
-                                                                     env.local_world_size))
+                        generator=torch.Generator(), **loader_settings(num_workers, env.device, env.local_world_size))
     return loader, sampler
 
 

@@ -130,6 +130,7 @@ def _finetune(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation import evaluate
 
-    metrics = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device, model=args.model)
+    metrics = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device, model=args.model,
+                       log=print)
     print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
           f"({metrics['images']} images)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from ..zoo.runs import load_run
 from ..zoo.sources import parse_hub
 from .builders import eval_loader, eval_source
 from .distributed import DistEnv, all_reduce_sum, setup, teardown
+from .machine import inference_split
 from .parallelize import autocast, resolve_precision
 
 
@@ -91,12 +93,14 @@ def load_eval_classifier(path: str | Path, model: str | None, num_classes: int) 
 
 
 def evaluate(checkpoint_or_model: str | Path | nn.Module, data: str, batch_size: int = 64, device: str = "auto",
-             num_workers: int | None = None, model: str | None = None) -> dict[str, float]:
+             num_workers: int | None = None, model: str | None = None, threads: int | None = None,
+             log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) and mean cross-entropy of a classifier on `data`: DIR/val (or DIR
     itself) with one folder per class, or 'fashion-mnist' (its test split). The classifier is a model, a
     simmim fine-tuning checkpoint, an exported folder, or with `model` (a zoo name) a published checkpoint
     of that architecture (see `load_eval_classifier`). Images are resized to size x 256/224 and
-    center-cropped."""
+    center-cropped. On the CPU `threads` and `num_workers` (None: chosen from the measured rates,
+    `machine.split_cores`) split the cores; `log` gets the line that says how."""
     env = setup(device)
     try:
         source = eval_source(data)
@@ -109,8 +113,14 @@ def evaluate(checkpoint_or_model: str | Path | nn.Module, data: str, batch_size:
         if len(source.classes) != classifier.num_classes:
             raise UsageError(f"{data} has {len(source.classes)} classes, the classifier {classifier.num_classes}")
         dataset = SeededSamples(source, eval_transform(classifier.encoder.cfg.img_size))
-        loader, sampler = eval_loader(dataset, collate_labelled, batch_size, env, num_workers)
         precision = resolve_precision(precision, env.device)
-        return evaluate_loader(classifier.to(env.device), loader, sampler, env, precision)
+        classifier = classifier.to(env.device)
+        split = inference_split(env, dataset, collate_labelled, batch_size, classifier, precision, threads,
+                                num_workers)
+        if split is not None and log is not None:
+            log(f"cores: {split.describe()}")
+        loader, sampler = eval_loader(dataset, collate_labelled, batch_size, env,
+                                      num_workers if split is None else split.workers)
+        return evaluate_loader(classifier, loader, sampler, env, precision)
     finally:
         teardown(env)

@@ -20,8 +20,9 @@ from .settings import StudySettings
 FINETUNE_EVALS = 5
 """Validation points per fine-tuning run: the curves that show whether both arms have plateaued."""
 
-HOW_IT_RUNS = ("runtime.threads", "data.num_workers")
-"""--set keys that change how fast a run goes, not what it computes: a record made under others still counts."""
+HOW_IT_RUNS = ("runtime.threads", "data.num_workers", "runtime.gemm_route", "runtime.recompute")
+"""--set keys that change how fast a run goes, not what it computes (the GEMM routes and recompute settings
+give the same numbers within float32 rounding): a record made under others still counts."""
 
 Budget = tuple[str, int, int]
 """(name, labels per class, fine-tuning epochs)."""
