@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from ..checkpoint import training as checkpoints
 from ..config import TrainConfig
-from ..data.datasets import derive_seed
+from ..data.datasets import derive_seed, require_readable
 from ..errors import UsageError
 from ..hardware import auto_precision
 from ..models import kernels
@@ -231,6 +231,7 @@ class Run:
         self.dataset = self.task.train_dataset(self.model)
         self.precision = resolve_precision(cfg.runtime.precision, env.device)
         collate = self.task.collate(self.model)
+        require_readable(self.dataset.source, cfg.data.path)  # before the core split's measurement reads it
         self.split = choose_split(env, cfg.runtime.threads, cfg.data.num_workers,
                                   lambda counts: self.measure_rates(collate, counts))
         self.kernels = decide_kernels(cfg.runtime, env)  # at the run's thread count
