@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from collections.abc import Callable
@@ -91,6 +92,29 @@ def _settings(task: str, data: Path | str, out: Path, *extra: str) -> list[str]:
 def settings() -> Callable[..., list[str]]:
     """settings(task, data, out, *extra): config overrides for a tiny, quiet, single-worker run."""
     return _settings
+
+
+def _hub_repo(cache: Path, repo: str, commit: str, files: dict[str, bytes], refs: tuple[str, ...] = ("main",)) -> Path:
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    for name, data in files.items():
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = folder / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / ref).write_text(commit)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hub_repo() -> Callable[..., Path]:
+    """hub_repo(cache, repo, commit, files, refs=("main",)) writes one commit of a Hugging Face Hub
+    repository into a cache in huggingface_hub's own layout (what hf_hub_download reads offline):
+    blobs/<sha256>, refs/<ref> holding the commit hash, snapshots/<commit>/<file> linking to its blob."""
+    return _hub_repo
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from simmim.checkpoint.transfer import load_weights
 from simmim.cli import main
 from simmim.data.photos import load_photo
 from simmim.models.layers import relative_position_index
-from simmim.zoo import hub
+from simmim.zoo import hub, sources
 
 PRE, CLS = "simmim_swin-nano_test-64px", "swin-nano_test-64px"
 
@@ -228,15 +228,15 @@ def test_download_cache_hash_and_offline_error(tmp_path, monkeypatch, randomize)
     digest = hashlib.sha256((tmp_path / "w.pth").read_bytes()).hexdigest()[:8]
     good = tmp_path / f"w_20220829-{digest}.pth"
     (tmp_path / "w.pth").rename(good)
-    path = hub.download(good.as_uri())
+    path = sources.download(good.as_uri())
     assert path.parent == tmp_path / "cache" and path.read_bytes() == good.read_bytes()
     bad = tmp_path / "w_20220829-00000000.pth"
     bad.write_bytes(good.read_bytes())
     with pytest.raises(ValueError, match="sha256 does not start with '00000000'"):
-        hub.download(bad.as_uri())
+        sources.download(bad.as_uri())
     with pytest.raises(ConnectionError, match=r"could not download http://127\.0\.0\.1:9/x\.pth .*pretrained=PATH"):
-        hub.download("http://127.0.0.1:9/x.pth")
-    with pytest.raises(hub.WeightsUnavailable, match="no downloadable weights.*pretrained=PATH"):
+        sources.download("http://127.0.0.1:9/x.pth")
+    with pytest.raises(sources.WeightsUnavailable, match="no downloadable weights.*pretrained=PATH"):
         simmim.get_model("swin-base-w7_simmim-100e-pre_8xb256-coslr-100e_in1k", pretrained=True)
 
 

@@ -5,7 +5,8 @@ names every module of the package.
 What a test cannot have is stood in for, by the tables below (each entry says why):
 - published models: tiny ones with the same code paths (NAMES; seconds instead of minutes on a CPU);
 - published weights (a download) and checkpoint files the README names: random weights of the
-  (tiny) architecture, written where the file is expected;
+  (tiny) architecture, written where the file is expected; Hub repositories: such weights in HF's
+  layout, in an offline Hub cache;
 - /data/imagenet, fashion-mnist and other data: a tiny generated folder with train/ and val/ classes;
 - training commands: the zoo presets become the tiny `nano-*` ones, one epoch of batch 4, quiet;
 - `<step>` in a path: the newest file that matches.
@@ -27,8 +28,10 @@ import pytest
 import torch
 
 import simmim
+from simmim.checkpoint.formats import HF
+from simmim.checkpoint.io import atomic_save_safetensors
 from simmim.cli import main
-from simmim.zoo import get_spec, hub
+from simmim.zoo import get_spec, sources
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -49,9 +52,12 @@ FILES = {
     "simmim_swinv2-nano_test-64px.pth": "simmim_swinv2-nano_test-64px",  # swinv2_base_1k_500k.pth
     "swin_base_finetune.pth": "swin-nano_test-64px",  # a published classifier (official layout)
 }
+# Hub repositories the README loads from (offline, from a cache the test writes)
+HUB_REPOS = ("microsoft/swin-base-simmim-window6-192",)
 # training commands run at tiny size: the presets of big models become the tiny ones with the same task
 PRESETS = {
     "simmim_swin-base-w6_8xb256-amp-coslr-100e_in1k-192px": "nano-pretrain",
+    "simmim_pretrain__swin_base__img192_window6__100ep": "nano-pretrain",
     "swin-base-w6_simmim-100e-pre_8xb256-coslr-100e_in1k-192px": "nano-finetune",
 }
 TRAINING = ("pretrain", "finetune")
@@ -85,14 +91,16 @@ def stand_in_argv(command: str, data: Path) -> list[str]:
     """The command's arguments with the stand-ins of the tables above."""
     argv = shlex.split(command)[1:]
     if argv[0] in TRAINING:
-        argv = [PRESETS.get(a, a) for a in argv] + FAST
+        # a zoo name after --preset is its recipe; elsewhere (--pretrained NAME) its weights
+        argv = [PRESETS.get(a, a) if before == "--preset" else a
+                for before, a in zip(["", *argv[:-1]], argv, strict=True)] + FAST
     argv = [stand_in(a) for a in argv]
     newest = [sorted(Path().glob(a.replace("<step>", "*")))[-1].as_posix() if "<step>" in a else a for a in argv]
     return [str(data) if a in DATA else a for a in newest]
 
 
 @pytest.fixture
-def scratch(tmp_path, monkeypatch, image_folder):
+def scratch(tmp_path, monkeypatch, image_folder, hub_repo):
     """A working folder with the stand-ins; the tiny models "publish" random weights."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SIMMIM_CACHE", str(tmp_path / "cache"))
@@ -110,8 +118,15 @@ def scratch(tmp_path, monkeypatch, image_folder):
         torch.save({"model": simmim.get_model(name).state_dict()}, path)
         return path
 
-    monkeypatch.setattr(hub, "get_spec", published)
-    monkeypatch.setattr(hub, "download", download)
+    monkeypatch.setattr(sources, "get_spec", published)
+    monkeypatch.setattr(sources, "download", download)
+    # Hub repositories the README names: a tiny model in HF's layout, in an offline Hub cache
+    weights = tmp_path / "hub-weights.safetensors"
+    atomic_save_safetensors(HF.from_ours(simmim.get_model("simmim_swin-nano_test-64px").state_dict()), weights)
+    for repo in HUB_REPOS:
+        hub_repo(tmp_path / "hf-cache", repo, "0" * 40, {"model.safetensors": weights.read_bytes()})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return image_folder(tmp_path / "data", train_per_class=4, val_per_class=2, size=64)
 
 

@@ -13,10 +13,12 @@ from PIL import Image
 from torch import nn
 
 from .data.transforms import eval_transform
+from .errors import BadArgument, UsageError
 from .models import SimMIM
 from .models.simmim import masked_reconstruction_loss
 from .viz import reconstruction_panels
 from .zoo.hub import get_model, is_exported
+from .zoo.sources import resolve
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
@@ -47,14 +49,14 @@ def load_image(image: ImageLike) -> Image.Image:
             with Image.open(path) as img:
                 return img.convert("RGB")
         except (OSError, SyntaxError) as err:
-            raise ValueError(f"{path}: cannot read the image ({err})") from None
+            raise UsageError(f"{path}: cannot read the image ({err})") from None
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise ValueError(f"array image of dtype {image.dtype} and shape {image.shape}: expected HxW or HxWxC uint8")
+            raise UsageError(f"array image of dtype {image.dtype} and shape {image.shape}: expected HxW or HxWxC uint8")
         return Image.fromarray(image).convert("RGB")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    raise TypeError(f"cannot read an image from a {type(image).__name__}; expected a path, PIL image or array")
+    raise BadArgument(f"cannot read an image from a {type(image).__name__}; expected a path, PIL image or array")
 
 
 def _to_pil(t: torch.Tensor) -> Image.Image:
@@ -66,22 +68,22 @@ def load_model(model: str | Path, weights: str | Path | None = None, random_weig
     """A zoo name with its published weights (or `weights`, or none with `random_weights`), or a source
     that carries its own weights: an exported directory, a training run's folder or checkpoint."""
     if random_weights and weights:
-        raise ValueError("--weights and --random-weights exclude each other: pass one of them")
+        raise UsageError("--weights and --random-weights exclude each other: pass one of them")
     # an exported folder may lend its architecture to other weights; nothing gives it random ones
     if Path(model).exists() and (random_weights or (weights and not is_exported(model))):
-        raise ValueError(f"{model} carries its own weights: drop --weights / --random-weights")
+        raise UsageError(f"{model} carries its own weights: drop --weights / --random-weights")
     return get_model(model, pretrained=weights or not random_weights, random_decoder=random_decoder)
 
 
 def checkpoint_mask_settings(weights: str | Path) -> dict:
     """The mask a checkpoint's run was trained with, as SimMIM overrides (mask_patch_size, mask_ratio):
-    from the config of a simmim training checkpoint (file or sharded directory) or an official one;
-    {} for formats that do not record it."""
+    from the config of a simmim training checkpoint (file or sharded directory) or an official one
+    (any weights source, `zoo.sources`); {} for formats that do not record it."""
     from .checkpoint.io import load_checkpoint_file
     from .checkpoint.sharded import STATE_FILE
     from .checkpoint.training import FORMAT
 
-    path = Path(weights)
+    path = resolve(weights)
     state = load_checkpoint_file(path / STATE_FILE if path.is_dir() else path)
     config = state.get("config")
     if not isinstance(config, dict):
@@ -115,12 +117,15 @@ def mask_shape(model: SimMIM) -> tuple[int, int]:
 
 def check_mask(model: SimMIM, mask: torch.Tensor | np.ndarray | Sequence, batch_size: int) -> torch.Tensor:
     """A 0/1 mask of shape (h, w) or (batch_size, h, w) as an int64 (batch_size, h, w) tensor."""
-    mask = torch.as_tensor(np.asarray(mask))
+    try:
+        mask = torch.as_tensor(np.asarray(mask))
+    except (TypeError, ValueError) as err:  # ragged rows, non-numbers
+        raise UsageError(f"mask: expected a grid of 0/1 numbers ({err})") from None
     h, w = mask_shape(model)
     if mask.shape not in ((h, w), (batch_size, h, w)):
-        raise ValueError(f"mask of shape {tuple(mask.shape)}: expected {h}x{w} (one 0/1 entry per model patch)")
+        raise UsageError(f"mask of shape {tuple(mask.shape)}: expected {h}x{w} (one 0/1 entry per model patch)")
     if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"mask values {sorted(set(mask.flatten().tolist()))[:5]}: expected only 0 and 1")
+        raise UsageError(f"mask values {sorted(set(mask.flatten().tolist()))[:5]}: expected only 0 and 1")
     return mask.long().expand(batch_size, h, w)
 
 

@@ -4,8 +4,8 @@ One function decides what may differ between a checkpoint and a model, explicitl
 - a classifier may leave out the pretraining decoder and mask token, start its head (and ViT
   `fc_norm`) fresh, and drop the pretraining ViT's final norm and shared position table (copied
   into every block, as the official code does);
-- a pretraining model may start its decoder and mask token fresh (continued pretraining from an
-  encoder-only file);
+- a pretraining model may start its decoder and mask token fresh and leave out a classifier's head
+  and `fc_norm` (continued pretraining from an encoder-only or fine-tuned file);
 - relative position bias tables are resampled when the window changes, absolute position
   embeddings when the grid changes.
 Anything else missing, extra or of another shape is an error naming the keys.
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..errors import UsageError
 from ..models import Classifier, SimMIM
 from .formats import Format, StateDict, detect_format, unwrap
 from .io import load_checkpoint_file, strip_prefixes
@@ -79,13 +80,13 @@ def _allowed_missing(model: nn.Module) -> re.Pattern:
 def _allowed_extra(model: nn.Module) -> re.Pattern:
     if isinstance(model, Classifier):
         return re.compile(r"^(decoder\.|encoder\.mask_token$|encoder\.norm\.|encoder\.rel_pos_bias\.)")
-    return re.compile(r"^$")
+    return re.compile(r"^(head|fc_norm)\.")
 
 
 def _rel_pos_window(rows: int, extra: int) -> int:
     side = math.isqrt(rows - extra)
     if side * side != rows - extra:
-        raise ValueError(f"a relative position table of {rows} rows is not square")
+        raise UsageError(f"a relative position table of {rows} rows is not square")
     return (side + 1) // 2
 
 
@@ -142,7 +143,7 @@ def load_weights(model: nn.Module, source: str | Path | dict, new_head: bool = F
         problems.append(f"other shapes: {'; '.join(sorted(mismatched)[:4])}")
     if problems:
         kind = "pretraining model" if isinstance(model, SimMIM) else "classifier"
-        raise ValueError(f"checkpoint does not fit this {kind}: {', '.join(problems)}")
+        raise UsageError(f"checkpoint does not fit this {kind}: {', '.join(problems)}")
 
     model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
     report.loaded = len(set(state) & set(target))

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import UsageError
 from .recipes import preset
 from .schema import TASKS, ScheduleConfig, TrainConfig, all_keys, ignored_keys, key_task, unknown_key
 from .values import convert, merge
@@ -20,11 +21,11 @@ def parse_override(text: str) -> dict[str, Any]:
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
+        raise UsageError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
     if key not in all_keys():
         sections = {k.split(".")[0] for k in all_keys() if "." in k}
         if key in sections:
-            raise ValueError(f"--set {key}: {key!r} is a section; set one of its keys, e.g. {key}.<name>=VALUE")
+            raise UsageError(f"--set {key}: {key!r} is a section; set one of its keys, e.g. {key}.<name>=VALUE")
         raise unknown_key(key)
     *path, leaf = key.split(".")
     out: dict[str, Any] = {leaf: value}
@@ -79,9 +80,9 @@ def load_config(preset_name: str | None = None, path: str | Path | None = None,
         try:
             file_data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise UsageError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(file_data, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(file_data).__name__}")
+            raise UsageError(f"{path}: expected a mapping of config keys, got {type(file_data).__name__}")
     name = preset_name or file_data.get("preset")
     if name:
         data = merge(data, preset(name))
@@ -100,6 +101,6 @@ def load_config(preset_name: str | None = None, path: str | Path | None = None,
         other = next(t for t in TASKS if t != cfg.task)
         words = {"pretrain": "pretraining", "finetune": "fine-tuning"}
         them = "them" if len(ignored) > 1 else "it"
-        raise ValueError(f"{', '.join(ignored)}: read by {words[other]} runs only; this {words[cfg.task]} run "
+        raise UsageError(f"{', '.join(ignored)}: read by {words[other]} runs only; this {words[cfg.task]} run "
                          f"would ignore {them} (remove {them}, or run `simmim {other}`)")
     return cfg

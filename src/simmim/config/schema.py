@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from ..errors import UnknownName, UsageError
 from ..fsutil import atomic_write_text
 from .values import convert, field_types, plain
 
@@ -46,7 +47,7 @@ class _Section:
 
     def require(self, ok: bool, name: str, expected: str) -> None:
         if not ok:
-            raise ValueError(f"{self.key(name)}: expected {expected}, got {getattr(self, name)!r}")
+            raise UsageError(f"{self.key(name)}: expected {expected}, got {getattr(self, name)!r}")
 
     def choice(self, name: str, choices: Iterable[str]) -> None:
         choices = tuple(choices)
@@ -85,16 +86,18 @@ class ModelConfig(_Section):
     norm_target_patch_size: int = only("pretrain", 47)
     """The normalized target's window (odd, in pixels; the releases' 47)."""
     pretrained: str | None = None
-    """Checkpoint whose weights initialize the model (a pretraining run's or any supported checkpoint;
-    fine-tuning takes its encoder); ignored when resuming."""
+    """Weights to start from (`simmim.zoo.sources`: a checkpoint file or folder of any supported layout,
+    a training run's folder or checkpoint, an exported folder, a zoo name with published weights). Fine-tuning takes
+    the encoder; pretraining the encoder, mask token and decoder (the last two fresh where the
+    checkpoint has none). A resumed run keeps its own weights and does not read it."""
 
     def check(self) -> None:
         from ..zoo import get_spec
 
         try:
             get_spec(self.name)
-        except KeyError as err:
-            raise ValueError(f"model.name: {err.args[0]}") from None
+        except UnknownName as err:
+            raise UnknownName(f"model.name: {err}") from None
         self.require(self.img_size is None or self.img_size > 0, "img_size", "a positive size or none")
         self.require(self.window_size is None or self.window_size > 0, "window_size", "a positive size or none")
         self.require(self.drop_path_rate is None or 0 <= self.drop_path_rate < 1, "drop_path_rate",
@@ -390,9 +393,9 @@ class TrainConfig(_Section):
         wanted = "pretrain" if self.task == "pretrain" else "classification"
         if spec.task != wanted:
             kind = "a pretraining model" if wanted == "pretrain" else "a classifier"
-            raise ValueError(f"model.name: {spec.name} is a {spec.task} model; a {self.task} run needs {kind}")
+            raise UsageError(f"model.name: {spec.name} is a {spec.task} model; a {self.task} run needs {kind}")
         if self.task == "finetune" and self.augment.mixes and self.data.batch_size % 2:
-            raise ValueError(f"data.batch_size: expected an even size with mixup/cutmix, got {self.data.batch_size}")
+            raise UsageError(f"data.batch_size: expected an even size with mixup/cutmix, got {self.data.batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (dicts, lists, numbers, strings) that YAML and weights-only loading accept."""
@@ -420,16 +423,16 @@ def all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def unknown_key(key: str) -> ValueError:
+def unknown_key(key: str) -> UnknownName:
     keys = all_keys()
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if close:
-        return ValueError(f"unknown config key {key!r}; did you mean {close[0]!r}?")
+        return UnknownName(f"unknown config key {key!r}; did you mean {close[0]!r}?")
     # no near miss: the keys of its section, or the sections and top-level keys (an installed wheel has
     # no configs/ folder to point at)
     section = key.split(".")[0] + "."
     valid = [k for k in keys if k.startswith(section)] or sorted({k.split(".")[0] for k in keys})
-    return ValueError(f"unknown config key {key!r}; expected one of {', '.join(valid)}")
+    return UnknownName(f"unknown config key {key!r}; expected one of {', '.join(valid)}")
 
 
 def key_task(key: str) -> str | None:
@@ -464,7 +467,7 @@ def ignored_keys(cfg: TrainConfig, keys: Iterable[str]) -> list[str]:
 def build(cls: type, data: Any, prefix: str = "") -> Any:
     """Section `cls` from (possibly partial) plain data; an unknown key is a one-line error."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+        raise UsageError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
     hints = {k: v for k, v in field_types(cls).items() if k != "section"}
     kwargs = {}
     for key, value in data.items():

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..errors import UsageError
 from .masking import MaskGenerator
 
 IMAGE_SUFFIXES = (*IMG_EXTENSIONS, ".gif")  # torchvision's list leaves out GIF, which PIL reads
@@ -126,7 +127,7 @@ def require_readable(source: Dataset, where: str) -> None:
             return
         except UnreadableImage:
             continue
-    raise ValueError(f"{where}: none of its {len(source)} images could be decoded ({len(source)} skipped; "
+    raise UsageError(f"{where}: none of its {len(source)} images could be decoded ({len(source)} skipped; "
                      f"`simmim verify-data {where}` names each and why)")
 
 

@@ -16,8 +16,9 @@ from ..data.datasets import EpochSampler, SeededSamples, image_files, image_fold
 from ..data.fashion_mnist import FashionMNIST, balanced_subset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, patch_posterize
 from ..data.webdataset import INDEX_NAME, ShardedImages, ShardSampler, looks_like_shards, sharded_images
+from ..errors import BadArgument, UsageError
 from ..zoo import get_spec
-from ..zoo.runs import run_network
+from ..zoo.runs import check_fits, run_network
 from .distributed import DistEnv
 
 FASHION_MNIST = "fashion-mnist"
@@ -43,8 +44,14 @@ def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module
     """The pure model of a run (SimMIM or Classifier) with random weights."""
     try:
         return run_network(cfg.to_dict(), num_classes)
-    except TypeError as err:  # a setting the architecture does not have, e.g. window_size for a ViT
-        raise ValueError(f"model: {err}") from None
+    except BadArgument as err:  # a setting the architecture does not have, e.g. window_size for a ViT
+        raise BadArgument(f"model: {err}") from None
+
+
+def check_pretrained(cfg: TrainConfig, model: nn.Module) -> None:
+    """Refuses, in one line, a `model.pretrained` whose config names another architecture than the run's."""
+    check_fits(cfg.model.pretrained, model, cfg.model.name,
+               "set model.name={name}, or drop --preset (--pretrained alone takes its architecture)")
 
 
 def train_transform(aug: AugmentConfig, size: int) -> Callable:
@@ -96,7 +103,7 @@ def labelled_source(path: str, split: str, labels_per_class: int | None = None, 
                                 "(or --data fashion-mnist)")
     if looks_like_shards(root):
         if labels_per_class:
-            raise ValueError(f"{key}: needs an image folder or fashion-mnist (WebDataset shards "
+            raise UsageError(f"{key}: needs an image folder or fashion-mnist (WebDataset shards "
                              "are read in shard order, not by class)")
         return labelled_shards(root)
     dataset = image_folder(root)
@@ -109,8 +116,8 @@ def labelled_source(path: str, split: str, labels_per_class: int | None = None, 
 def _balanced(targets: np.ndarray, per_class: int, seed: int, key: str, where: str) -> np.ndarray:
     try:
         return balanced_subset(targets, per_class, seed)
-    except ValueError as err:  # the subset's own words, with the setting that asked for it
-        raise ValueError(f"{key}: {err} ({where})") from None
+    except UsageError as err:  # the subset's own words, with the setting that asked for it
+        raise UsageError(f"{key}: {err} ({where})") from None
 
 
 def eval_source(path: str) -> Dataset:
@@ -126,7 +133,7 @@ def labelled_shards(root: Path) -> ShardedImages:
     """Shards of labelled samples (.cls or .json labels) whose shard index names the classes."""
     dataset = sharded_images(root)
     if not dataset.classes:
-        raise ValueError(f"{root}: the shards name no classes ('classes' in {INDEX_NAME}, as simmim "
+        raise UsageError(f"{root}: the shards name no classes ('classes' in {INDEX_NAME}, as simmim "
                          "export-dataset writes it); classification needs them")
     return dataset
 
@@ -143,7 +150,7 @@ def train_loader(dataset: SeededSamples, collate: Callable, cfg: TrainConfig, en
                                shuffle=True, batch_multiple=cfg.optim.accumulation_steps)
     if sampler.batches == 0:
         need = cfg.data.batch_size * env.world_size * cfg.optim.accumulation_steps
-        raise ValueError(f"data.path: {len(dataset)} images are fewer than one step of {need} "
+        raise UsageError(f"data.path: {len(dataset)} images are fewer than one step of {need} "
                          "(data.batch_size x processes x optim.accumulation_steps)")
     # the loader gets a generator of its own, so creating an iterator never draws from the global
     # stream (a resumed run would otherwise draw at another point than the uninterrupted one)

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..config import PRESETS, TrainConfig, load_config, source_recipe
+from ..errors import UsageError
 
 # the training modules are imported inside the commands: mounting them must not slow down the CLI
 
@@ -14,10 +15,20 @@ examples:
   simmim {task} --preset {preset} --data DIR
   simmim {task} --config configs/{preset}.yaml --set optim.lr=1e-4 --set data.batch_size=64
   simmim {task} --out RUN_DIR --resume auto            # continue a run, config from its checkpoint
+  simmim {task} --preset {preset} --data DIR --pretrained CKPT
   torchrun --nproc_per_node 8 -m simmim.cli {task} --preset {recipe} --data DIR
 
 presets: {presets} (or a zoo model name: that model with its recipe)
 """
+
+
+SOURCES = ("a checkpoint file or folder of any supported layout, a training run's folder, or a zoo name with "
+           "published weights; without --preset/--config, the architecture its config names, with its recipe")
+PRETRAINED_HELP = {
+    "pretrain": f"continue pretraining from these weights: encoder, mask token and decoder ({SOURCES}); a "
+                "checkpoint without a decoder or mask token starts them fresh",
+    "finetune": f"initialize from these weights' encoder (a pretraining run's checkpoint, or {SOURCES})",
+}
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -44,10 +55,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--overwrite", action="store_true",
                        help="start afresh in a RUN_DIR that holds a run, removing its checkpoints, config and "
                             "metrics (without it such a folder is refused)")
-        if task == "finetune":
-            p.add_argument("--pretrained", metavar="CKPT",
-                           help="initialize from this checkpoint's encoder (a pretraining run's folder or checkpoint, "
-                                "or a published one); without --preset/--config, the run's architecture and its recipe")
+        p.add_argument("--pretrained", metavar="SRC", help=PRETRAINED_HELP[task])
         p.add_argument("--epochs", type=int, metavar="N", help="same as --set schedule.epochs=N")
         p.add_argument("--batch-size", type=int, metavar="N", help="images per process (--set data.batch_size=N)")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N (same as --set runtime.device=...)")
@@ -70,19 +78,19 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
     """The run's config: preset and/or YAML (or, resuming without either, the checkpoint's own config),
     then --set overrides, then the explicit flags."""
     flags = {"data.path": args.data, "schedule.epochs": args.epochs, "data.batch_size": args.batch_size,
-             "runtime.device": args.device, "model.pretrained": getattr(args, "pretrained", None),
+             "runtime.device": args.device, "model.pretrained": args.pretrained,
              "checkpoint.resume": args.resume, "out_dir": args.out}
     overrides = list(args.overrides) + [f"{key}={value}" for key, value in flags.items() if value is not None]
     if args.resume == "auto" and not args.out:
-        raise ValueError("--resume auto needs --out RUN_DIR (the run to continue)")
+        raise UsageError("--resume auto needs --out RUN_DIR (the run to continue)")
     base = None
-    pretrained = getattr(args, "pretrained", None)
+    pretrained = args.pretrained
     if not args.preset and not args.config and pretrained and not args.resume:
         base = source_recipe(pretrained, task)  # the architecture the checkpoint names, with its recipe
         print(f"{task}: {base['model']['name']} with its recipe (the architecture of {pretrained})")
     elif not args.preset and not args.config:
         if not args.resume:
-            raise ValueError(f"pass --preset NAME or --config FILE.yaml (presets: {', '.join(PRESETS)})")
+            raise UsageError(f"pass --preset NAME or --config FILE.yaml (presets: {', '.join(PRESETS)})")
         from ..checkpoint import training as checkpoints
 
         path = checkpoints.resume_path(args.resume, args.out or ".")
@@ -91,7 +99,7 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
         base = checkpoints.load(path)["config"]
     cfg = load_config(args.preset, args.config, overrides, base=base)
     if cfg.task != task:
-        raise ValueError(f"{cfg.preset or args.config} is a {cfg.task} recipe; run `simmim {cfg.task}`")
+        raise UsageError(f"{cfg.preset or args.config} is a {cfg.task} recipe; run `simmim {cfg.task}`")
     return cfg
 
 

@@ -10,12 +10,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import training as checkpoints
-from ..checkpoint.sharded import is_sharded_checkpoint
 from ..config import TrainConfig
 from ..data.datasets import EpochSampler, SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
+from ..errors import UsageError
 from ..zoo.hub import get_model, is_exported
-from ..zoo.runs import load_run, read_run
+from ..zoo.runs import load_run
+from ..zoo.sources import parse_hub
 from .builders import eval_loader, eval_source
 from .distributed import DistEnv, all_reduce_sum, setup, teardown
 from .parallelize import autocast, resolve_precision
@@ -53,7 +54,7 @@ def load_run_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     found = load_run(path)
     if found is None:
-        raise ValueError(f"{path} is not a simmim training checkpoint (no {checkpoints.FORMAT!r} format tag) or a "
+        raise UsageError(f"{path} is not a simmim training checkpoint (no {checkpoints.FORMAT!r} format tag) or a "
                          "training run's folder")
     model, config = found
     return model, TrainConfig.from_dict(config)
@@ -63,31 +64,27 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     """The fine-tuned classifier of a simmim training checkpoint, and its run's config."""
     model, cfg = load_run_model(path)
     if cfg.task != "finetune":
-        raise ValueError(f"{path} is a {cfg.task} checkpoint; evaluate needs a fine-tuned classifier")
+        raise UsageError(f"{path} is a {cfg.task} checkpoint; evaluate needs a fine-tuned classifier")
     return model, cfg
-
-
-HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def load_eval_classifier(path: str | Path, model: str | None, num_classes: int) -> tuple[nn.Module, str]:
     """A classifier to evaluate and its precision setting, from a simmim fine-tuning checkpoint (its
-    run's precision), an exported folder (`simmim export`), or, with the zoo name `model` of its
-    architecture, a checkpoint of any supported layout (official, mmpretrain, HF, ours) with a head of
-    `num_classes` outputs, read by the checkpoint package."""
+    run's precision), an exported folder (`simmim export`, on disk or `hf-hub:`), or, with the zoo
+    name `model` of its architecture, any weights source (`zoo.sources`: a checkpoint of any supported
+    layout, official, mmpretrain, HF or ours, an HF folder, `hf-hub:`) with a head of `num_classes`
+    outputs."""
     path = Path(path)
-    if model:
-        if path.is_dir() and not is_sharded_checkpoint(path) and read_run(path) is None:  # HF's from_pretrained folder
-            path = next((path / name for name in HF_WEIGHTS if (path / name).is_file()), path / HF_WEIGHTS[0])
-        return get_model(model, pretrained=path, num_classes=num_classes), "auto"
-    if is_exported(path):
-        return get_model(path), "auto"
+    if model:  # any weights source (`zoo.sources`): an HF folder, a file, hf-hub:...
+        return get_model(model, pretrained=str(path), num_classes=num_classes), "auto"
+    if is_exported(path) or parse_hub(str(path)):  # an exported folder, on disk or on the Hub
+        return get_model(str(path)), "auto"
     try:
         classifier, cfg = load_classifier(path)
-    except ValueError as err:
+    except UsageError as err:
         if "is not a simmim training checkpoint" not in str(err):
             raise
-        raise ValueError(f"{path} is neither a simmim training checkpoint nor an exported folder; for a "
+        raise UsageError(f"{path} is neither a simmim training checkpoint nor an exported folder; for a "
                          "published checkpoint (official, mmpretrain or HF layout) pass --model NAME, its zoo "
                          "architecture") from None
     return classifier, cfg.runtime.precision
@@ -108,9 +105,9 @@ def evaluate(checkpoint_or_model: str | Path | nn.Module, data: str, batch_size:
         else:
             classifier, precision = load_eval_classifier(checkpoint_or_model, model, len(source.classes))
         if not hasattr(classifier, "num_classes"):
-            raise ValueError(f"{checkpoint_or_model} is a pretraining model; evaluate needs a classifier")
+            raise UsageError(f"{checkpoint_or_model} is a pretraining model; evaluate needs a classifier")
         if len(source.classes) != classifier.num_classes:
-            raise ValueError(f"{data} has {len(source.classes)} classes, the classifier {classifier.num_classes}")
+            raise UsageError(f"{data} has {len(source.classes)} classes, the classifier {classifier.num_classes}")
         dataset = SeededSamples(source, eval_transform(classifier.encoder.cfg.img_size))
         loader, sampler = eval_loader(dataset, collate_labelled, batch_size, env, num_workers)
         precision = resolve_precision(precision, env.device)

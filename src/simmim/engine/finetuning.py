@@ -14,8 +14,17 @@ from ..checkpoint.transfer import load_weights
 from ..config import TrainConfig
 from ..data.datasets import SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
-from ..zoo.runs import check_fits, newest_checkpoint
-from .builders import build_network, eval_loader, first, img_size, labelled_source, train_transform
+from ..errors import UsageError
+from ..zoo.sources import resolve
+from .builders import (
+    build_network,
+    check_pretrained,
+    eval_loader,
+    first,
+    img_size,
+    labelled_source,
+    train_transform,
+)
 from .distributed import DistEnv
 from .evaluation import evaluate_loader
 from .logging import RunLogger, format_duration
@@ -34,7 +43,7 @@ class FinetuneTask:
                                   data.max_images)
         val_source = first(labelled_source(data.path, "val"), data.max_images)
         if list(val_source.classes) != list(self.train_source.classes):
-            raise ValueError(f"data.path: the classes of {data.path}/val differ from those of {data.path}/train")
+            raise UsageError(f"data.path: the classes of {data.path}/val differ from those of {data.path}/train")
         self.num_classes = cfg.model.num_classes or len(self.train_source.classes)
         self.val_loader, self.val_sampler = eval_loader(SeededSamples(val_source, eval_transform(self.size)),
                                                         collate_labelled, data.batch_size, env, data.num_workers)
@@ -54,10 +63,9 @@ class FinetuneTask:
     def build_model(self, resuming: bool) -> nn.Module:
         model = build_network(self.cfg, self.num_classes)
         if self.cfg.model.pretrained and not resuming:  # a resumed run has its own weights
-            source = newest_checkpoint(self.cfg.model.pretrained)
             # the encoder of any supported checkpoint; decoder / mask token dropped, position tables
             # resampled, and a head for another number of classes started afresh
-            report = load_weights(model, source, new_head=True)
+            report = load_weights(model, resolve(self.cfg.model.pretrained), new_head=True)
             self.log.print(f"pretrained weights from {self.cfg.model.pretrained}: {report.summary()}")
         return model
 
@@ -103,12 +111,11 @@ def finetune(cfg: TrainConfig, overwrite: bool = False) -> RunResult:
     """Fine-tuning with a resolved config (see `simmim.config.load_config`); `cfg.model.pretrained`
     names the checkpoint to start from; `overwrite` as for `pretrain`."""
     if cfg.task != "finetune":
-        raise ValueError(f"task: expected 'finetune', got {cfg.task!r} (use pretrain for SimMIM recipes)")
+        raise UsageError(f"task: expected 'finetune', got {cfg.task!r} (use pretrain for SimMIM recipes)")
     if not cfg.data.path:
-        raise ValueError("data.path: expected an image folder with train/ and val/, or 'fashion-mnist' (--data)")
+        raise UsageError("data.path: expected an image folder with train/ and val/, or 'fashion-mnist' (--data)")
     if cfg.model.pretrained:  # before any data is read: a checkpoint that names another architecture
         with torch.device("meta"):
             model = build_network(cfg, num_classes=1)
-        check_fits(newest_checkpoint(cfg.model.pretrained), model, cfg.model.name,
-                   "set model.name={name}, or drop --preset (--pretrained alone takes its architecture)")
+        check_pretrained(cfg, model)
     return train(cfg, FinetuneTask, overwrite)

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from ..checkpoint import training as checkpoints
 from ..config import TrainConfig
 from ..data.datasets import compute_threads, derive_seed
+from ..errors import UsageError
 from ..hardware import auto_precision
 from ..viz import save_curves
 from .builders import train_loader
@@ -165,7 +166,7 @@ def check_new_run_folder(run_dir: Path, overwrite: bool) -> None:
     held = [p.name for p in run_contents(run_dir) if p.name in (CONFIG_FILE, METRICS) or
             checkpoints.NAME.match(p.name)]
     if held and not overwrite:
-        raise ValueError(f"{run_dir} already holds a run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
+        raise UsageError(f"{run_dir} already holds a run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
                          f"continue it with --resume auto --out {run_dir}, start it over with --overwrite, "
                          f"or pick a free folder such as --out {free_folder(run_dir)}")
 
@@ -214,7 +215,7 @@ class Run:
         self.env, self.run_dir, self.created_dir = env, run_dir, False
         self.log = RunLogger(run_dir, env.is_main, cfg.runtime.tensorboard)
         if overwrite and cfg.checkpoint.resume:
-            raise ValueError("--overwrite starts a new run and --resume continues one: pass one of them")
+            raise UsageError("--overwrite starts a new run and --resume continues one: pass one of them")
         resume = checkpoints.resume_path(cfg.checkpoint.resume, run_dir)
         if cfg.checkpoint.resume == "auto" and resume is None:
             self.log.print(f"no checkpoint in {run_dir} yet: starting from scratch")

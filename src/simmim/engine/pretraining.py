@@ -9,13 +9,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..checkpoint.transfer import load_weights
 from ..config import TrainConfig
 from ..data.datasets import MaskCollate, SeededSamples
 from ..data.transforms import eval_transform
+from ..errors import UsageError
 from ..models import SimMIM
 from ..viz import reconstruction_panels, save_curves, save_grid
+from ..zoo.sources import resolve
 from .builders import (
     build_network,
+    check_pretrained,
     eval_source,
     first,
     heldout_source,
@@ -39,17 +43,23 @@ class PretrainTask:
     def __init__(self, cfg: TrainConfig, env: DistEnv, log: RunLogger):
         self.cfg, self.env, self.log = cfg, env, log
         self.size = img_size(cfg)
+
+    def build_model(self, resuming: bool) -> SimMIM:
+        model = build_network(self.cfg)
+        if self.cfg.model.pretrained and not resuming:  # a resumed run has its own weights
+            check_pretrained(self.cfg, model)
+            self.log.print(load_pretrained(model, self.cfg.model.pretrained))
+        return model
+
+    def train_dataset(self, model: nn.Module) -> Dataset:
+        # the data is read here, after the model: a bad model.pretrained stops the run before it
+        cfg = self.cfg
         self.source = first(unlabelled_source(cfg.data.path), cfg.data.max_images)
         heldout = first(heldout_source(cfg.data.path), cfg.data.max_images) if cfg.data.heldout_images else None
         self.heldout = SeededSamples(heldout or self.source, eval_transform(self.size))
         self.heldout_count = min(cfg.data.heldout_images, len(heldout)) if heldout else 0
         self.knn_sets = knn_monitor_sets(cfg) if cfg.eval.knn_every else None
-
-    def build_model(self, resuming: bool) -> SimMIM:
-        return build_network(self.cfg)
-
-    def train_dataset(self, model: nn.Module) -> Dataset:
-        return SeededSamples(self.source, train_transform(self.cfg.augment, self.size))
+        return SeededSamples(self.source, train_transform(cfg.augment, self.size))
 
     def collate(self, model: SimMIM) -> MaskCollate:
         return MaskCollate(model.mask_generator)
@@ -134,6 +144,34 @@ class PretrainTask:
         pass
 
 
+def load_pretrained(model: SimMIM, source: str) -> str:
+    """Loads a weights source (`zoo.sources`) into a pretraining model: encoder, mask token and decoder,
+    position tables resampled to the model's window and grid, the mask token and decoder started
+    fresh where the checkpoint has none (an encoder-only or fine-tuned one). Returns the header's line."""
+    try:
+        path = resolve(source)
+        report = load_weights(model, path)
+    except (ValueError, KeyError, OSError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise ValueError(f"model.pretrained: {message}") from None
+    fresh = {"decoder": any(k.startswith("decoder.") for k in report.initialized),
+             "mask token": "encoder.mask_token" in report.initialized}
+    loaded = ["encoder"] + [part for part, new in fresh.items() if not new]
+    where = str(source) if str(path) == str(source) else f"{source} ({path})"
+    details = [f"{report.loaded} tensors, {report.format} layout"]
+    if report.resampled:
+        details.append(f"{len(report.resampled)} position tables resampled")
+    if report.dropped:
+        details.append(f"left out {', '.join(sorted({k.split('.')[0] for k in report.dropped}))}")
+    line = f"pretrained: {_and(loaded)} from {where} ({'; '.join(details)})"
+    starting = [part for part, new in fresh.items() if new]
+    return line + (f"; {_and(starting)} start{'s' if len(starting) == 1 else ''} fresh" if starting else "")
+
+
+def _and(parts: list[str]) -> str:
+    return " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 2 else parts)
+
+
 def knn_monitor_sets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     """The k-NN monitor's neighbour bank (a balanced labelled subset) and validation images."""
     path = cfg.eval.knn_data or cfg.data.path
@@ -147,7 +185,7 @@ def pretrain(cfg: TrainConfig, overwrite: bool = False) -> RunResult:
     """SimMIM pretraining with a resolved config (see `simmim.config.load_config`); a new run into a
     folder that holds a run is refused unless `overwrite` (which removes the old run's files)."""
     if cfg.task != "pretrain":
-        raise ValueError(f"task: expected 'pretrain', got {cfg.task!r} (use finetune for classification recipes)")
+        raise UsageError(f"task: expected 'pretrain', got {cfg.task!r} (use finetune for classification recipes)")
     if not cfg.data.path:
-        raise ValueError("data.path: expected an image folder, a list file or 'fashion-mnist' (--data)")
+        raise UsageError("data.path: expected an image folder, a list file or 'fashion-mnist' (--data)")
     return train(cfg, PretrainTask, overwrite)

@@ -22,8 +22,6 @@ softmax backward (-> its formula).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import hardware
-from ..fsutil import atomic_write_text
+from ..fsutil import read_json_cache, update_json_cache
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ROUTE_ENV, ROUTES = hardware.GEMM_ROUTE_ENV, hardware.GEMM_ROUTES
@@ -100,20 +98,12 @@ def gemm_route() -> str:
 
 
 def _cached_or_calibrated(path: str, key: str) -> str:
-    try:
-        with open(path) as f:
-            cache = json.load(f)
-    except (OSError, ValueError):
-        cache = {}
-    route = cache.get(key, {}).get("route") if isinstance(cache, dict) else None
+    route = read_json_cache(path).get(key, {}).get("route")
     if route in ROUTES:
         return route
     seconds = calibrate()
     route = min(ROUTES, key=seconds.__getitem__)
-    cache = {**(cache if isinstance(cache, dict) else {}), key: {"route": route, "seconds": seconds}}
-    with contextlib.suppress(OSError):  # only a cache: an unwritable one means calibrating again
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write_text(path, json.dumps(cache, indent=1), "GEMM route cache")
+    update_json_cache(path, {key: {"route": route, "seconds": seconds}}, "GEMM route cache")
     return route
 
 

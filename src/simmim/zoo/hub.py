@@ -1,62 +1,28 @@
-"""Weights: download and cache the published files, export and load self-describing directories."""
+"""Models with their weights: zoo names with published or given weights (`sources.py` finds them),
+and self-describing directories exported and loaded again."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint.io import atomic_save_safetensors, check_hash_in_name
+from ..checkpoint.io import atomic_save_safetensors
 from ..checkpoint.transfer import load_weights
+from ..errors import BadArgument, UsageError
 from ..fsutil import atomic_write_text
-from ..hardware import cache_dir
 from ..models import Classifier, FeatureMaps, SimMIM
 from .registry import CLASSIFIER_KEYS, SIMMIM_KEYS, SPECS, arch_of, build_model, get_spec
-from .runs import CONFIG_FILE, WEIGHTS_FILE, check_fits, is_exported, load_run, newest_checkpoint
-
-PYTHON_HINT = "pass pretrained=PATH to a local file"
-
-
-class WeightsUnavailable(ConnectionError):
-    """Published weights that cannot be had (none released, or the download failed); `reason` says
-    why without the remedy, which differs between Python (`pretrained=PATH`) and the CLI."""
-
-    def __init__(self, reason: str):
-        super().__init__(f"{reason}; {PYTHON_HINT}")
-        self.reason = reason
-
-
-def download(url: str, cache: Path | None = None) -> Path:
-    """The cached copy of `url`, downloaded on first use and checked against the hash in its name."""
-    cache = cache or cache_dir()
-    target = cache / Path(urllib.request.url2pathname(url.rsplit("/", 1)[-1]))
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        print(f"downloading {url} -> {target}")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, \
-                    tempfile.NamedTemporaryFile(dir=cache, delete=False) as tmp:
-                shutil.copyfileobj(response, tmp)
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise WeightsUnavailable(f"could not download {url} ({reason}); fetch it on a connected machine "
-                                     f"(or put it in {cache})") from None
-        os.replace(tmp.name, target)
-    check_hash_in_name(target)
-    return target
+from .runs import CONFIG_FILE, WEIGHTS_FILE, check_fits, is_exported, load_run
+from .sources import HubFile, hub_download, parse_hub, published_weights, resolve
 
 
 def model_config(model: nn.Module, name: str | None = None, classes: list[str] | None = None) -> dict:
     """Plain-data description from which `build_from_config` rebuilds the same architecture."""
     if not isinstance(model, SimMIM | Classifier):
-        raise TypeError(f"cannot describe a {type(model).__name__}; expected a SimMIM or Classifier model")
+        raise BadArgument(f"cannot describe a {type(model).__name__}; expected a SimMIM or Classifier model")
     encoder = dataclasses.asdict(model.encoder.cfg)
     config = {"name": name, "arch": arch_of(model.encoder.cfg), "encoder": encoder}
     if isinstance(model, SimMIM):
@@ -70,10 +36,14 @@ def model_config(model: nn.Module, name: str | None = None, classes: list[str] |
 
 def build_from_config(config: dict) -> nn.Module:
     """Inverse of `model_config` (random weights)."""
+    if not isinstance(config, dict) or not isinstance(config.get("encoder"), dict) or "task" not in config:
+        raise UsageError("expected a mapping with 'task' and an 'encoder' mapping")
     spec = get_spec(config["name"]) if config.get("name") else None
     head = SIMMIM_KEYS if config["task"] == "pretrain" else CLASSIFIER_KEYS
     if spec is None:  # a model outside the zoo: any zoo entry of the same arch and task is a template
-        spec = next(s for s in SPECS if (s.arch, s.task) == (config["arch"], config["task"]))
+        spec = next((s for s in SPECS if (s.arch, s.task) == (config.get("arch"), config["task"])), None)
+        if spec is None:
+            raise UsageError(f"no zoo model of arch {config.get('arch')!r} and task {config['task']!r}")
     overrides = {k: v for k, v in config["encoder"].items() if k != "use_mask_token"}
     model = build_model(spec, **overrides, **{k: config[k] for k in head if config.get(k) is not None})
     if config.get("classes"):
@@ -94,7 +64,7 @@ def export(model: nn.Module, out_dir: str | Path, name: str | None = None, class
 
 
 def load_directory(path: str | Path, weights: str | Path | None = None, random_decoder: bool = False) -> nn.Module:
-    """A model exported with `export`; `weights` loads another checkpoint into its architecture."""
+    """A model exported with `export`; `weights` (a weights source) loads other weights into its architecture."""
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file() or not (path / WEIGHTS_FILE).is_file():
@@ -102,8 +72,8 @@ def load_directory(path: str | Path, weights: str | Path | None = None, random_d
     try:
         config = json.loads(config_file.read_text())
         model = build_from_config(config)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{config_file}: not a simmim model config ({err})") from None
+    except (json.JSONDecodeError, UsageError) as err:
+        raise UsageError(f"{config_file}: not a simmim model config ({err})") from None
     if weights:
         _load_pretrained(model, config.get("name") or str(path), weights, random_decoder)
     else:
@@ -113,21 +83,27 @@ def load_directory(path: str | Path, weights: str | Path | None = None, random_d
 
 def get_model(name: str | Path, pretrained: bool | str | Path = False, features_only: bool = False,
               out_indices: tuple[int, ...] | None = None, random_decoder: bool = False, **overrides) -> nn.Module:
-    """A zoo model by name (case-insensitive), or a model that carries its architecture and weights: an
-    exported directory, a training run's folder (its newest checkpoint) or a training checkpoint; in
-    eval mode. For a zoo name, pretrained=True downloads the published weights (cached), a path loads
-    a checkpoint of any supported format (official, mmpretrain, HF, ours), adapting windows as needed;
-    an encoder-only file is refused for a pretraining model (its reconstructions would come from a
-    random decoder) unless `random_decoder`. features_only=True returns its encoder as `FeatureMaps`:
-    a list of NCHW maps, one per stage (or ViT block) in `out_indices` (all when None)."""
+    """A zoo model by name (case-insensitive), one on the Hub (`hf-hub:ORG/NAME[@REVISION]`), or a model
+    that carries its architecture and weights: an exported directory, a training run's folder (its
+    newest checkpoint) or a training checkpoint; in eval mode. pretrained=True downloads the published
+    weights (cached); any other weights source (`sources.py`: a checkpoint file or folder of any
+    supported format, official, mmpretrain, HF or ours, a run folder, a zoo name, `hf-hub:...`) is
+    loaded, adapting windows as needed, into a zoo model or an exported directory's architecture. One
+    whose config names another architecture is refused, and so is an encoder-only file for a
+    pretraining model (its reconstructions would come from a random decoder) unless `random_decoder`.
+    features_only=True returns its encoder as `FeatureMaps`: a list of NCHW maps, one per stage (or
+    ViT block) in `out_indices` (all when None)."""
     if out_indices is not None and not features_only:
-        raise TypeError("out_indices applies only with features_only=True")
+        raise BadArgument("out_indices applies only with features_only=True")
+    hub = parse_hub(str(name))
     weights = None if isinstance(pretrained, bool) else pretrained
-    if is_exported(name) and not overrides:  # its architecture, with its own weights or `pretrained`
+    if hub is not None:
+        model = load_directory(hub_directory(hub), weights, random_decoder)
+    elif is_exported(name) and not overrides:  # its architecture, with its own weights or `pretrained`
         model = load_directory(name, weights, random_decoder)
     elif Path(name).exists():
         if weights or overrides:
-            raise ValueError(f"{name} carries its own architecture and weights: pass it without pretrained= "
+            raise UsageError(f"{name} carries its own architecture and weights: pass it without pretrained= "
                              "or model settings")
         model = _run_model(name)
     else:
@@ -138,32 +114,43 @@ def get_model(name: str | Path, pretrained: bool | str | Path = False, features_
 def _run_model(path: str | Path) -> nn.Module:
     found = load_run(path)
     if found is None:
-        raise ValueError(f"{path} is not a simmim training checkpoint, a training run's folder or an exported folder "
+        raise UsageError(f"{path} is not a simmim training checkpoint, a training run's folder or an exported folder "
                          f"({CONFIG_FILE} + {WEIGHTS_FILE}); for a published checkpoint name its zoo architecture and "
                          "pass the file as its weights (--model, or --weights after a zoo name)")
     return found[0]
 
 
+def hub_directory(hub: HubFile) -> Path:
+    """The local snapshot of an exported directory on the Hub (its config.json and weights)."""
+    if hub.filename:
+        raise UsageError(f"{hub}: a model on the Hub is a repository with {CONFIG_FILE} and {WEIGHTS_FILE}, not a "
+                         f"file; load a file as weights: get_model(NAME, pretrained='{hub}') or --weights")
+    config = hub_download(dataclasses.replace(hub, filename=CONFIG_FILE))
+    if "arch" not in json.loads(config.read_text()):  # HF's config.json: no simmim architecture to build
+        raise UsageError(f"{hub}: not a folder that `simmim export` wrote (an HF transformers repository?); name "
+                         f"its architecture: get_model(NAME, pretrained='{hub}'), or --model NAME / MODEL --weights")
+    hub_download(dataclasses.replace(hub, filename=WEIGHTS_FILE))
+    return config.parent
+
+
 def _zoo_model(name: str, pretrained: bool | str | Path, random_decoder: bool = False, **overrides) -> nn.Module:
     spec = get_spec(str(name))
     model = build_model(spec, **overrides)
-    if pretrained is True:
-        if spec.weights is None:
-            raise WeightsUnavailable(f"{spec.name} has no downloadable weights ({spec.notes or 'none were released'})")
-        pretrained = download(spec.weights)
     if pretrained:
-        _load_pretrained(model, spec.name, pretrained, random_decoder)
+        _load_pretrained(model, spec.name, published_weights(spec.name) if pretrained is True else pretrained,
+                         random_decoder)
     return model
 
 
 def _load_pretrained(model: nn.Module, name: str, source: str | Path, random_decoder: bool) -> None:
-    """Loads a checkpoint of any supported format (a run folder: its newest) into `model` (called `name`),
-    refusing one that names another architecture, and for a pretraining model one without a decoder."""
-    source = newest_checkpoint(source)
-    check_fits(source, model, name, "name {name} instead, or pass the source alone (it names its own architecture)")
-    report = load_weights(model, source)
+    """Loads a weights source into `model` (called `name`), refusing one whose config names another
+    architecture, and for a pretraining model one without a decoder."""
+    path = resolve(source)
+    described = source if Path(str(source)).exists() else path  # an exported folder's config, not its weights file
+    check_fits(described, model, name, "name {name} instead, or pass the source alone (it names its own architecture)")
+    report = load_weights(model, path)
     if not random_decoder and any(k.startswith("decoder.") for k in report.initialized):
-        raise ValueError(f"{source} holds no decoder for {name} (an encoder-only file): its reconstructions would "
+        raise UsageError(f"{source} holds no decoder for {name} (an encoder-only file): its reconstructions would "
                          "come from random decoder weights; continue pretraining from it (simmim pretrain "
                          "--pretrained), or pass random_decoder=True (simmim reconstruct --random-decoder) to see "
                          "them anyway")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING
 
+from ..errors import BadArgument, UnknownName
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -72,6 +74,9 @@ class ModelSpec:
     top1: float | None = None
     weights: str | None = None
     """URL of the released weights, None where none is downloadable."""
+    hub: str | None = None
+    """Hugging Face Hub repository (ORG/NAME) that holds the weights, converted to HF's layout;
+    `pretrained=True` reads it (through huggingface_hub) where there is no URL."""
     source: str = "mmpretrain"
     notes: str = ""
     aliases: tuple[str, ...] = field(default=())
@@ -103,6 +108,9 @@ MMPRE_B100 = MMPRETRAIN_URL + "simmim_swin-base_8xb256-amp-coslr-100e_in1k-192/"
 MMPRE_B800 = MMPRETRAIN_URL + "simmim_swin-base_16xb128-amp-coslr-800e_in1k-192/"
 MMPRE_L800 = MMPRETRAIN_URL + "simmim_swin-large_16xb128-amp-coslr-800e_in1k-192/"
 OFFICIAL_NOTE = "official microsoft/SimMIM release, on Google Drive only: download the file and load it"
+# converted by HF (convert_swin_simmim_to_pytorch.py, decoder included) from the official file; the
+# converter's default is the 100-epoch base file, the large repository's epochs are not stated
+HUB_NOTE = "official microsoft/SimMIM release (Google Drive); HF's conversion, decoder included, is on the Hub"
 
 SPECS: tuple[ModelSpec, ...] = (
     # mmpretrain's metafile (configs/simmim/metafile.yml)
@@ -142,7 +150,7 @@ SPECS: tuple[ModelSpec, ...] = (
     # the official microsoft/SimMIM release
     ModelSpec("simmim_pretrain__swin_base__img192_window6__100ep", "pretrain", "swin",
               _swin("base", 192, 6, drop_path_rate=0.0), recipe="swin-base-pretrain-100e", source="official",
-              notes=OFFICIAL_NOTE),
+              hub="microsoft/swin-base-simmim-window6-192", notes=HUB_NOTE),
     ModelSpec("simmim_finetune__swin_base__img192_window6__100ep", "classification", "swin",
               _swin("base", 192, 6, drop_path_rate=0.1), test_size=192, recipe="swin-base-finetune-192",
               top1=82.8, source="official", notes=OFFICIAL_NOTE),
@@ -157,7 +165,7 @@ SPECS: tuple[ModelSpec, ...] = (
               top1=84.0, source="official", notes=OFFICIAL_NOTE),
     ModelSpec("simmim_pretrain__swin_large__img192_window12__800ep", "pretrain", "swin",
               _swin("large", 192, 12, drop_path_rate=0.0), recipe="swin-large-pretrain-800e", source="official",
-              notes=OFFICIAL_NOTE + "; stage 4 clamps the window to 6"),
+              hub="microsoft/swin-large-simmim-window12-192", notes=HUB_NOTE + "; stage 4 clamps the window to 6"),
     ModelSpec("simmim_finetune__swin_large__img224_window14__800ep", "classification", "swin",
               _swin("large", 224, 14, drop_path_rate=0.2), test_size=224, recipe="swin-large-finetune-224",
               top1=85.4, source="official", notes=OFFICIAL_NOTE + "; stage 4 clamps the window to 7"),
@@ -246,7 +254,7 @@ def get_spec(name: str) -> ModelSpec:
     if spec is None:
         close = difflib.get_close_matches(name.lower(), _BY_NAME, n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(_BY_NAME[c].name for c in close)}?" if close else ""
-        raise KeyError(f"unknown model {name!r}{hint} (`simmim models` lists them)")
+        raise UnknownName(f"unknown model {name!r}{hint} (`simmim models` lists them)")
     return spec
 
 
@@ -290,7 +298,7 @@ def build_model(spec: ModelSpec, **overrides) -> nn.Module:
         key = unknown[0]
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise TypeError(f"{spec.name}: unknown setting {key!r}{hint}")
+        raise BadArgument(f"{spec.name}: unknown setting {key!r}{hint}")
     head = {k: overrides.pop(k) for k in head_keys if k in overrides}
     encoder = arch.encoder(encoder_config(spec, **overrides))
     if spec.task == "pretrain":

@@ -16,6 +16,7 @@ from torch import nn
 from ..checkpoint.io import load_checkpoint_file
 from ..checkpoint.sharded import STATE_FILE, consolidate, is_sharded_checkpoint
 from ..checkpoint.training import FORMAT, list_checkpoints
+from ..errors import UsageError
 from .registry import SPECS, SWINV2_SIZES, ModelSpec, arch_of, build_model, encoder_config, get_spec
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -23,6 +24,7 @@ SIZE_KEYS = ("embed_dim", "depths", "num_heads", "depth", "patch_size", "extra_n
 """Encoder fields that make weights of one model unfit for another (resolution and windows are resampled)."""
 RUN_MODEL_KEYS = ("img_size", "window_size", "pretrained_window_sizes", "drop_path_rate")
 """The run config's model keys that override the zoo model's encoder."""
+_ZOO_NAMES = {s.name.lower() for s in SPECS}
 
 
 def is_exported(path: str | Path) -> bool:
@@ -134,9 +136,14 @@ class Architecture:
 
 
 def architecture_of(source: str | Path) -> Architecture | None:
-    """The architecture an exported folder, a run folder or a training checkpoint names; None for
-    sources that do not carry one (published files of the official, mmpretrain, HF or timm layout)."""
+    """The architecture an exported folder, a run folder, a training checkpoint or a zoo name (its
+    published weights) names; None for sources that do not carry one (files of the official,
+    mmpretrain, HF or timm layout, Hub files)."""
     path = Path(source)
+    if not path.exists() and str(source).lower() in _ZOO_NAMES:
+        spec = get_spec(str(source))
+        return Architecture(spec.name, spec.task, spec.arch, dataclasses.asdict(encoder_config(spec)),
+                            {"name": spec.name})
     if is_exported(path):
         config = json.loads((path / CONFIG_FILE).read_text())
         settings = {"name": config["name"]} if config.get("name") else {}
@@ -165,5 +172,5 @@ def check_fits(source: str | Path, model: nn.Module, model_name: str, remedy: st
         return
     task = "pretrain" if hasattr(model, "mask_generator") else "classification"
     fit = found.counterpart(task)
-    raise ValueError(f"{source} is {found.describe()}; {model_name} is a {size_label(arch_of(cfg), mine)} model: "
+    raise UsageError(f"{source} is {found.describe()}; {model_name} is a {size_label(arch_of(cfg), mine)} model: "
                      + remedy.format(name=fit.name if fit else f"a {task} model of its sizes"))
