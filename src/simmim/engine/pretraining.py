@@ -151,9 +151,8 @@ def load_pretrained(model: SimMIM, source: str) -> str:
     try:
         path = resolve(source)
         report = load_weights(model, path)
-    except (ValueError, KeyError, OSError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        raise ValueError(f"model.pretrained: {message}") from None
+    except (UsageError, OSError) as err:  # bad input only: anything else is a bug and keeps its traceback
+        raise UsageError(f"model.pretrained: {err}") from None
     fresh = {"decoder": any(k.startswith("decoder.") for k in report.initialized),
              "mask token": "encoder.mask_token" in report.initialized}
     loaded = ["encoder"] + [part for part, new in fresh.items() if not new]
