@@ -49,9 +49,13 @@ def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module
 
 
 def check_pretrained(cfg: TrainConfig, model: nn.Module) -> None:
-    """Refuses, in one line, a `model.pretrained` whose config names another architecture than the run's."""
-    check_fits(cfg.model.pretrained, model, cfg.model.name,
-               "set model.name={name}, or drop --preset (--pretrained alone takes its architecture)")
+    """Refuses, in one line, a `model.pretrained` whose config names another architecture than the run's
+    (or that cannot be read)."""
+    try:
+        check_fits(cfg.model.pretrained, model, cfg.model.name,
+                   "set model.name={name}, or drop --preset (--pretrained alone takes its architecture)")
+    except (UsageError, OSError) as err:
+        raise UsageError(f"model.pretrained: {err}") from None
 
 
 def train_transform(aug: AugmentConfig, size: int) -> Callable:

@@ -28,8 +28,10 @@ _ZOO_NAMES = {s.name.lower() for s in SPECS}
 
 
 def is_exported(path: str | Path) -> bool:
-    """Whether `path` is a folder that `export` wrote."""
-    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+    """Whether `path` is a folder that `export` wrote (an HF folder has the same two files; its config
+    names no simmim `arch`)."""
+    config, weights = Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE
+    return config.is_file() and weights.is_file() and '"arch"' in config.read_text(errors="replace")
 
 
 def newest_checkpoint(source: str | Path) -> Path:
