@@ -214,6 +214,9 @@ def _add_weights_arguments(parser: argparse.ArgumentParser,
 Subparsers = argparse._SubParsersAction
 
 
+MODEL_HELP = "zoo name, exported directory, training run folder (its newest checkpoint) or training checkpoint"
+
+
 def _models_parser(sub: Subparsers) -> None:
     p = sub.add_parser("models", help="the model zoo with measured params and FLOPs")
     p.add_argument("pattern", nargs="?", help="case-insensitive wildcard, e.g. 'swin-base*'")
@@ -247,9 +250,6 @@ def _study_parser(sub: Subparsers) -> None:
                    "curve and the ablations are seed 0's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.set_defaults(func=_study)
-
-
-MODEL_HELP = "zoo name, exported directory, training run folder (its newest checkpoint) or training checkpoint"
 
 
 def _predict_parser(sub: Subparsers) -> None:

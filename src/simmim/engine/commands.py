@@ -22,12 +22,13 @@ presets: {presets} (or a zoo model name: that model with its recipe)
 """
 
 
-SOURCES = ("a checkpoint file or folder of any supported layout, a training run's folder, or a zoo name with "
-           "published weights; without --preset/--config, the architecture its config names, with its recipe")
+SOURCES = "a checkpoint file or folder of any supported layout, or a zoo name with published weights"
+NO_PRESET = "; without --preset/--config, the architecture the source names, with its recipe"
 PRETRAINED_HELP = {
     "pretrain": f"continue pretraining from these weights: encoder, mask token and decoder ({SOURCES}); a "
-                "checkpoint without a decoder or mask token starts them fresh",
-    "finetune": f"initialize from these weights' encoder (a pretraining run's checkpoint, or {SOURCES})",
+                f"checkpoint without a decoder or mask token starts them fresh{NO_PRESET}",
+    "finetune": f"initialize from these weights' encoder (a pretraining run's folder or checkpoint, or {SOURCES})"
+                f"{NO_PRESET}",
 }
 
 

@@ -83,21 +83,20 @@ def load_directory(path: str | Path, weights: str | Path | None = None, random_d
 
 def get_model(name: str | Path, pretrained: bool | str | Path = False, features_only: bool = False,
               out_indices: tuple[int, ...] | None = None, random_decoder: bool = False, **overrides) -> nn.Module:
-    """A zoo model by name (case-insensitive), one on the Hub (`hf-hub:ORG/NAME[@REVISION]`), or a model
-    that carries its architecture and weights: an exported directory, a training run's folder (its
-    newest checkpoint) or a training checkpoint; in eval mode. pretrained=True downloads the published
-    weights (cached); any other weights source (`sources.py`: a checkpoint file or folder of any
-    supported format, official, mmpretrain, HF or ours, a run folder, a zoo name, `hf-hub:...`) is
-    loaded, adapting windows as needed, into a zoo model or an exported directory's architecture. One
-    whose config names another architecture is refused, and so is an encoder-only file for a
-    pretraining model (its reconstructions would come from a random decoder) unless `random_decoder`.
-    features_only=True returns its encoder as `FeatureMaps`: a list of NCHW maps, one per stage (or
-    ViT block) in `out_indices` (all when None)."""
+    """A zoo model by name (case-insensitive), or a model that carries its architecture and weights: an
+    exported directory (on disk or on the Hub, `hf-hub:ORG/NAME[@REVISION]`), a training run's folder
+    (its newest checkpoint) or a training checkpoint; in eval mode. For a zoo name, pretrained=True
+    downloads the published weights (cached); any other weights source (`sources.py`: a checkpoint file
+    or folder of any supported format, official, mmpretrain, HF or ours, a zoo name, `hf-hub:...`) is
+    loaded, adapting windows as needed; an encoder-only file is refused for a pretraining model (its
+    reconstructions would come from a random decoder) unless `random_decoder`. features_only=True
+    returns its encoder as `FeatureMaps`: a list of NCHW maps, one per stage (or ViT block) in
+    `out_indices` (all when None)."""
     if out_indices is not None and not features_only:
         raise BadArgument("out_indices applies only with features_only=True")
-    hub = parse_hub(str(name))
     weights = None if isinstance(pretrained, bool) else pretrained
-    if hub is not None:
+    hub = parse_hub(str(name))
+    if hub is not None and not overrides:
         model = load_directory(hub_directory(hub), weights, random_decoder)
     elif is_exported(name) and not overrides:  # its architecture, with its own weights or `pretrained`
         model = load_directory(name, weights, random_decoder)
@@ -109,15 +108,6 @@ def get_model(name: str | Path, pretrained: bool | str | Path = False, features_
     else:
         model = _zoo_model(str(name), pretrained, random_decoder, **overrides)
     return (FeatureMaps(model.encoder, out_indices) if features_only else model).eval()
-
-
-def _run_model(path: str | Path) -> nn.Module:
-    found = load_run(path)
-    if found is None:
-        raise UsageError(f"{path} is not a simmim training checkpoint, a training run's folder or an exported folder "
-                         f"({CONFIG_FILE} + {WEIGHTS_FILE}); for a published checkpoint name its zoo architecture and "
-                         "pass the file as its weights (--model, or --weights after a zoo name)")
-    return found[0]
 
 
 def hub_directory(hub: HubFile) -> Path:
@@ -133,12 +123,21 @@ def hub_directory(hub: HubFile) -> Path:
     return config.parent
 
 
+def _run_model(path: str | Path) -> nn.Module:
+    found = load_run(path)
+    if found is None:
+        raise UsageError(f"{path} is not a simmim training checkpoint, a training run's folder or an exported folder "
+                         f"({CONFIG_FILE} + {WEIGHTS_FILE}); for a published checkpoint name its zoo architecture and "
+                         "pass the file as its weights (--model, or --weights after a zoo name)")
+    return found[0]
+
+
 def _zoo_model(name: str, pretrained: bool | str | Path, random_decoder: bool = False, **overrides) -> nn.Module:
     spec = get_spec(str(name))
     model = build_model(spec, **overrides)
     if pretrained:
-        _load_pretrained(model, spec.name, published_weights(spec.name) if pretrained is True else pretrained,
-                         random_decoder)
+        source = published_weights(spec.name) if pretrained is True else pretrained
+        _load_pretrained(model, spec.name, source, random_decoder)
     return model
 
 
