@@ -143,3 +143,18 @@ def test_an_encoder_only_file_is_refused_where_reconstructions_are_shown(runs, c
     loaded = get_model(PRETRAIN, pretrained=encoder_only, random_decoder=True)
     assert torch.equal(loaded.encoder.patch_embed.proj.weight, get_model(runs / "pre").encoder.patch_embed.proj.weight)
     assert main(["probe", str(encoder_only), "--model", PRETRAIN, "--data", str(runs / "data"), "--epochs", "2"]) == 0
+
+
+def test_pretraining_from_a_run_takes_its_architecture_and_names_a_mismatch(runs, capsys):
+    from simmim.config import load_config
+
+    out = runs / "pre-again"
+    assert main(["pretrain", "--pretrained", str(runs / "pre"), "--data", str(runs / "data"), "--out", str(out),
+                 *QUIET]) == 0
+    cfg = load_config(path=out / "config.yaml")
+    assert (cfg.model.name, cfg.mask.patch_size) == (PRETRAIN, 16)  # nano-pretrain's recipe
+    line = _one_line_error(capsys, ["pretrain", "--preset", "fashion-mnist-pretrain", "--pretrained",
+                                    str(runs / "pre"), "--data", str(runs / "no-data"), "--out", str(runs / "y"),
+                                    *QUIET])
+    assert (f"model.pretrained: {runs / 'pre'} is a swin-nano model ({PRETRAIN}); "
+            f"simmim_swin-micro-w6_fashion-mnist-48px is a swin-micro model: set model.name={PRETRAIN}") in line

@@ -128,9 +128,9 @@ def _convert(args: argparse.Namespace) -> None:
         _export_to(args.src, args.dst, args.model, "hf")
         return
     from .checkpoint.convert import convert
-    from .zoo.runs import newest_checkpoint
+    from .zoo.sources import resolve
 
-    src, dst = convert(newest_checkpoint(args.src), args.dst, args.to)
+    src, dst = convert(resolve(args.src), args.dst, args.to)
     print(f"{args.src} ({src}) -> {args.dst} ({dst})")
 
 
@@ -300,7 +300,8 @@ def _serve_parser(sub: Subparsers) -> None:
 
 def _convert_parser(sub: Subparsers) -> None:
     p = sub.add_parser("convert", help="rewrite a checkpoint in another format")
-    p.add_argument("src", help="checkpoint of any supported format, or a training run folder (its newest checkpoint)")
+    p.add_argument("src", help="weights source: a checkpoint of any supported format, a training run folder (its "
+                               "newest checkpoint), an exported folder, a zoo name or hf-hub:ORG/NAME")
     p.add_argument("dst")
     p.add_argument("--to", default="simmim", choices=["official", "mmpretrain", "hf", "simmim", "timm"],
                    help="hf with a folder as dst writes config.json + model.safetensors for transformers")

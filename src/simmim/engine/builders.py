@@ -25,7 +25,7 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, patch_posterize
 from ..data.webdataset import INDEX_NAME, ShardedImages, ShardSampler, looks_like_shards, sharded_images
 from ..errors import BadArgument, UsageError
 from ..zoo import get_spec
-from ..zoo.runs import run_network
+from ..zoo.runs import check_fits, run_network
 from .distributed import DistEnv
 
 FASHION_MNIST = "fashion-mnist"
@@ -53,6 +53,16 @@ def build_network(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module
         return run_network(cfg.to_dict(), num_classes)
     except BadArgument as err:  # a setting the architecture does not have, e.g. window_size for a ViT
         raise BadArgument(f"model: {err}") from None
+
+
+def check_pretrained(cfg: TrainConfig, model: nn.Module) -> None:
+    """Refuses, in one line, a `model.pretrained` whose config names another architecture than the run's
+    (or that cannot be read)."""
+    try:
+        check_fits(cfg.model.pretrained, model, cfg.model.name,
+                   "set model.name={name}, or drop --preset (--pretrained alone takes its architecture)")
+    except (UsageError, OSError) as err:
+        raise UsageError(f"model.pretrained: {err}") from None
 
 
 def train_transform(aug: AugmentConfig, size: int) -> Callable:

@@ -85,7 +85,7 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
     if args.resume == "auto" and not args.out:
         raise UsageError("--resume auto needs --out RUN_DIR (the run to continue)")
     base = None
-    pretrained = getattr(args, "pretrained", None)
+    pretrained = args.pretrained
     if not args.preset and not args.config and pretrained and not args.resume:
         base = source_recipe(pretrained, task)  # the architecture the checkpoint names, with its recipe
         print(f"{task}: {base['model']['name']} with its recipe (the architecture of {pretrained})")

@@ -15,9 +15,16 @@ from ..config import TrainConfig
 from ..data.datasets import SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
 from ..errors import UsageError
-from ..zoo.runs import check_fits
 from ..zoo.sources import resolve
-from .builders import build_network, eval_loader, first, img_size, labelled_source, train_transform
+from .builders import (
+    build_network,
+    check_pretrained,
+    eval_loader,
+    first,
+    img_size,
+    labelled_source,
+    train_transform,
+)
 from .distributed import DistEnv
 from .evaluation import evaluate_loader
 from .logging import RunLogger, format_duration
@@ -110,6 +117,5 @@ def finetune(cfg: TrainConfig, overwrite: bool = False) -> RunResult:
     if cfg.model.pretrained:  # before any data is read: a checkpoint that names another architecture
         with torch.device("meta"):
             model = build_network(cfg, num_classes=1)
-        check_fits(resolve(cfg.model.pretrained), model, cfg.model.name,
-                   "set model.name={name}, or drop --preset (--pretrained alone takes its architecture)")
+        check_pretrained(cfg, model)
     return train(cfg, FinetuneTask, overwrite)

@@ -19,6 +19,7 @@ from ..viz import reconstruction_panels, save_curves, save_grid
 from ..zoo.sources import resolve
 from .builders import (
     build_network,
+    check_pretrained,
     eval_source,
     first,
     heldout_source,
@@ -46,6 +47,7 @@ class PretrainTask:
     def build_model(self, resuming: bool) -> SimMIM:
         model = build_network(self.cfg)
         if self.cfg.model.pretrained and not resuming:  # a resumed run has its own weights
+            check_pretrained(self.cfg, model)
             self.log.print(load_pretrained(model, self.cfg.model.pretrained))
         return model
 

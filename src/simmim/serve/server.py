@@ -71,10 +71,9 @@ def load_served_model(source: str, weights: str | None = None,
     model = load_model(source, weights, random_weights=random_weights)
     if not Path(source).exists():
         return model, source, "random (untrained)" if random_weights else str(weights or "published")
-    # a run folder, training checkpoint or exported directory names its model
-    found = architecture_of(source)
-    path = newest_checkpoint(source)
-    return model, found.name if found and found.name else path.name, str(path)
+    found = architecture_of(source)  # a run folder, training checkpoint or exported directory names its model
+    name = found.name if found and found.name else Path(source).name
+    return model, name, str(weights or newest_checkpoint(source))
 
 
 def model_info(model: nn.Module, name: str, weights: str, settings: ServeSettings) -> dict:

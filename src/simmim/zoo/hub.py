@@ -64,7 +64,7 @@ def export(model: nn.Module, out_dir: str | Path, name: str | None = None, class
 
 
 def load_directory(path: str | Path, weights: str | Path | None = None, random_decoder: bool = False) -> nn.Module:
-    """A model exported with `export`; `weights` loads another checkpoint into its architecture."""
+    """A model exported with `export`; `weights` (a weights source) loads other weights into its architecture."""
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file() or not (path / WEIGHTS_FILE).is_file():
@@ -142,11 +142,12 @@ def _zoo_model(name: str, pretrained: bool | str | Path, random_decoder: bool = 
 
 
 def _load_pretrained(model: nn.Module, name: str, source: str | Path, random_decoder: bool) -> None:
-    """Loads a checkpoint of any supported format (a run folder: its newest) into `model` (called `name`),
-    refusing one that names another architecture, and for a pretraining model one without a decoder."""
-    source = resolve(source)
-    check_fits(source, model, name, "name {name} instead, or pass the source alone (it names its own architecture)")
-    report = load_weights(model, source)
+    """Loads a weights source into `model` (called `name`), refusing one whose config names another
+    architecture, and for a pretraining model one without a decoder."""
+    path = resolve(source)
+    described = source if Path(str(source)).exists() else path  # an exported folder's config, not its weights file
+    check_fits(described, model, name, "name {name} instead, or pass the source alone (it names its own architecture)")
+    report = load_weights(model, path)
     if not random_decoder and any(k.startswith("decoder.") for k in report.initialized):
         raise UsageError(f"{source} holds no decoder for {name} (an encoder-only file): its reconstructions would "
                          "come from random decoder weights; continue pretraining from it (simmim pretrain "

@@ -24,11 +24,14 @@ SIZE_KEYS = ("embed_dim", "depths", "num_heads", "depth", "patch_size", "extra_n
 """Encoder fields that make weights of one model unfit for another (resolution and windows are resampled)."""
 RUN_MODEL_KEYS = ("img_size", "window_size", "pretrained_window_sizes", "drop_path_rate")
 """The run config's model keys that override the zoo model's encoder."""
+_ZOO_NAMES = {s.name.lower() for s in SPECS}
 
 
 def is_exported(path: str | Path) -> bool:
-    """Whether `path` is a folder that `export` wrote."""
-    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+    """Whether `path` is a folder that `export` wrote (an HF folder has the same two files; its config
+    names no simmim `arch`)."""
+    config, weights = Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE
+    return config.is_file() and weights.is_file() and '"arch"' in config.read_text(errors="replace")
 
 
 def newest_checkpoint(source: str | Path) -> Path:
@@ -135,9 +138,14 @@ class Architecture:
 
 
 def architecture_of(source: str | Path) -> Architecture | None:
-    """The architecture an exported folder, a run folder or a training checkpoint names; None for
-    sources that do not carry one (published files of the official, mmpretrain, HF or timm layout)."""
+    """The architecture an exported folder, a run folder, a training checkpoint or a zoo name (its
+    published weights) names; None for sources that do not carry one (files of the official,
+    mmpretrain, HF or timm layout, Hub files)."""
     path = Path(source)
+    if not path.exists() and str(source).lower() in _ZOO_NAMES:
+        spec = get_spec(str(source))
+        return Architecture(spec.name, spec.task, spec.arch, dataclasses.asdict(encoder_config(spec)),
+                            {"name": spec.name})
     if is_exported(path):
         config = json.loads((path / CONFIG_FILE).read_text())
         settings = {"name": config["name"]} if config.get("name") else {}

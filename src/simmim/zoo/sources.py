@@ -3,8 +3,8 @@ checkpoint that `checkpoint.transfer.read_checkpoint` reads.
 
 A source is one of
 - a checkpoint file of any supported layout (official, mmpretrain, HF, ours; a training checkpoint);
-- a folder: a sharded training checkpoint, an exported folder (`simmim export`) or an HF folder
-  (`config.json` + `model.safetensors` or `pytorch_model.bin`);
+- a folder: a training run's (its newest checkpoint), a sharded training checkpoint, an exported folder
+  (`simmim export`) or an HF folder (`config.json` + `model.safetensors` or `pytorch_model.bin`);
 - a zoo name: its published weights, downloaded into the cache on first use;
 - `hf-hub:ORG/NAME[@REVISION][:FILE]`, a file of a Hugging Face Hub repository (timm's spelling,
   with a revision, a branch, tag or commit, after `@`, and a file inside the repository after `:`;
