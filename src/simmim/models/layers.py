@@ -61,7 +61,11 @@ def apply_mask_token(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drops the residual branch per sample with probability p while training."""
+    """Stochastic depth: drops the residual branch per sample with probability p while training.
+
+    The same draws and scaling as timm's `DropPath` (a test compares them under one seed); kept here
+    because importing timm.layers would add timm and torchvision to every model's import, which the
+    inference commands do without."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
@@ -72,7 +76,7 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.p
         noise = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * noise.div_(keep)
+        return x * (noise.div_(keep) if keep > 0 else noise)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
