@@ -267,6 +267,6 @@ def loader_settings(num_workers: int | None, device: torch.device, local_world_s
 
 def compute_threads(threads: int | None, num_workers: int, local_world_size: int = 1) -> int:
     """Intra-op threads of a CPU training process: the cores its loader workers leave free, unless
-    given. More threads than free cores make every matmul wait for a descheduled thread (measured
-    here: 33 img/s with 2 threads beside a busy process, 488 img/s with 1)."""
+    given. More threads than free cores make every matmul wait for a descheduled thread, which costs
+    far more than the extra thread gains (docs/kernels.md has the figures)."""
     return threads or max(1, cpus_per_rank(local_world_size) - num_workers)
