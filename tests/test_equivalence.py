@@ -228,3 +228,24 @@ def test_get_model_features_only_loads_the_weights_first(tmp_path, randomize):
                               classifier.encoder(images), atol=1e-5)
     with pytest.raises(TypeError, match="out_indices applies only with features_only=True"):
         get_model("swin-nano_test-64px", out_indices=(0,))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
+def test_drop_path_draws_and_scales_as_timms(p):
+    from timm.layers import DropPath as TimmDropPath
+
+    from simmim.models.layers import DropPath
+
+    x = torch.randn(64, 7, 5)
+    ours, theirs = DropPath(p), TimmDropPath(p)
+    for training in (True, False):
+        ours.train(training)
+        theirs.train(training)
+        outputs, states = [], []
+        for module in (ours, theirs):
+            torch.manual_seed(3)
+            outputs.append(module(x))
+            states.append(torch.get_rng_state())  # the same random numbers consumed
+        assert torch.equal(*outputs) and torch.equal(*states)
+        dropped = (outputs[0] == 0).all(dim=(1, 2)).float().mean().item()
+        assert dropped == (pytest.approx(p, abs=0.15) if training else 0.0)

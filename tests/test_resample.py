@@ -11,7 +11,8 @@ import torch
 from scipy.interpolate import CubicSpline
 from scipy.optimize import brentq
 
-from simmim.checkpoint.resample import resample_rel_pos_bias, resize_abs_pos_embed
+from simmim.checkpoint.resample import resample_rel_pos_bias
+from simmim.models.layers import resize_abs_pos_embed
 
 # Window changes used by the published fine-tuning recipes (6->7: 11x11 -> 13x13, 12->14: 23x23 -> 27x27).
 GROW_CASES = [(6, 7), (12, 14)]
@@ -207,3 +208,20 @@ def test_abs_pos_embed_identity_and_non_square() -> None:
     assert out.shape == (1, 12, 4) and out.dtype == torch.float16
     with pytest.raises(ValueError, match="not a square grid"):
         resize_abs_pos_embed(rect, (3, 4))
+
+
+def test_absolute_positions_at_another_input_size_equal_the_checkpoint_resize(randomize):
+    """A Swin run on a larger input resizes its absolute positions as a checkpoint loaded into a model
+    built for that size does (one function for both)."""
+    from simmim.checkpoint.transfer import load_weights
+    from simmim.zoo import build_model, get_spec
+
+    spec = get_spec("swin-nano_test-64px")
+    settings = {"ape": True, "drop_path_rate": 0.0, "window_size": 2}  # windows that fit every stage at both sizes
+    small = randomize(build_model(spec, **settings)).eval()
+    large = build_model(spec, **settings, img_size=128).eval()
+    assert load_weights(large, small.state_dict()).resampled == ["encoder.absolute_pos_embed"]
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(small.encoder.embed(images), large.encoder.embed(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(small(images), large(images), rtol=1e-5, atol=1e-5)

@@ -414,9 +414,9 @@ def _command_of(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(_command_of(sys.argv[1:] if argv is None else argv)).parse_args(argv)
     if argv is None and args.command in TRAINING_COMMANDS:
-        # glibc's malloc hands freed memory back and makes some CPU steps 6-10x slower; restarting
-        # the command under jemalloc (when installed) keeps them steady. Only for the real command
-        # line: a caller of main() in this process keeps its process.
+        # glibc's malloc hands freed memory back and makes some CPU steps several times slower
+        # (docs/kernels.md); restarting the command under jemalloc (when installed) keeps them
+        # steady. Only for the real command line: a caller of main() in this process keeps its process.
         from .runtime import maybe_reexec_with_jemalloc
 
         maybe_reexec_with_jemalloc()

@@ -96,8 +96,8 @@ def isa_flags(flags: frozenset[str] | None = None) -> list[str]:
 
 def auto_precision(device: torch.device, flags: frozenset[str] | None = None) -> tuple[str, str]:
     """(precision, why) for runtime.precision=auto: bf16 on a GPU; on the CPU bf16 autocast where it
-    has native bf16 matrix units (there bf16 GEMMs run several times faster than fp32: AMX about 7x on
-    a Sapphire Rapids core), fp32 elsewhere (bf16 is emulated and no faster)."""
+    has native bf16 matrix units (there bf16 GEMMs run several times faster than fp32; docs/kernels.md
+    has the figures), fp32 elsewhere (bf16 is emulated and no faster)."""
     if device.type != "cpu":
         return "bf16", f"auto: bf16 on {device.type}"
     flags = cpu_info()[1] if flags is None else flags

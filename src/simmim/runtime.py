@@ -78,7 +78,7 @@ def exit_worker(status: int) -> NoReturn:
     threads may still be freeing a finished collective's tensors (DCP's and gather_objects'
     all-gathers hold Python tensors), which takes the GIL; during finalization a thread asking for it
     is made to exit, and exiting from inside that C++ frame aborts the process (SIGABRT after a
-    complete run, seen in about 1 of 10 two-process FSDP runs with sharded checkpoints)."""
+    complete run, now and then in two-process FSDP runs with sharded checkpoints: docs/kernels.md)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -39,7 +39,7 @@ _PICKLE_PROTOCOLS = range(2, 6)
 _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL (\S+)")
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UsageError):
     """A checkpoint asked for a type or function outside the allowlist; nothing from it was executed."""
 
 

@@ -5,16 +5,14 @@ Relative position bias tables use the BEiT "geometric" resampling that microsoft
 use. They call `scipy.interpolate.interp2d(x, y, z, kind="cubic")`, removed in SciPy 1.14. On a
 rectangular grid that fitted FITPACK's interpolating bicubic spline (`regrid` with s=0) and evaluated it
 with `bispev`; `RectBivariateSpline(..., kx=3, ky=3, s=0)` calls the same two routines, so it reproduces
-the published results on current SciPy.
+the published results on current SciPy. Absolute position embeddings are resized bicubically by
+`models.layers.resize_abs_pos_embed`, which the encoders also use for inputs of another size.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.interpolate import RectBivariateSpline
 
 from ..errors import UsageError
@@ -83,31 +81,3 @@ def resample_rel_pos_bias(
         heads.append(spline(targets, targets).reshape(-1))
     resampled = torch.from_numpy(np.stack(heads, axis=-1)).to(device=table.device, dtype=table.dtype)
     return torch.cat([resampled, extra.detach()], dim=0)
-
-
-def resize_abs_pos_embed(
-    pos: torch.Tensor,
-    new_grid: tuple[int, int],
-    num_extra_tokens: int = 0,
-    old_grid: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """Bicubically resize a (1, extra + H*W, C) absolute position embedding to `new_grid`, extras first."""
-    if pos.ndim != 3 or pos.shape[0] != 1:
-        raise UsageError(f"position embedding must have shape (1, L, C), got {tuple(pos.shape)}")
-    num_grid = pos.shape[1] - num_extra_tokens
-    if old_grid is None:
-        side = math.isqrt(num_grid)
-        if side * side != num_grid:
-            raise UsageError(f"{num_grid} grid tokens are not a square grid; pass old_grid")
-        old_grid = (side, side)
-    if old_grid[0] * old_grid[1] != num_grid:
-        raise UsageError(f"old_grid {old_grid} does not match the {num_grid} grid tokens")
-    if tuple(old_grid) == tuple(new_grid):
-        return pos
-    extra, grid = pos[:, :num_extra_tokens], pos[:, num_extra_tokens:]
-    channels = pos.shape[2]
-    grid = grid.reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2)
-    # CPU bicubic interpolation does not support every low-precision dtype, so resize in float32.
-    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], channels).to(pos.dtype)
-    return torch.cat([extra, grid], dim=1)

@@ -22,9 +22,10 @@ from torch import nn
 
 from ..errors import UsageError
 from ..models import Classifier, SimMIM
+from ..models.layers import resize_abs_pos_embed
 from .formats import Format, StateDict, detect_format, unwrap
 from .io import load_checkpoint_file, strip_prefixes
-from .resample import resample_rel_pos_bias, resize_abs_pos_embed
+from .resample import resample_rel_pos_bias
 from .sharded import consolidate, is_sharded_checkpoint
 
 SHARED_VIT_TABLE = "encoder.rel_pos_bias.relative_position_bias_table"

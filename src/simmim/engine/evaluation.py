@@ -24,6 +24,13 @@ from .machine import inference_split
 from .parallelize import autocast, resolve_precision
 
 
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many rows of (N, classes) `scores` rank their label first, and among their top 5 (all
+    classes where there are fewer): a tensor of the two counts."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
+    return torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
+
+
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, loader: DataLoader, sampler: EpochSampler, env: DistEnv,
                     precision: str = "fp32") -> dict[str, float]:
@@ -39,10 +46,8 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, sampler: EpochSampler,
         take = max(min(len(targets), sampler.real_count - seen), 0)
         seen += len(targets)
         logits, targets = logits[:take].float(), targets[:take].to(env.device)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
-        totals += torch.stack([top[:, 0].sum(), top.any(dim=1).sum(),
-                               F.cross_entropy(logits, targets, reduction="sum"),
-                               torch.tensor(take, device=env.device)]).double()
+        totals += torch.cat([topk_hits(logits, targets), F.cross_entropy(logits, targets, reduction="sum")[None],
+                             torch.tensor([take], device=env.device)]).double()
     model.train(was_training)
     top1, top5, loss, count = all_reduce_sum(totals, env).tolist()
     n = max(count, 1)

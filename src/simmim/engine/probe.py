@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.datasets import SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
 from .distributed import DistEnv
+from .evaluation import topk_hits
 from .machine import inference_split
 from .parallelize import autocast
 
@@ -81,8 +82,8 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, feature
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) of class scores (N, C)."""
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
-    return {"top1": 100.0 * top[:, 0].float().mean().item(), "top5": 100.0 * top.any(dim=1).float().mean().item()}
+    top1, top5 = (100.0 * topk_hits(scores, labels).double() / len(labels)).tolist()
+    return {"top1": top1, "top5": top5}
 
 
 def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int,

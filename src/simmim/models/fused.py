@@ -2,9 +2,10 @@
 or with less memory saved for the backward. Each falls back to the plain op where it does not apply.
 
 - `Linear` / `linear`: float32 GEMMs on the CPU through the faster of two routes on this machine:
-  oneDNN, or torch's BLAS (MKL's sgemm, which on AMD CPUs takes its AVX2 path and runs at about half
-  the rate oneDNN reaches with AVX-512, while on Intel AMX CPUs it beats oneDNN's fp32). kernels.py
-  holds both routes (`matmul_nt`) and the choice (`runtime.gemm_route`, decided once per run).
+  oneDNN, or torch's BLAS (MKL's sgemm, which on AMD CPUs takes its AVX2 path and runs well below the
+  rate oneDNN reaches with AVX-512, while on Intel AMX CPUs it beats oneDNN's fp32; docs/kernels.md
+  has the figures). kernels.py holds both routes (`matmul_nt`) and the choice (`runtime.gemm_route`,
+  decided once per run).
 - `PointwiseConv`: a 1x1 convolution (SimMIM's decoder) computed by `linear`.
 - `gelu_linear`: fc2(gelu(h)) keeping only h for the backward in fp32 (gelu(h), as large, is recomputed there).
 - `norm_linear`: linear(layer_norm(x)), optionally with the tokens reordered between the two, keeping

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,11 @@ def apply_mask_token(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drops the residual branch per sample with probability p while training."""
+    """Stochastic depth: drops the residual branch per sample with probability p while training.
+
+    The same draws and scaling as timm's `DropPath` (a test compares them under one seed); kept here
+    because importing timm.layers would add timm and torchvision to every model's import, which the
+    inference commands do without."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
@@ -71,7 +76,7 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.p
         noise = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * noise.div_(keep)
+        return x * (noise.div_(keep) if keep > 0 else noise)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -105,3 +110,32 @@ class Mlp(nn.Module):
         if self.training and self.drop.p > 0:  # a dropout between GELU and fc2 needs its output kept
             return self.drop(self.fc2(self.drop(F.gelu(h))))
         return self.drop(gelu_linear(h, self.fc2.weight, self.fc2.bias))
+
+
+def resize_abs_pos_embed(
+    pos: torch.Tensor,
+    new_grid: tuple[int, int],
+    num_extra_tokens: int = 0,
+    old_grid: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Bicubically resize a (1, extra + H*W, C) absolute position embedding to `new_grid`, extras first:
+    for checkpoints of another input size, and in the forward of inputs of another size."""
+    if pos.ndim != 3 or pos.shape[0] != 1:
+        raise UsageError(f"position embedding must have shape (1, L, C), got {tuple(pos.shape)}")
+    num_grid = pos.shape[1] - num_extra_tokens
+    if old_grid is None:
+        side = math.isqrt(num_grid)
+        if side * side != num_grid:
+            raise UsageError(f"{num_grid} grid tokens are not a square grid; pass old_grid")
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != num_grid:
+        raise UsageError(f"old_grid {old_grid} does not match the {num_grid} grid tokens")
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    extra, grid = pos[:, :num_extra_tokens], pos[:, num_extra_tokens:]
+    channels = pos.shape[2]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], channels).permute(0, 3, 1, 2)
+    # CPU bicubic interpolation does not support every low-precision dtype, so resize in float32.
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], channels).to(pos.dtype)
+    return torch.cat([extra, grid], dim=1)

@@ -29,6 +29,7 @@ from .layers import (
     linear_rates,
     on_default_device,
     relative_position_index,
+    resize_abs_pos_embed,
     trunc_normal,
 )
 
@@ -413,14 +414,5 @@ class SwinTransformer(nn.Module):
                 raise UsageError("this encoder has no mask token: build it with use_mask_token=True")
             x = apply_mask_token(x.view(b, h * w, c), mask, self.mask_token).view(b, h, w, c)
         if self.absolute_pos_embed is not None:
-            x = x + resize_pos_grid(self.absolute_pos_embed, (h, w))
+            x = x + resize_abs_pos_embed(self.absolute_pos_embed, (h, w)).view(1, h, w, c)
         return self.pos_drop(x)
-
-
-def resize_pos_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(1, g*g, C) absolute embedding -> (1, H, W, C) by bicubic resampling, for other input sizes."""
-    g = int(pos.shape[1] ** 0.5)
-    if (g, g) == size:
-        return pos.view(1, g, g, -1)
-    grid = pos.view(1, g, g, -1).permute(0, 3, 1, 2)
-    return F.interpolate(grid, size=size, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
