@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import Linear, gelu_linear, norm_linear
+from .fused import Linear, PointwiseConv, gelu_linear, norm_linear
 
 
 def trunc_normal(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
@@ -80,6 +80,14 @@ def linear_layer(fused: bool) -> type[nn.Linear]:
     """The linear layer class of a path: nn.Linear, or on the fused path the same layer (parameters and
     state dict) computed through models/fused.py."""
     return Linear if fused else nn.Linear
+
+
+def pointwise_conv(fused: bool, in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A 1x1 convolution: nn.Conv2d, or on the fused path the same layer (parameters and state dict)
+    computed through models/fused.py."""
+    if fused:
+        return PointwiseConv(in_channels, out_channels)
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
 
 class Mlp(nn.Module):
