@@ -125,10 +125,12 @@ class SwinBlockV2(nn.Module):
     """Residual post-norm block: x + norm1(attn(x)), then x + norm2(mlp(x)), each branch with drop
     path; optionally an extra norm on the main branch after it (`norm3`)."""
 
-    def __init__(self, dim: int, num_heads: int, window: int, shift: int, cfg: SwinV2Config, drop_path: float,
+    def __init__(self, dim: int, num_heads: int, window: int, cfg: SwinV2Config, drop_path: float,
                  pretrained_window: int, extra_norm: bool):
+        """`window` sizes the bias coordinates; the stage decides per forward which windows and shift the
+        block runs on."""
         super().__init__()
-        self.window, self.shift, self.fused = window, shift, cfg.fused
+        self.fused = cfg.fused
         self.attn = WindowAttentionV2(dim, num_heads, window, pretrained_window, cfg.qkv_bias,
                                       cfg.attn_drop_rate, cfg.drop_rate, cfg.fused)
         self.norm1 = nn.LayerNorm(dim)
@@ -168,10 +170,9 @@ class SwinStageV2(SwinStage):
 
     merging = PatchMergingV2
 
-    def make_block(self, stage: int, index: int, window: int, shift: int, cfg: SwinV2Config,
-                   drop_path: float) -> nn.Module:
+    def make_block(self, stage: int, index: int, window: int, cfg: SwinV2Config, drop_path: float) -> nn.Module:
         period = cfg.extra_norm_period
-        return SwinBlockV2(cfg.embed_dim * 2**stage, cfg.num_heads[stage], window, shift, cfg, drop_path,
+        return SwinBlockV2(cfg.embed_dim * 2**stage, cfg.num_heads[stage], window, cfg, drop_path,
                            cfg.pretrained_window(stage), extra_norm=period > 0 and (index + 1) % period == 0)
 
 
