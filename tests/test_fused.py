@@ -212,15 +212,20 @@ def test_window_geometry_is_built_once_per_map_size_and_device(geometry, fused_p
     assert meta.mask.is_meta and cpu.mask.device.type == "cpu"
 
 
-def test_windows_first_built_in_inference_mode_serve_a_training_step(geometry):
-    encoder = SwinTransformer(SwinConfig(**SMALL, img_size=48, window_size=4))
+@pytest.mark.parametrize("model_class, config_class",
+                         [(SwinTransformer, SwinConfig), (SwinTransformerV2, SwinV2Config)])
+def test_tables_first_built_in_inference_mode_serve_a_training_step(geometry, model_class, config_class):
+    # built for 64 px, run at 56: padded shifted windows, and a 7 x 7 second map whose window is clamped
+    # from 8 (its bias tables looked up at the forward, cached)
+    encoder = model_class(config_class(**SMALL, img_size=64, window_size=8))
     images = torch.randn(2, 3, 56, 56)
     with torch.inference_mode():
         expected = encoder(images)
-    out = encoder(images)  # the gathers save the cached inverse order for the backward
+    out = encoder(images)  # the gathers and the bias lookups save cached tensors for the backward
     out.sum().backward()
-    assert torch.equal(out.detach(), expected) and not any(t.is_inference() for t in swin._geometry[
-        (14, 14, 4, 2, torch.device("cpu"), True)].gather[::2])
+    assert torch.equal(out.detach(), expected)
+    assert not any(t.is_inference() for w in swin._geometry.values() for t in (w.mask, *(w.gather or ()))
+                   if isinstance(t, torch.Tensor))
 
 
 def test_windows_built_on_fake_tensors_are_not_kept(geometry):

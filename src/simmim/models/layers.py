@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,21 @@ def init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-@functools.lru_cache(maxsize=16)
+def cached_table(maxsize: int) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """functools.lru_cache for a function that builds a constant CPU tensor, which it builds outside
+    inference mode: a table first built under torch.inference_mode (an evaluation, a server) is then
+    still one that a later training forward may save for its backward."""
+    def wrap(build: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(build)
+        def cached(*args):
+            with torch.inference_mode(False):
+                return build(*args)
+        return cached
+    return wrap
+
+
+@cached_table(maxsize=16)
 def relative_position_index(window: int, table_window: int) -> torch.Tensor:
     """(N, N) indices into a (2*table_window-1)**2 bias table for the N = window**2 tokens of a window;
     with window == table_window this is the official `relative_position_index` buffer."""

@@ -14,7 +14,6 @@ official fine-tuning configs do (e.g. a window-12 model fine-tuned at window 24)
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import linear, window_mask
-from .layers import DropPath, Mlp, linear_layer, on_default_device, relative_position_index
+from .layers import DropPath, Mlp, cached_table, linear_layer, on_default_device, relative_position_index
 from .swin import SwinConfig, SwinStage, SwinTransformer, Windows, attend_in_windows, merge_neighbours
 
 LOGIT_SCALE_MAX = math.log(100.0)  # the official clamp: attention logits are at most 100 x cosine
@@ -60,7 +59,7 @@ class SwinV2Config(SwinConfig):
         return self.pretrained_window_sizes[stage] if self.pretrained_window_sizes else 0
 
 
-@functools.lru_cache(maxsize=32)
+@cached_table(maxsize=32)
 def log_spaced_coords(window: int, pretrained_window: int) -> torch.Tensor:
     """((2w-1)**2, 2) relative offsets (dy, dx) of a window, in the row order of the relative
     position index: scaled so that +-(pretrained_window - 1) maps to +-8, then sign * log2(1 + |x|) / 3."""
