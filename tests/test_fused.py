@@ -9,6 +9,7 @@ from torch.autograd import gradcheck
 from simmim.config import load_config
 from simmim.engine.builders import build_network
 from simmim.models import (
+    SimMIM,
     SwinConfig,
     SwinTransformer,
     SwinTransformerV2,
@@ -16,6 +17,7 @@ from simmim.models import (
     VisionTransformer,
     ViTConfig,
     fused,
+    swin,
 )
 from simmim.models.swin import Windows
 
@@ -132,3 +134,105 @@ def test_the_config_key_builds_the_reference_path():
     cfg = load_config("nano-pretrain", overrides=["model.fused=false"])
     encoder = build_network(cfg).encoder
     assert not encoder.cfg.fused and not any(isinstance(m, fused.Linear) for m in encoder.modules())
+
+
+def _simmim_pair(decoder: str, dtype: torch.dtype):
+    """A fused and a plain SimMIM Swin with the same random weights (the decoder's state-dict keys alike)."""
+    models = [SimMIM(SwinTransformer(SwinConfig(**SMALL, img_size=48, window_size=4, use_mask_token=True, fused=f)),
+                     mask_patch_size=16, decoder=decoder).to(dtype) for f in (True, False)]
+    for p in models[0].parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    models[1].load_state_dict(models[0].state_dict(), strict=True)
+    return models
+
+
+def _ops_run(model, images, mask) -> set[str]:
+    with torch.profiler.profile() as prof:
+        model(images, mask).loss.backward()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("decoder", ["linear", "mlp"])
+def test_the_plain_simmim_model_equals_the_fused_one_and_runs_no_fused_or_private_op(decoder, monkeypatch):
+    fast, plain = _simmim_pair(decoder, torch.float64)
+    assert not [m for m in plain.modules() if type(m).__module__ == fused.__name__]
+    ours = {name for name, value in vars(fused).items()  # the autograd functions, named in the profile
+            if isinstance(value, type) and issubclass(value, torch.autograd.Function)}
+    images, mask = torch.randn(2, 3, 48, 48, dtype=torch.float64), torch.rand(2, 12, 12) < 0.5
+    outs = [model(images, mask) for model in (fast, plain)]
+    torch.testing.assert_close(outs[0].reconstruction, outs[1].reconstruction, atol=1e-10, rtol=1e-8)
+    for out in outs:
+        out.loss.backward()
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        assert q.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-10, rtol=1e-8), name
+    # float32 on the CPU, where the fused path takes oneDNN's private linear if the route says so
+    monkeypatch.setenv("SIMMIM_GEMM_ROUTE", "onednn" if fused._ONEDNN else "aten")
+    fast, plain = _simmim_pair(decoder, torch.float32)
+    names = _ops_run(plain, images.float(), mask)
+    assert not [n for n in names if n.startswith("mkldnn::") or any(f in n for f in ours)]
+    if fused._ONEDNN:  # what the scan looks for is there on the fused path
+        assert "mkldnn::_linear_pointwise" in _ops_run(fast, images.float(), mask)
+
+
+@pytest.fixture
+def geometry(monkeypatch):
+    """An empty window-geometry cache, and a count of the geometries built (index orders and shift masks)."""
+    monkeypatch.setattr(swin, "_geometry", {})
+    built = []
+
+    def counted(build):
+        def spy(*args, **kwargs):
+            built.append(args[:4])
+            return build(*args, **kwargs)
+        return spy
+
+    for name in ("window_order", "shift_mask"):
+        monkeypatch.setattr(swin, name, counted(getattr(swin, name)))
+    return built
+
+
+@pytest.mark.parametrize("fused_path", [True, False])
+@pytest.mark.parametrize("model_class, config_class",
+                         [(SwinTransformer, SwinConfig), (SwinTransformerV2, SwinV2Config)])
+def test_window_geometry_is_built_once_per_map_size_and_device(geometry, fused_path, model_class, config_class):
+    encoder = model_class(config_class(**SMALL, img_size=48, window_size=4, fused=fused_path)).eval()
+    assert not [b for layer in encoder.layers for b in layer.blocks if hasattr(b, "window") or hasattr(b, "shift")]
+    images = torch.randn(2, 3, 56, 56)  # padded and shifted windows
+    with torch.no_grad():
+        first = encoder(images)
+        assert geometry
+        built = len(geometry)
+        second = encoder(images)
+        assert len(geometry) == built and torch.equal(first, second)
+        encoder(torch.randn(1, 3, 48, 48))  # another map size: its own windows
+        assert len(geometry) > built
+    with torch.device("meta"):  # another device: its own tensors, on that device
+        meta = swin.Windows.build(14, 14, 4, 2, torch.device("meta"), fused_path)
+    cpu = swin.Windows.build(14, 14, 4, 2, torch.device("cpu"), fused_path)
+    assert meta.mask.is_meta and cpu.mask.device.type == "cpu"
+
+
+@pytest.mark.parametrize("model_class, config_class",
+                         [(SwinTransformer, SwinConfig), (SwinTransformerV2, SwinV2Config)])
+def test_tables_first_built_in_inference_mode_serve_a_training_step(geometry, model_class, config_class):
+    # built for 64 px, run at 56: padded shifted windows, and a 7 x 7 second map whose window is clamped
+    # from 8 (its bias tables looked up at the forward, cached)
+    encoder = model_class(config_class(**SMALL, img_size=64, window_size=8))
+    images = torch.randn(2, 3, 56, 56)
+    with torch.inference_mode():
+        expected = encoder(images)
+    out = encoder(images)  # the gathers and the bias lookups save cached tensors for the backward
+    out.sum().backward()
+    assert torch.equal(out.detach(), expected)
+    assert not any(t.is_inference() for w in swin._geometry.values() for t in (w.mask, *(w.gather or ()))
+                   if isinstance(t, torch.Tensor))
+
+
+def test_windows_built_on_fake_tensors_are_not_kept(geometry):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = swin.Windows.build(14, 14, 4, 2, torch.device("cpu"))
+    assert fake.gather.index.shape == (256,) and not swin._geometry
+    real = swin.Windows.build(14, 14, 4, 2, torch.device("cpu"))
+    assert type(real.gather.index) is torch.Tensor and swin._geometry

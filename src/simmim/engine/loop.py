@@ -257,6 +257,7 @@ class Run:
         self.last_checkpoint: Path | None = None
         self.loss_sum = torch.zeros(2, device=env.device)  # finite step losses and their count since the last line
         self.last_loss = float("nan")
+        self.compile_reported = not cfg.runtime.compile  # a compiled run says once what compiling cost
         # nothing is written (or removed) before here: a run that cannot start leaves the folder as it was
         if env.is_main:
             if overwrite:
@@ -363,6 +364,7 @@ class Run:
         device, accumulation = self.env.device, self.accumulation
         step_loss = torch.zeros((), device=device)
         self.wrapped.train()
+        started = time.perf_counter()
         for micro, (images, second, skipped) in enumerate(self.loader, start=self.pos.batch):
             self.skipped_files.update(skipped)
             images, second = images.to(device, non_blocking=True), second.to(device, non_blocking=True)
@@ -376,6 +378,10 @@ class Run:
             if not last_micro:
                 continue
             lr, grad_norm, stop = self.optimizer_step(step_loss / accumulation, epoch)
+            if not self.compile_reported:  # torch.compile traces and compiles in the first forward and backward
+                self.compile_reported = True
+                seconds = time.perf_counter() - started
+                self.log.print(f"torch.compile: the first step, which compiles, took {seconds:.1f} s")
             step_loss = torch.zeros((), device=device)
             self.pos = Position(epoch, micro + 1, self.pos.step + 1)
             end_of_epoch = micro + 1 == self.sampler.batches

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from .fused import Linear, gelu_linear, norm_linear
+from .fused import Linear, PointwiseConv, gelu_linear, norm_linear
 
 
 def trunc_normal(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
@@ -29,7 +30,21 @@ def init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-@functools.lru_cache(maxsize=16)
+def cached_table(maxsize: int) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """functools.lru_cache for a function that builds a constant CPU tensor, which it builds outside
+    inference mode: a table first built under torch.inference_mode (an evaluation, a server) is then
+    still one that a later training forward may save for its backward."""
+    def wrap(build: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(build)
+        def cached(*args):
+            with torch.inference_mode(False):
+                return build(*args)
+        return cached
+    return wrap
+
+
+@cached_table(maxsize=16)
 def relative_position_index(window: int, table_window: int) -> torch.Tensor:
     """(N, N) indices into a (2*table_window-1)**2 bias table for the N = window**2 tokens of a window;
     with window == table_window this is the official `relative_position_index` buffer."""
@@ -86,6 +101,14 @@ def linear_layer(fused: bool) -> type[nn.Linear]:
     """The linear layer class of a path: nn.Linear, or on the fused path the same layer (parameters and
     state dict) computed through models/fused.py."""
     return Linear if fused else nn.Linear
+
+
+def pointwise_conv(fused: bool, in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A 1x1 convolution: nn.Conv2d, or on the fused path the same layer (parameters and state dict)
+    computed through models/fused.py."""
+    if fused:
+        return PointwiseConv(in_channels, out_channels)
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
 
 class Mlp(nn.Module):

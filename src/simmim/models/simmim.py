@@ -11,7 +11,7 @@ from torch import nn
 
 from ..data.masking import MaskGenerator
 from ..errors import UsageError
-from .fused import PointwiseConv
+from .layers import pointwise_conv
 
 LOSSES = ("l1", "l2")
 
@@ -89,11 +89,11 @@ class SimMIM(nn.Module):
         self.loss_kind, self.decoder_kind = loss, decoder
         self.mask_generator = MaskGenerator(encoder.cfg.img_size, mask_patch_size, encoder.patch_size, mask_ratio)
         out = self.encoder_stride**2 * in_chans
-        dim = encoder.num_features
+        dim, fused = encoder.num_features, encoder.cfg.fused  # the plain encoder gets a plain decoder
         if decoder == "linear":
-            layers = [PointwiseConv(dim, out)]
+            layers = [pointwise_conv(fused, dim, out)]
         elif decoder == "mlp":
-            layers = [PointwiseConv(dim, dim), nn.GELU(), PointwiseConv(dim, out)]
+            layers = [pointwise_conv(fused, dim, dim), nn.GELU(), pointwise_conv(fused, dim, out)]
         else:
             raise UsageError(f"decoder {decoder!r}: expected 'linear' or 'mlp'")
         self.decoder = nn.Sequential(*layers, nn.PixelShuffle(self.encoder_stride))

@@ -8,7 +8,6 @@ the shift); mmpretrain's `pad_small_map` keeps window and shift and zero-pads th
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -115,32 +114,30 @@ def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.
     return x.reshape(-1, h, w, c)
 
 
-@functools.lru_cache(maxsize=32)
-def shift_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
+def shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
     """Additive mask (nW, N, N) that keeps windows of a cyclically shifted (padded) map from
     attending across the regions the roll brought together."""
-    region = torch.zeros(h, w, device="cpu")  # cached: never on the default (possibly meta) device
+    region = torch.zeros(h, w, device=device)
     cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for label, (rows, cols) in enumerate((r, c) for r in cuts for c in cuts):
         region[rows, cols] = label
     ids = window_partition(region.view(1, h, w, 1), window).squeeze(-1).squeeze(0)  # (nW, N)
     same = ids.unsqueeze(1) == ids.unsqueeze(2)
-    return torch.zeros(same.shape, device="cpu").masked_fill_(~same, SHIFT_MASK_VALUE)
+    return torch.zeros(same.shape, device=device).masked_fill_(~same, SHIFT_MASK_VALUE)
 
 
-@functools.lru_cache(maxsize=32)
-def window_order(h: int, w: int, window: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+def window_order(h: int, w: int, window: int, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token indices that cut an h x w map into windows and put it back, as the official code does with
     zero padding to whole windows, a roll by -shift and a partition: `to_windows` (Hp*Wp,) gives the
     raster index of each window position (h*w for a padding token), `to_map` (h*w,) is its inverse."""
     hp, wp = h + -h % window, w + -w % window
-    positions = functools.partial(torch.arange, device="cpu")  # cached: never on the default device
-    rows, cols = (positions(hp) + shift) % hp, (positions(wp) + shift) % wp
+    rows = (torch.arange(hp, device=device) + shift) % hp
+    cols = (torch.arange(wp, device=device) + shift) % wp
     raster = torch.where((rows < h)[:, None] & (cols < w), rows[:, None] * w + cols, h * w)
     to_windows = window_partition(raster.view(1, hp, wp, 1), window).flatten()
-    real = to_windows < h * w
-    to_map = torch.empty(h * w, dtype=torch.long, device="cpu")
-    to_map[to_windows[real]] = positions(hp * wp)[real]
+    # each raster index appears once and padding (h*w) sorts last: the first h*w of the stable sort
+    # are the inverse permutation, without the data-dependent shape of a boolean mask (a graph break)
+    to_map = torch.argsort(to_windows, stable=True)[: h * w]
     return to_windows, to_map
 
 
@@ -155,17 +152,42 @@ class Windows(NamedTuple):
 
     @staticmethod
     def build(h: int, w: int, window: int, shift: int, device: torch.device, fused: bool = True) -> Windows:
+        """The windows of an h x w map, built on `device` once and then reused: a forward copies and
+        synchronizes nothing. Under torch.compile they are built inside the graph instead (no cached
+        tensor is baked into it), and fake tensors of a FakeTensorMode are never kept."""
+        if torch.compiler.is_compiling():
+            return Windows.compute(h, w, window, shift, device, fused)
+        key = h, w, window, shift, torch.device(device), fused
+        windows = _geometry.get(key)
+        if windows is None:
+            with torch.inference_mode(False):  # tensors that a later training forward may save
+                windows = Windows.compute(h, w, window, shift, device, fused)
+            gather = () if windows.gather is None else (windows.gather.index, windows.gather.inverse)
+            if all(type(t) is torch.Tensor for t in (windows.mask, *gather) if t is not None):
+                if len(_geometry) >= GEOMETRY_CACHE_SIZE:
+                    del _geometry[next(iter(_geometry))]
+                _geometry[key] = windows
+        return windows
+
+    @staticmethod
+    def compute(h: int, w: int, window: int, shift: int, device: torch.device, fused: bool = True) -> Windows:
+        """`build` without the cache."""
         hp, wp = h + -h % window, w + -w % window
-        mask = shift_mask(hp, wp, window, shift).to(device) if shift else None
+        mask = shift_mask(hp, wp, window, shift, device) if shift else None
         gather = None
         if fused:
-            to_windows, to_map = (t.to(device) for t in window_order(h, w, window, shift))
+            to_windows, to_map = window_order(h, w, window, shift, device)
             gather = TokenGather(to_windows, (hp, wp) != (h, w), to_map, False)
         return Windows(window, shift, mask, gather)
 
     def reverse(self, windows: torch.Tensor, batch: int) -> torch.Tensor:
         """Fused path: (B*nW, N, C) -> (B, L, C) raster tokens."""
         return self.gather.inverted()(windows.view(batch, -1, windows.shape[-1]))
+
+
+GEOMETRY_CACHE_SIZE = 64
+"""Window geometries kept (per map size, window, shift, device and path): a few per stage of a model."""
+_geometry: dict[tuple, Windows] = {}
 
 
 class PatchEmbed(nn.Module):
@@ -253,9 +275,11 @@ def attend_in_windows(x: torch.Tensor, attn: nn.Module, windows: Windows) -> tor
 class SwinBlock(nn.Module):
     """Pre-norm block: (shifted) window attention and MLP, each with a residual and drop path."""
 
-    def __init__(self, dim: int, num_heads: int, window: int, shift: int, cfg: SwinConfig, drop_path: float):
+    def __init__(self, dim: int, num_heads: int, window: int, cfg: SwinConfig, drop_path: float):
+        """`window` sizes the bias table; the stage decides per forward which windows and shift the block
+        runs on."""
         super().__init__()
-        self.window, self.shift, self.fused = window, shift, cfg.fused
+        self.fused = cfg.fused
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, window, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate,
                                     cfg.fused)
@@ -316,20 +340,16 @@ class SwinStage(nn.Module):
         dim = cfg.embed_dim * 2**stage
         # the build size fixes the window (and so the bias table, as the official code sizes it); the
         # shift is decided per forward, so that a map larger than that window shifts, as in HF and mmpretrain
-        window, shift = window_and_shift((cfg.stage_resolution(stage),) * 2, cfg.window_size,
-                                         cfg.window_size // 2, cfg.pad_small_map)
+        window = window_and_shift((cfg.stage_resolution(stage),) * 2, cfg.window_size, 0, cfg.pad_small_map)[0]
         self.window, self.shift, self.pad_small_map, self.fused = window, window // 2, cfg.pad_small_map, cfg.fused
         self.use_checkpoint = cfg.use_checkpoint
-        self.blocks = nn.ModuleList(
-            self.make_block(stage, i, window, 0 if i % 2 == 0 else shift, cfg, drop_paths[i])
-            for i in range(cfg.depths[stage])
-        )
+        self.blocks = nn.ModuleList(self.make_block(stage, i, window, cfg, drop_paths[i])
+                                    for i in range(cfg.depths[stage]))
         self.downsample = self.merging(dim, cfg.fused) if downsample else None
 
-    def make_block(self, stage: int, index: int, window: int, shift: int, cfg: SwinConfig,
-                   drop_path: float) -> nn.Module:
-        """Block `index` of stage `stage`."""
-        return SwinBlock(cfg.embed_dim * 2**stage, cfg.num_heads[stage], window, shift, cfg, drop_path)
+    def make_block(self, stage: int, index: int, window: int, cfg: SwinConfig, drop_path: float) -> nn.Module:
+        """Block `index` of stage `stage`, whose attention has a bias table for `window`."""
+        return SwinBlock(cfg.embed_dim * 2**stage, cfg.num_heads[stage], window, cfg, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H/2, W/2, 2C), or (B, H, W, C) without merging."""
@@ -339,7 +359,7 @@ class SwinStage(nn.Module):
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """The blocks alone: (B, H, W, C) -> (B, H, W, C)."""
         window, shift = window_and_shift(x.shape[1:3], self.window, self.shift, self.pad_small_map)
-        # built once per stage and forward, shared by its blocks
+        # shared by the stage's blocks, and built once per map size and device (`Windows.build`)
         regular = Windows.build(*x.shape[1:3], window, 0, x.device, self.fused)
         shifted = Windows.build(*x.shape[1:3], window, shift, x.device, self.fused) if shift else regular
         for i, block in enumerate(self.blocks):

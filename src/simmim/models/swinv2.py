@@ -14,7 +14,6 @@ official fine-tuning configs do (e.g. a window-12 model fine-tuned at window 24)
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .fused import linear, window_mask
-from .layers import DropPath, Mlp, linear_layer, on_default_device, relative_position_index
+from .layers import DropPath, Mlp, cached_table, linear_layer, on_default_device, relative_position_index
 from .swin import SwinConfig, SwinStage, SwinTransformer, Windows, attend_in_windows, merge_neighbours
 
 LOGIT_SCALE_MAX = math.log(100.0)  # the official clamp: attention logits are at most 100 x cosine
@@ -61,7 +60,7 @@ class SwinV2Config(SwinConfig):
         return self.pretrained_window_sizes[stage] if self.pretrained_window_sizes else 0
 
 
-@functools.lru_cache(maxsize=32)
+@cached_table(maxsize=32)
 def log_spaced_coords(window: int, pretrained_window: int) -> torch.Tensor:
     """((2w-1)**2, 2) relative offsets (dy, dx) of a window, in the row order of the relative
     position index: scaled so that +-(pretrained_window - 1) maps to +-8, then sign * log2(1 + |x|) / 3."""
@@ -126,10 +125,12 @@ class SwinBlockV2(nn.Module):
     """Residual post-norm block: x + norm1(attn(x)), then x + norm2(mlp(x)), each branch with drop
     path; optionally an extra norm on the main branch after it (`norm3`)."""
 
-    def __init__(self, dim: int, num_heads: int, window: int, shift: int, cfg: SwinV2Config, drop_path: float,
+    def __init__(self, dim: int, num_heads: int, window: int, cfg: SwinV2Config, drop_path: float,
                  pretrained_window: int, extra_norm: bool):
+        """`window` sizes the bias coordinates; the stage decides per forward which windows and shift the
+        block runs on."""
         super().__init__()
-        self.window, self.shift, self.fused = window, shift, cfg.fused
+        self.fused = cfg.fused
         self.attn = WindowAttentionV2(dim, num_heads, window, pretrained_window, cfg.qkv_bias,
                                       cfg.attn_drop_rate, cfg.drop_rate, cfg.fused)
         self.norm1 = nn.LayerNorm(dim)
@@ -169,10 +170,9 @@ class SwinStageV2(SwinStage):
 
     merging = PatchMergingV2
 
-    def make_block(self, stage: int, index: int, window: int, shift: int, cfg: SwinV2Config,
-                   drop_path: float) -> nn.Module:
+    def make_block(self, stage: int, index: int, window: int, cfg: SwinV2Config, drop_path: float) -> nn.Module:
         period = cfg.extra_norm_period
-        return SwinBlockV2(cfg.embed_dim * 2**stage, cfg.num_heads[stage], window, shift, cfg, drop_path,
+        return SwinBlockV2(cfg.embed_dim * 2**stage, cfg.num_heads[stage], window, cfg, drop_path,
                            cfg.pretrained_window(stage), extra_norm=period > 0 and (index + 1) % period == 0)
 
 
