@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import AugmentConfig, TrainConfig
-from ..data.datasets import EpochSampler, SeededSamples, image_files, image_folder, loader_settings, require_readable
+from ..data.datasets import EpochSampler, SeededSamples, image_files, image_folder, loader_settings
 from ..data.fashion_mnist import FashionMNIST, balanced_subset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, patch_posterize
 from ..data.webdataset import INDEX_NAME, ShardedImages, ShardSampler, looks_like_shards, sharded_images
@@ -136,7 +136,6 @@ def train_loader(dataset: SeededSamples, collate: Callable, cfg: TrainConfig, en
                  num_workers: int | None = None) -> tuple[DataLoader, EpochSampler]:
     """This rank's training loader with `num_workers` workers (None: loader_settings' default); the
     sampler decides order, shards, resume position and seeds."""
-    require_readable(dataset.source, cfg.data.path)
     if isinstance(dataset.source, ShardedImages):  # read shard by shard, mixed within a bounded buffer
         sampler: EpochSampler = ShardSampler(dataset.source.counts, cfg.data.batch_size, env.rank, env.world_size,
                                              cfg.runtime.seed, cfg.optim.accumulation_steps, cfg.data.shuffle_buffer)

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from ..checkpoint import training as checkpoints
 from ..config import TrainConfig
-from ..data.datasets import derive_seed
+from ..data.datasets import derive_seed, require_readable
 from ..errors import UsageError
 from ..hardware import auto_precision
 from ..models import kernels
@@ -229,6 +229,7 @@ class Run:
         self.task = task_cls(cfg, env, self.log)  # reads the data: a wrong path fails before anything is written
         self.model = self.task.build_model(resuming=resume is not None)
         self.dataset = self.task.train_dataset(self.model)
+        require_readable(self.dataset.source, cfg.data.path)  # before the split's timing reads it
         self.precision = resolve_precision(cfg.runtime.precision, env.device)
         collate = self.task.collate(self.model)
         self.split = choose_split(env, cfg.runtime.threads, cfg.data.num_workers,
