@@ -62,6 +62,13 @@ def _seed_list(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def _class_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated class names, got {text!r}")
+    return names
+
+
 def _load_model(args: argparse.Namespace):
     """The model of `predict` / `reconstruct`, with the CLI's remedy when published weights are missing."""
     from .inference import load_model
@@ -155,8 +162,9 @@ def _probe(args: argparse.Namespace) -> None:
     from .engine.probe import ProbeSettings, load_encoder, probe_encoder, summary_line, write_result
 
     encoder = load_encoder(args.checkpoint, args.model)
-    train = labelled_source(args.data, "train", args.labels_per_class, seed=args.seed, key="--labels-per-class")
-    val = eval_source(args.data)
+    train = labelled_source(args.data, "train", args.labels_per_class, seed=args.seed, classes=args.classes,
+                            key="--labels-per-class")
+    val = eval_source(args.data, args.classes)
     if list(train.classes) != list(val.classes):
         raise UsageError(f"{args.data}: train and val name different classes")
     settings = ProbeSettings(k=args.k, temperature=args.temperature, epochs=args.epochs, seed=args.seed)
@@ -242,9 +250,10 @@ def _study_parser(sub: Subparsers) -> None:
     p.add_argument("--out", default="docs/results")
     p.add_argument("--work", default="runs/study", help="run folders and results.jsonl (resumable)")
     p.add_argument("--quick", action="store_true", help="a smoke-sized study on a few images")
-    p.add_argument("--only", choices=["main", "ablations", "precision"],
+    p.add_argument("--only", choices=["main", "ablations", "precision", "continue"],
                    help="main or ablations: that part (e.g. in two processes), no report; precision: the demo per "
-                   "precision and seed -> precision.md")
+                   "precision and seed -> precision.md; continue: continuing pretraining on a new domain -> "
+                   "continue.md")
     p.add_argument("--seeds", type=_seed_list, metavar="0,1,2",
                    help="only these seeds (e.g. --only main --seeds 1,2 in a second process; the pretraining-length "
                    "curve and the ablations are seed 0's)")
@@ -317,6 +326,8 @@ def _probe_parser(sub: Subparsers) -> None:
     p.add_argument("--data", required=True, help="DIR with train/ and val/ class folders, or fashion-mnist")
     p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
     p.add_argument("--labels-per-class", type=int, help="a balanced subset of the training images")
+    p.add_argument("--classes", type=_class_list, metavar="NAME,NAME",
+                   help="only these classes' images, as data.classes (e.g. 'Sandal,Sneaker,Bag,Ankle boot')")
     p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN vote (DINO: 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (DINO: 0.07)")
     p.add_argument("--epochs", type=int, default=100, help="linear-probe epochs on the cached features")

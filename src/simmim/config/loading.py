@@ -101,6 +101,6 @@ def load_config(preset_name: str | None = None, path: str | Path | None = None,
         other = next(t for t in TASKS if t != cfg.task)
         words = {"pretrain": "pretraining", "finetune": "fine-tuning"}
         them = "them" if len(ignored) > 1 else "it"
-        raise ValueError(f"{', '.join(ignored)}: read by {words[other]} runs only; this {words[cfg.task]} run "
+        raise UsageError(f"{', '.join(ignored)}: read by {words[other]} runs only; this {words[cfg.task]} run "
                          f"would ignore {them} (remove {them}, or run `simmim {other}`)")
     return cfg

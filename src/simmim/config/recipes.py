@@ -99,11 +99,11 @@ def source_recipe(source: str, task: str) -> dict[str, Any]:
 
     found = architecture_of(source)
     if found is None:
-        raise ValueError(f"{source} does not name its architecture (a published or foreign checkpoint): pass "
+        raise UsageError(f"{source} does not name its architecture (a published or foreign checkpoint): pass "
                          f"--preset NAME (presets: {', '.join(PRESETS)})")
     spec = found.counterpart("pretrain" if task == "pretrain" else "classification")
     if spec is None:
-        raise ValueError(f"{source} is {found.describe()}, and the zoo has no {task} model of its sizes: pass --preset")
+        raise UsageError(f"{source} is {found.describe()}, and the zoo has no {task} model of its sizes: pass --preset")
     data = preset(spec.name)
     if task == "pretrain" and found.task == "pretrain":
         data = merge(data, {"model": found.settings})

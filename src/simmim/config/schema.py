@@ -137,6 +137,10 @@ class DataConfig(_Section):
     shuffle_buffer: int = 4096
     """WebDataset shards: samples mixed at a time after the shard order is shuffled; larger mixes more,
     smaller keeps reading closer to sequential."""
+    classes: tuple[str, ...] | None = None
+    """Use only the images of these classes (names as the data gives them, e.g. Sandal,Sneaker,Bag,Ankle boot
+    for Fashion-MNIST, or class folder names), labelled 0..k-1 in this order, in every split: one domain
+    of a dataset. Fashion-MNIST and image folders with one subfolder per class; none uses every class."""
 
     def check(self) -> None:
         self.require(self.batch_size > 0, "batch_size", "a positive count")
@@ -146,6 +150,8 @@ class DataConfig(_Section):
         self.require(self.num_workers is None or self.num_workers >= 0, "num_workers", "a count >= 0 or none")
         self.require(self.labels_per_class is None or self.labels_per_class > 0, "labels_per_class",
                      "a positive count or none")
+        self.require(self.classes is None or (len(self.classes) > 0 and len(set(self.classes)) == len(self.classes)),
+                     "classes", "distinct class names or none")
 
 
 @dataclass

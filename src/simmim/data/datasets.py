@@ -9,6 +9,8 @@ epoch; a run resumed mid-epoch or spread over more processes sees exactly the sa
 from __future__ import annotations
 
 import contextlib
+import copy
+import difflib
 import os
 import random
 import warnings
@@ -88,6 +90,40 @@ class ImageFiles(Dataset):
 
     def subset(self, indices: Sequence[int]) -> ImageFiles:
         return ImageFiles([self.samples[i] for i in indices], self.classes)
+
+
+class ClassSubset(Dataset):
+    """The samples of some classes of a labelled dataset (one with `targets` and `classes`), labelled
+    0..k-1 in the order the classes are named: one domain of a dataset, e.g. Fashion-MNIST's footwear."""
+
+    def __init__(self, source: Dataset, names: Sequence[str], where: str = "data.classes"):
+        known = list(source.classes)
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+                hint = f"did you mean {close[0]!r}?" if close else "the data's classes: " + ", ".join(known)
+                raise UsageError(f"{where}: unknown class {name!r}; {hint}")
+        if len(set(names)) != len(names) or not names:
+            raise UsageError(f"{where}: expected distinct class names, got {list(names)!r}")
+        ids = [known.index(name) for name in names]
+        self.source, self.classes = source, list(names)
+        self.label = {old: new for new, old in enumerate(ids)}
+        targets = np.asarray(source.targets)
+        self.indices = np.flatnonzero(np.isin(targets, ids))
+        self.targets = [self.label[int(t)] for t in targets[self.indices]]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, target = self.source[int(self.indices[index])]
+        return image, self.label[target]
+
+    def subset(self, positions: Sequence[int]) -> ClassSubset:
+        part = copy.copy(self)
+        part.indices = self.indices[np.asarray(positions, dtype=np.int64)]
+        part.targets = [self.targets[p] for p in positions]
+        return part
 
 
 def image_folder(root: str | Path) -> ImageFiles:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import math
 import os
@@ -173,6 +174,12 @@ class FashionMNIST(torch.utils.data.Dataset):
             ):
                 raise UsageError(f"indices must be a 1-D sequence within 0..{len(labels) - 1}")
         self.targets = labels[self.indices]
+
+    def subset(self, positions: Sequence[int]) -> FashionMNIST:
+        """The items at `positions` of this dataset, sharing its arrays."""
+        part = copy.copy(self)
+        part.indices, part.targets = self.indices[np.asarray(positions, dtype=np.int64)], self.targets[positions]
+        return part
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -12,7 +12,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import AugmentConfig, TrainConfig
-from ..data.datasets import EpochSampler, SeededSamples, image_files, image_folder, loader_settings
+from ..data.datasets import (
+    ClassSubset,
+    EpochSampler,
+    SeededSamples,
+    image_files,
+    image_folder,
+    loader_settings,
+)
 from ..data.fashion_mnist import FashionMNIST, balanced_subset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, patch_posterize
 from ..data.webdataset import INDEX_NAME, ShardedImages, ShardSampler, looks_like_shards, sharded_images
@@ -57,70 +64,82 @@ def train_transform(aug: AugmentConfig, size: int) -> Callable:
         re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD))
 
 
-def unlabelled_source(path: str) -> Dataset:
+def only(dataset: Dataset, classes: tuple[str, ...] | None) -> Dataset:
+    """The images of `classes` (data.classes) of a labelled dataset, or all of it for None."""
+    if not classes:
+        return dataset
+    if isinstance(dataset, ShardedImages):
+        raise UsageError("data.classes: needs an image folder or fashion-mnist (WebDataset shards are read in "
+                         "shard order, not by class)")
+    return ClassSubset(dataset, classes)
+
+
+def unlabelled_source(path: str, classes: tuple[str, ...] | None = None) -> Dataset:
     """Pretraining images: Fashion-MNIST's train split, DIR/train if there is one, else every image
     below DIR, or the images of a list file; WebDataset shards (a .tar, a brace pattern, a folder of
-    .tar files) where the path or DIR/train names them."""
+    .tar files) where the path or DIR/train names them. With `classes`, those classes' images only
+    (DIR/train, or DIR, then needs one subfolder per class)."""
     if path == FASHION_MNIST:
-        return FashionMNIST("train")
+        return only(FashionMNIST("train"), classes)
     root = Path(path)
     root = root / "train" if (root / "train").is_dir() else root
-    return sharded_images(root) if looks_like_shards(root) else image_files(root)
+    if looks_like_shards(root):
+        return only(sharded_images(root), classes)
+    return only(image_folder(root), classes) if classes else image_files(root)
 
 
-def heldout_source(path: str) -> Dataset | None:
+def heldout_source(path: str, classes: tuple[str, ...] | None = None) -> Dataset | None:
     """Images kept out of pretraining to measure reconstruction on: Fashion-MNIST's test split or
-    DIR/val; None when there are none."""
+    DIR/val (of `classes` only, if given); None when there are none."""
     if path == FASHION_MNIST:
-        return FashionMNIST("test")
+        return only(FashionMNIST("test"), classes)
     val = Path(path) / "val"
     if not val.is_dir():
         return None
-    return sharded_images(val) if looks_like_shards(val) else image_files(val)
+    if looks_like_shards(val):
+        return only(sharded_images(val), classes)
+    return only(image_folder(val), classes) if classes else image_files(val)
 
 
 def labelled_source(path: str, split: str, labels_per_class: int | None = None, seed: int = 0,
-                    key: str = "data.labels_per_class") -> Dataset:
+                    classes: tuple[str, ...] | None = None, key: str = "data.labels_per_class") -> Dataset:
     """Classification images of a split ('train' or 'val'): Fashion-MNIST (its test split as 'val') or
-    DIR/<split>/<class>/*; optionally a balanced subset of `labels_per_class` images per class (`key`
-    names that setting in errors)."""
+    DIR/<split>/<class>/*, of `classes` only if given; optionally a balanced subset of
+    `labels_per_class` images per class (`key` names that setting in errors)."""
     if path == FASHION_MNIST:
-        fm_split = "train" if split == "train" else "test"
-        dataset = FashionMNIST(fm_split)
-        if labels_per_class:
-            dataset = FashionMNIST(fm_split, indices=_balanced(dataset.targets, labels_per_class, seed, key,
-                                                               f"{path} {fm_split}"))
-        return dataset
-    root = Path(path) / split
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.path: {root} not found; expected {path}/{split}/<class>/<images> "
-                                "(or --data fashion-mnist)")
-    if looks_like_shards(root):
-        if labels_per_class:
-            raise UsageError(f"{key}: needs an image folder or fashion-mnist (WebDataset shards "
-                             "are read in shard order, not by class)")
-        return labelled_shards(root)
-    dataset = image_folder(root)
+        where = f"{path} {'train' if split == 'train' else 'test'}"
+        dataset = only(FashionMNIST("train" if split == "train" else "test"), classes)
+    else:
+        root = Path(path) / split
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.path: {root} not found; expected {path}/{split}/<class>/<images> "
+                                    "(or --data fashion-mnist)")
+        if looks_like_shards(root):
+            if labels_per_class:
+                raise UsageError(f"{key}: needs an image folder or fashion-mnist (WebDataset shards "
+                                 "are read in shard order, not by class)")
+            return only(labelled_shards(root), classes)
+        where, dataset = str(root), only(image_folder(root), classes)
     if labels_per_class:
-        picked = _balanced(np.asarray(dataset.targets), labels_per_class, seed, key, str(root))
-        dataset = dataset.subset(picked.tolist())
+        dataset = dataset.subset(_balanced(np.asarray(dataset.targets), labels_per_class, seed, key, where).tolist())
     return dataset
 
 
 def _balanced(targets: np.ndarray, per_class: int, seed: int, key: str, where: str) -> np.ndarray:
     try:
         return balanced_subset(targets, per_class, seed)
-    except ValueError as err:  # the subset's own words, with the setting that asked for it
-        raise ValueError(f"{key}: {err} ({where})") from None
+    except UsageError as err:  # the subset's own words, with the setting that asked for it
+        raise UsageError(f"{key}: {err} ({where})") from None
 
 
-def eval_source(path: str) -> Dataset:
-    """Images to evaluate on: Fashion-MNIST's test split, DIR/val if there is one, else DIR itself."""
+def eval_source(path: str, classes: tuple[str, ...] | None = None) -> Dataset:
+    """Images to evaluate on: Fashion-MNIST's test split, DIR/val if there is one, else DIR itself; of
+    `classes` only if given."""
     if path == FASHION_MNIST:
-        return FashionMNIST("test")
+        return only(FashionMNIST("test"), classes)
     root = Path(path)
     root = root / "val" if (root / "val").is_dir() else root
-    return labelled_shards(root) if looks_like_shards(root) else image_folder(root)
+    return only(labelled_shards(root) if looks_like_shards(root) else image_folder(root), classes)
 
 
 def labelled_shards(root: Path) -> ShardedImages:

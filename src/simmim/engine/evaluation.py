@@ -56,7 +56,7 @@ def load_run_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     found = load_run(path)
     if found is None:
-        raise ValueError(f"{path} is not a simmim training checkpoint (no {checkpoints.FORMAT!r} format tag) or a "
+        raise UsageError(f"{path} is not a simmim training checkpoint (no {checkpoints.FORMAT!r} format tag) or a "
                          "training run's folder")
     model, config = found
     return model, TrainConfig.from_dict(config)

@@ -32,9 +32,9 @@ class FinetuneTask:
         self.cfg, self.env, self.log = cfg, env, log
         self.size = img_size(cfg)
         data, aug = cfg.data, cfg.augment
-        self.train_source = first(labelled_source(data.path, "train", data.labels_per_class, data.seed),
-                                  data.max_images)
-        val_source = first(labelled_source(data.path, "val"), data.max_images)
+        self.train_source = first(labelled_source(data.path, "train", data.labels_per_class, data.seed,
+                                                  data.classes), data.max_images)
+        val_source = first(labelled_source(data.path, "val", classes=data.classes), data.max_images)
         if list(val_source.classes) != list(self.train_source.classes):
             raise UsageError(f"data.path: the classes of {data.path}/val differ from those of {data.path}/train")
         self.num_classes = cfg.model.num_classes or len(self.train_source.classes)

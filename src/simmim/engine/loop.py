@@ -229,9 +229,9 @@ class Run:
         self.task = task_cls(cfg, env, self.log)  # reads the data: a wrong path fails before anything is written
         self.model = self.task.build_model(resuming=resume is not None)
         self.dataset = self.task.train_dataset(self.model)
-        require_readable(self.dataset.source, cfg.data.path)  # before the split's timing reads it
         self.precision = resolve_precision(cfg.runtime.precision, env.device)
         collate = self.task.collate(self.model)
+        require_readable(self.dataset.source, cfg.data.path)  # before the core split's measurement reads it
         self.split = choose_split(env, cfg.runtime.threads, cfg.data.num_workers,
                                   lambda counts: self.measure_rates(collate, counts))
         self.kernels = decide_kernels(cfg.runtime, env)  # at the run's thread count

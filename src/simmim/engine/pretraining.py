@@ -51,9 +51,9 @@ class PretrainTask:
 
     def train_dataset(self, model: nn.Module) -> Dataset:
         # the data is read here, after the model: a bad model.pretrained stops the run before it
-        cfg = self.cfg
-        self.source = first(unlabelled_source(cfg.data.path), cfg.data.max_images)
-        heldout = first(heldout_source(cfg.data.path), cfg.data.max_images) if cfg.data.heldout_images else None
+        cfg, data = self.cfg, self.cfg.data
+        self.source = first(unlabelled_source(data.path, data.classes), data.max_images)
+        heldout = first(heldout_source(data.path, data.classes), data.max_images) if data.heldout_images else None
         self.heldout = SeededSamples(heldout or self.source, eval_transform(self.size))
         self.heldout_count = min(cfg.data.heldout_images, len(heldout)) if heldout else 0
         self.knn_sets = knn_monitor_sets(cfg) if cfg.eval.knn_every else None
@@ -172,9 +172,10 @@ def _and(parts: list[str]) -> str:
 def knn_monitor_sets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     """The k-NN monitor's neighbour bank (a balanced labelled subset) and validation images."""
     path = cfg.eval.knn_data or cfg.data.path
-    bank = labelled_source(path, "train", cfg.eval.knn_labels_per_class, seed=cfg.data.seed,
+    classes = None if cfg.eval.knn_data else cfg.data.classes  # another dataset has classes of its own
+    bank = labelled_source(path, "train", cfg.eval.knn_labels_per_class, seed=cfg.data.seed, classes=classes,
                            key="eval.knn_labels_per_class")
-    val = eval_source(path)
+    val = eval_source(path, classes)
     return bank, first(val, cfg.eval.knn_val_images)
 
 

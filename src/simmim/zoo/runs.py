@@ -16,6 +16,7 @@ from torch import nn
 from ..checkpoint.io import load_checkpoint_file
 from ..checkpoint.sharded import STATE_FILE, consolidate, is_sharded_checkpoint
 from ..checkpoint.training import FORMAT, list_checkpoints
+from ..errors import UsageError
 from .registry import SPECS, SWINV2_SIZES, ModelSpec, arch_of, build_model, encoder_config, get_spec
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -165,5 +166,5 @@ def check_fits(source: str | Path, model: nn.Module, model_name: str, remedy: st
         return
     task = "pretrain" if hasattr(model, "mask_generator") else "classification"
     fit = found.counterpart(task)
-    raise ValueError(f"{source} is {found.describe()}; {model_name} is a {size_label(arch_of(cfg), mine)} model: "
+    raise UsageError(f"{source} is {found.describe()}; {model_name} is a {size_label(arch_of(cfg), mine)} model: "
                      + remedy.format(name=fit.name if fit else f"a {task} model of its sizes"))
