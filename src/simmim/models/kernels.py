@@ -51,6 +51,7 @@ _dispatch_mode_active = _dispatch_probe()
 
 
 def use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a @ b.T takes oneDNN: the chosen route, where it applies."""
     # torch.compile, autocast and dispatch modes (the MAC counter, fake tensors) expect aten.linear,
     # and inductor and bf16 reach oneDNN through it
     return (not torch.compiler.is_compiling() and a.device.type == "cpu"
