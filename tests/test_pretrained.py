@@ -182,3 +182,10 @@ def test_a_resumed_run_keeps_its_own_weights(source, images, tmp_path, settings,
     a, b = params_of(kept.checkpoint), params_of(resumed.checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(b["decoder.0.weight"], torch.zeros_like(b["decoder.0.weight"]))
+
+
+def test_a_run_folder_is_its_newest_checkpoint(images, tmp_path, settings, params_of):
+    run = pretrain(load_config("nano-pretrain", overrides=settings("pretrain", images, tmp_path / "a",
+                                                                   "schedule.epochs=1")))
+    model = _task(images, tmp_path / "b", settings, f"model.pretrained={tmp_path / 'a'}").build_model(resuming=False)
+    assert all(torch.equal(v, params_of(run.checkpoint)[k]) for k, v in model.state_dict().items())

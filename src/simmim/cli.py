@@ -201,7 +201,8 @@ def _serve(args: argparse.Namespace) -> None:
 def _add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", metavar="PATH",
-                         help="checkpoint of any supported format (default: the published weights)")
+                         help="checkpoint of any supported format or hf-hub:ORG/NAME[@REVISION][:FILE] "
+                              "(default: the published weights)")
     weights.add_argument("--random-weights", action="store_true",
                          help="an untrained model (to try the command; its output is meaningless)")
 
@@ -278,8 +279,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_reconstruct)
 
     p = sub.add_parser("serve", help="a local page and JSON API for a model's reconstructions or predictions")
-    p.add_argument("model", help="zoo name, exported directory or simmim training checkpoint")
-    p.add_argument("--weights", help="checkpoint of any supported format (default: the published weights)")
+    p.add_argument("model", help="zoo name, exported directory (or hf-hub:ORG/NAME holding one) or simmim "
+                                 "training checkpoint")
+    p.add_argument("--weights", help="checkpoint of any supported format or hf-hub:ORG/NAME[@REVISION][:FILE] "
+                                     "(default: the published weights)")
     p.add_argument("--random-weights", action="store_true", help="untrained weights (to try the page and API)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
@@ -305,8 +308,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("probe", help="frozen-encoder k-NN and linear probe of a checkpoint or zoo model")
-    p.add_argument("checkpoint", help="simmim run checkpoint, exported folder, zoo name (published weights) "
-                                      "or any supported checkpoint with --model")
+    p.add_argument("checkpoint", help="simmim run checkpoint, exported folder (or hf-hub:ORG/NAME holding one), "
+                                      "zoo name (published weights) or any weights source with --model")
     p.add_argument("--data", required=True, help="DIR with train/ and val/ class folders, or fashion-mnist")
     p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
     p.add_argument("--labels-per-class", type=int, help="a balanced subset of the training images")

@@ -79,7 +79,8 @@ class ModelConfig(_Section):
     """The normalized target's window (odd, in pixels; the releases' 47)."""
     pretrained: str | None = None
     """Weights to start from (`simmim.zoo.sources`: a checkpoint file or folder of any supported layout,
-    a training checkpoint, an exported folder, a zoo name with published weights). Fine-tuning takes
+    a training checkpoint, an exported folder, a zoo name with published weights,
+    `hf-hub:ORG/NAME[@REVISION][:FILE]`). Fine-tuning takes
     the encoder; pretraining the encoder, mask token and decoder (the last two fresh where the
     checkpoint has none). A resumed run keeps its own weights and does not read it."""
 

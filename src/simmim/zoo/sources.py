@@ -3,8 +3,8 @@ checkpoint that `checkpoint.transfer.read_checkpoint` reads.
 
 A source is one of
 - a checkpoint file of any supported layout (official, mmpretrain, HF, ours; a training checkpoint);
-- a folder: a sharded training checkpoint, an exported folder (`simmim export`) or an HF folder
-  (`config.json` + `model.safetensors` or `pytorch_model.bin`);
+- a folder: a training run's (its newest checkpoint), a sharded training checkpoint, an exported
+  folder (`simmim export`) or an HF folder (`config.json` + `model.safetensors` or `pytorch_model.bin`);
 - a zoo name: its published weights, downloaded into the cache on first use;
 - `hf-hub:ORG/NAME[@REVISION][:FILE]`, a file of a Hugging Face Hub repository (timm's spelling,
   with a revision, a branch, tag or commit, after `@`, and a file inside the repository after `:`;
@@ -83,9 +83,9 @@ def download(url: str, cache: Path | None = None) -> Path:
     except RuntimeError as err:  # torch.hub's "invalid hash value"
         raise ValueError(f"{url}: sha256 does not start with {prefix!r} from its name (a transfer cut short, or not "
                          f"the published file); nothing was kept, try again ({err})") from None
+    except WeightsUnavailable:
+        raise
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-        if isinstance(err, WeightsUnavailable):
-            raise
         reason = getattr(err, "reason", None) or err or type(err).__name__
         raise WeightsUnavailable(f"could not download {url} ({reason}); fetch it on a connected machine "
                                  f"(or put it in {cache})") from None
@@ -96,12 +96,16 @@ def download(url: str, cache: Path | None = None) -> Path:
 
 
 def _announced_size(url: str) -> int | None:
-    """The Content-Length a server gives for `url` (a HEAD request); None where it gives none."""
+    """The Content-Length a server gives for `url` (a HEAD request); None where it gives none or
+    answers no HEAD."""
     if not url.startswith(("http://", "https://")):
         return None
     request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "torch.hub"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        length = response.headers.get("Content-Length")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            length = response.headers.get("Content-Length")
+    except (urllib.error.URLError, http.client.HTTPException, OSError):  # no HEAD here: the GET will tell
+        return None
     return int(length) if length and length.isdigit() else None
 
 
@@ -117,13 +121,20 @@ def published_weights(name: str) -> Path:
 
 
 def folder_weights(path: Path) -> Path:
-    """The checkpoint of a folder: itself for a sharded training checkpoint, else its weights file."""
+    """The checkpoint of a folder: itself for a sharded training checkpoint, the newest checkpoint of
+    a training run's folder, else its weights file (an exported or HF folder)."""
+    from ..checkpoint.training import list_checkpoints  # imports DCP, slow: only for folders
+
     if is_sharded_checkpoint(path):
         return path
     found = next((path / name for name in FOLDER_WEIGHTS if (path / name).is_file()), None)
+    run = list_checkpoints(path) if found is None else []
+    if run:
+        return run[-1]
     if found is None:
-        raise FileNotFoundError(f"{path}: a folder without weights; expected a sharded training checkpoint "
-                                f"(.metadata) or {' / '.join(FOLDER_WEIGHTS)} (an exported or HF folder)")
+        raise FileNotFoundError(f"{path}: a folder without weights; expected a training run (ckpt-<step>.pt), a "
+                                f"sharded training checkpoint (.metadata) or {' / '.join(FOLDER_WEIGHTS)} (an "
+                                "exported or HF folder)")
     return found
 
 
