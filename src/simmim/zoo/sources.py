@@ -175,8 +175,9 @@ def hub_download(hub: HubFile) -> Path:
         RevisionNotFoundError,
     )
 
-    # read at each call, not only when huggingface_hub was imported: a caller may set them later
-    offline = constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported; set later (a test, a notebook), it
+    # still keeps its requests off the network here
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
     cache, endpoint = os.environ.get("HF_HUB_CACHE") or None, os.environ.get("HF_ENDPOINT") or None
     at = f" at revision {hub.revision}" if hub.revision else ""
     names = [hub.filename] if hub.filename else list(FOLDER_WEIGHTS)
