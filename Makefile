@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo study bench bench-peers test test-fast lint venv system-deps
+.PHONY: demo study study-continue bench bench-peers test test-fast lint venv system-deps
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: venv system-deps
 # processes of about 1.5 h each (--only, --seeds); resumable (runs/study/results.jsonl)
 study: venv system-deps
 	$(VENV)/bin/simmim study --out docs/results
+
+# does continuing pretraining on a new domain pay? about 30 min on 2 quiet cores (README); resumable, writes
+# docs/results/continue.{md,json,png}
+study-continue: venv system-deps
+	$(VENV)/bin/simmim study --only continue --out docs/results
 
 # our SimMIM step against HF transformers' on the same input; writes docs/benchmark.{md,json}
 bench: venv system-deps

@@ -86,6 +86,21 @@ def test_model_settings_and_config_keys_are_refused_naming_the_valid_ones():
     assert "configs/" not in str(err.value) and "optim" in str(err.value) and "runtime" in str(err.value)
 
 
+@pytest.mark.parametrize("bug", [TypeError("unsupported operand type(s)"), KeyError("stage"),
+                                 ValueError("too many values to unpack")])
+def test_a_bug_is_a_traceback_and_exit_status_1_not_a_usage_error(bug, monkeypatch, capsys):
+    import simmim.cli
+
+    def broken(args):
+        raise bug
+
+    monkeypatch.setattr(simmim.cli, "_models", broken)  # build_parser mounts the patched function
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert "simmim: error:" not in err and "Traceback (most recent call last)" in err, err
+    assert f"{type(bug).__name__}: " in err and err.rstrip().endswith(simmim.cli.BUG_HINT)
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(FileNotFoundError):
         main(["--debug", "verify-data", str(tmp_path / "missing")])
@@ -119,3 +134,10 @@ def test_random_config_values_give_a_clean_error_or_a_config(key, value, task):
         assert "\n" not in str(err) and key.split(".")[-1] in str(err) or "task" in str(err), str(err)
     else:
         assert load_config(base=cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_too_many_labels_per_class_name_the_key(data):
+    from simmim.engine.builders import labelled_source
+
+    with pytest.raises(ValueError, match=r"^data\.labels_per_class: class \d+ has 2 images, fewer than the 5 asked"):
+        labelled_source(str(data), "train", 5)

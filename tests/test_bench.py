@@ -17,7 +17,7 @@ from simmim.bench.pair import batch, hf_loss, hf_twin, ours, ours_loss, pretrain
 from simmim.bench.run import METHOD, isolated, row_runner
 from simmim.checkpoint.formats import HF
 from simmim.measure import peak_memory
-from simmim.models.fused import matmul_nt
+from simmim.models.kernels import matmul_nt
 
 pytest.importorskip("transformers")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import json
 import os
 import pickle
 import subprocess
@@ -224,6 +225,26 @@ def test_disk_full_at_fsync_keeps_previous_file(tmp_path: Path, monkeypatch: pyt
     monkeypatch.undo()
     assert load_checkpoint_file(path)["v"].item() == 1
     assert _leftovers(tmp_path, "ckpt.pth") == []
+
+
+def test_a_json_cache_keeps_other_writers_entries_and_outlives_damage(tmp_path: Path) -> None:
+    path = tmp_path / "cache" / "figures.json"
+    assert fsutil.read_json_cache(path) == {}  # none yet
+    fsutil.update_json_cache(path, {"a": 1}, "test cache")
+    seen = fsutil.read_json_cache(path)
+    fsutil.update_json_cache(path, {"b": 2}, "test cache")  # another process, since `seen` was read
+    fsutil.update_json_cache(path, {**seen, "c": 3}, "test cache")
+    assert json.loads(path.read_text()) == {"a": 1, "b": 2, "c": 3}
+    for damaged in ('{"a": 1', "[1, 2]", ""):
+        path.write_text(damaged)
+        assert fsutil.read_json_cache(path) == {}
+    path.parent.chmod(0o500)  # unwritable: skipped, the work is only done again
+    try:
+        fsutil.update_json_cache(path, {"d": 4}, "test cache")
+    finally:
+        path.parent.chmod(0o700)
+    assert os.geteuid() == 0 or path.read_text() == ""
+    assert [p.name for p in path.parent.iterdir()] == ["figures.json"]  # no temp file left
 
 
 def test_safetensors_round_trip(tmp_path: Path) -> None:

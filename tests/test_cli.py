@@ -39,3 +39,12 @@ def test_subcommands_mounted_by_name_have_their_modules_help():
     full, light = _subcommands(build_parser()), _subcommands(build_parser(""))
     assert full == light
     assert {name: summary for name, (_, summary) in HEAVY_COMMANDS.items()} == {n: full[n] for n in HEAVY_COMMANDS}
+
+
+@pytest.mark.parametrize("command", ["predict", "reconstruct", "serve"])
+def test_weights_and_random_weights_exclude_each_other(command, capsys):
+    argv = [command, "swin-nano", *(["x.png"] if command != "serve" else []), "--weights", "w.pth", "--random-weights"]
+    with pytest.raises(SystemExit) as exit_:
+        build_parser(command).parse_args(argv)
+    assert exit_.value.code == 2
+    assert "not allowed with argument --weights" in capsys.readouterr().err

@@ -133,3 +133,71 @@ def test_mixup_needs_an_even_batch():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_load(path):
     assert load_config(path=path).task in ("pretrain", "finetune")
+
+
+@pytest.mark.parametrize(("preset", "override", "task"), [
+    ("nano-pretrain", "augment.mixup=0.8", "fine-tuning"),
+    ("nano-pretrain", "data.labels_per_class=10", "fine-tuning"),
+    ("nano-pretrain", "model.num_classes=5", "fine-tuning"),
+    ("nano-pretrain", "runtime.eval_every=2", "fine-tuning"),
+    ("nano-finetune", "mask.ratio=0.5", "pretraining"),
+    ("nano-finetune", "eval.knn_every=1", "pretraining"),
+    ("nano-finetune", "model.decoder=mlp", "pretraining"),
+])
+def test_a_key_the_task_does_not_read_is_refused_by_name(preset, override, task):
+    key = override.partition("=")[0]
+    with pytest.raises(ValueError) as err:
+        load_config(preset, overrides=[override])
+    assert str(err.value).startswith(f"{key}: read by {task} runs only") and "\n" not in str(err.value)
+
+
+def test_a_task_only_key_in_a_yaml_file_is_refused_too(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: nano-pretrain\naugment:\n  label_smoothing: 0.1\n")
+    with pytest.raises(ValueError, match=r"^augment\.label_smoothing: read by fine-tuning runs only"):
+        load_config(path=path)
+
+
+def test_keys_of_both_tasks_and_other_task_keys_at_their_defaults_pass():
+    both = ["optim.lr=1e-3", "data.max_images=8", "model.pretrained=some.pt", "augment.hflip=0.2",
+            "model.drop_path_rate=0.05", "schedule.epochs=3"]
+    pre = load_config("nano-pretrain", overrides=[*both, "mask.ratio=0.5", "augment.mixup=0"])
+    tuned = load_config("nano-finetune", overrides=[*both, "augment.mixup=0.2", "mask.ratio=0.6"])
+    assert (pre.mask.ratio, tuned.augment.mixup, tuned.model.pretrained) == (0.5, 0.2, "some.pt")
+
+
+def test_every_preset_sets_only_keys_its_task_reads():
+    from simmim.config.schema import ignored_keys
+
+    for name in PRESETS:
+        cfg = load_config(name)
+        assert ignored_keys(cfg, all_keys()) == [], name
+
+
+def test_shortened_epochs_shorten_a_warmup_that_no_longer_fits(capsys):
+    cfg = load_config("fashion-mnist-finetune", overrides=["schedule.epochs=1"])  # the recipe: 4 of 40 epochs
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (1, 0.1)
+    note = capsys.readouterr().err
+    assert "schedule.warmup_epochs 4 -> 0.1" in note and note.count("\n") == 1
+    # a warm-up the user sets is kept, and a wrong one is named against the epochs, not as a fraction
+    with pytest.raises(ValueError, match=r"schedule.warmup_epochs: expected at least 0 and at most "
+                                         r"schedule.epochs=1, got 2\.0"):
+        load_config("fashion-mnist-finetune", overrides=["schedule.epochs=1", "schedule.warmup_epochs=2"])
+    assert load_config("fashion-mnist-finetune", overrides=["schedule.epochs=10"]).schedule.warmup_epochs == 4
+
+
+def test_turning_off_what_the_task_does_not_do_passes():
+    # a shared list of quiet overrides: fine-tuning draws no reconstruction grids, measures no held-out loss
+    cfg = load_config("nano-finetune", overrides=["runtime.vis_every=0", "data.heldout_images=0"])
+    assert cfg.runtime.vis_every == 0
+    with pytest.raises(ValueError, match=r"^runtime\.vis_every: read by pretraining runs only"):
+        load_config("nano-finetune", overrides=["runtime.vis_every=5"])
+
+
+def test_overrides_for_several_runs_reach_the_runs_whose_task_reads_them():
+    from simmim.config import task_overrides
+
+    shared = ["mask.ratio=0.5", "data.labels_per_class=3", "optim.lr=1e-3", "data.heldout_images=16"]
+    assert task_overrides(shared, "finetune") == ["data.labels_per_class=3", "optim.lr=1e-3"]
+    assert task_overrides(shared, "pretrain") == ["mask.ratio=0.5", "optim.lr=1e-3", "data.heldout_images=16"]
+    load_config("nano-finetune", overrides=task_overrides(shared, "finetune"))

@@ -214,3 +214,71 @@ def test_a_limited_export_reads_only_the_images_it_writes(tmp_path, monkeypatch)
         np.testing.assert_array_equal(first, pixels[prefix][1])
     with pytest.raises(ValueError, match="expected"):  # a whole split still checks the whole file
         fm.load_fashion_mnist("train")
+
+
+FOOTWEAR_AND_BAGS = ("Sandal", "Sneaker", "Bag", "Ankle boot")
+
+
+@needs_fashion_mnist
+def test_data_classes_keeps_one_domain_of_fashion_mnist_relabelled_in_the_order_named(fm_test):
+    from simmim.engine.builders import eval_source, labelled_source, unlabelled_source
+
+    images, labels = fm_test
+    domain = eval_source("fashion-mnist", FOOTWEAR_AND_BAGS)
+    assert domain.classes == list(FOOTWEAR_AND_BAGS) and len(domain) == 4000  # 1,000 test images per class
+    originals = {5: 0, 7: 1, 8: 2, 9: 3}  # Sandal, Sneaker, Bag, Ankle boot
+    for position in (0, 1, 1234, 3999):
+        index = int(domain.indices[position])
+        image, label = domain[position]
+        assert originals[int(labels[index])] == label == domain.targets[position]
+        assert np.array_equal(np.asarray(image)[:, :, 0], images[index])
+    assert sorted(set(domain.targets)) == [0, 1, 2, 3]
+    train = labelled_source("fashion-mnist", "train", 5, seed=3, classes=FOOTWEAR_AND_BAGS)
+    assert len(train) == 20 and sorted(train.targets) == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+    reordered = eval_source("fashion-mnist", ("Bag", "Sandal"))
+    assert reordered.classes == ["Bag", "Sandal"] and reordered[int(np.flatnonzero(  # labels follow the order named
+        np.asarray(reordered.targets) == 1)[0])][1] == 1
+    assert len(unlabelled_source("fashion-mnist", ("Trouser",))) == 6000
+    # without classes nothing changes: the same balanced subset as before
+    assert list(labelled_source("fashion-mnist", "train", 2, seed=1).indices) == list(
+        fm.balanced_subset(fm.load_labels("train"), 2, 1))
+
+
+def test_data_classes_selects_class_folders_and_refuses_an_unknown_class_in_one_line(tmp_path):
+    from simmim.engine.builders import eval_source, heldout_source, labelled_source, unlabelled_source
+
+    for split in ("train", "val"):
+        for name in ("cat", "dog", "fox"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / split / name / f"{i}.png")
+    root = str(tmp_path)
+    train = labelled_source(root, "train", classes=("fox", "cat"))
+    assert train.classes == ["fox", "cat"] and len(train) == 6 and sorted(train.targets) == [0, 0, 0, 1, 1, 1]
+    assert all(train.source.samples[i][0].split("/")[-2] == ("fox", "cat")[t]
+               for i, t in zip(train.indices, train.targets, strict=True))
+    assert len(unlabelled_source(root, ("dog",))) == 3 and len(heldout_source(root, ("dog",))) == 3
+    assert len(unlabelled_source(root)) == 9  # every image below train/ without classes
+    with pytest.raises(ValueError, match=r"^data.classes: unknown class 'fxo'; did you mean 'fox'\?$"):
+        eval_source(root, ("fxo",))
+    with pytest.raises(ValueError, match=r"^data.classes: unknown class 'bird'; the data's classes: cat, dog, fox$"):
+        labelled_source(root, "val", classes=("cat", "bird"))
+
+
+def test_data_classes_from_the_command_line(tmp_path, capsys):
+    from simmim.cli import main
+    from simmim.config import load_config
+
+    cfg = load_config("fashion-mnist-finetune", overrides=["data.classes=Sandal, Sneaker,Bag,Ankle boot"])
+    assert cfg.data.classes == FOOTWEAR_AND_BAGS
+    with pytest.raises(ValueError, match=r"^data.classes: expected distinct class names or none"):
+        load_config("fashion-mnist-finetune", overrides=["data.classes=Bag,Bag"])
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    for split in ("train", "val"):
+        (tmp_path / split / "only").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "only" / "0.png")
+    code = main(["finetune", "--preset", "nano-finetune", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                 "--set", "data.classes=onyl"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("data.classes: unknown class 'onyl'; "
+                                                                     "did you mean 'only'?")

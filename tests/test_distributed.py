@@ -61,3 +61,40 @@ def test_two_processes_match_one_process_with_the_same_total_batch(single_proces
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
+
+
+_OWN_GROUP = """\
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from simmim.config import load_config
+from simmim.engine import evaluate, finetune, pretrain
+
+data, out, settings = sys.argv[1], sys.argv[2], sys.argv[3:]
+dist.init_process_group("gloo")
+pre = pretrain(load_config("nano-pretrain", overrides=[f"data.path={data}", f"out_dir={out}/pre", *settings]))
+for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):  # as under torch.multiprocessing.spawn
+    del os.environ[name]
+fine = finetune(load_config("nano-finetune", overrides=[
+    f"data.path={data}", f"out_dir={out}/fine", f"model.pretrained={pre.checkpoint}", *settings]))
+metrics = evaluate(fine.checkpoint, str(data), batch_size=2, num_workers=0)
+total = torch.ones(1)
+dist.all_reduce(total)
+print(f"rank {dist.get_rank()}: group of {int(total.item())} alive after top-1 {metrics['top1']:.1f}")
+dist.destroy_process_group()
+"""
+
+
+def test_a_callers_process_group_outlives_pretraining_finetuning_and_evaluation(tmp_path, image_folder, torchrun):
+    data = image_folder(tmp_path / "images", train_per_class=2, val_per_class=1, size=64)
+    launcher = tmp_path / "own_group.py"
+    launcher.write_text(_OWN_GROUP)
+    run = torchrun(2, str(data), str(tmp_path), "data.batch_size=2", "schedule.epochs=1", "schedule.warmup_epochs=0",
+                   *[s for s in SETTINGS if not s.startswith("schedule.")], launcher=launcher)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("2 processes (ddp) on cpu") == 2, run.stdout[-2000:]  # finetune too, from the group
+    for rank in (0, 1):
+        assert f"rank {rank}: group of 2 alive after top-1" in run.stdout, run.stdout[-2000:]

@@ -1,6 +1,7 @@
-"""fused.py's switches. The float32 CPU GEMM route: both routes compute the same numbers, the
-calibrated choice is cached per machine, SIMMIM_GEMM_ROUTE forces it, and each private torch API has a
-public fallback. SIMMIM_RECOMPUTE: keeping activations gives the same numbers for more memory."""
+"""The fused layers' switches (kernels.py). The float32 CPU GEMM route: both routes compute the same
+numbers, the calibrated choice is cached per machine, SIMMIM_GEMM_ROUTE forces it, and each private
+torch API has a public fallback. SIMMIM_RECOMPUTE: keeping activations gives the same numbers for more
+memory. (How a run decides them once and records them: test_kernels.py.)"""
 
 import json
 import subprocess
@@ -12,26 +13,33 @@ import torch
 import torch.nn.functional as F
 
 from simmim import hardware
-from simmim.models import SimMIM, SwinConfig, SwinTransformer, fused
+from simmim.models import SimMIM, SwinConfig, SwinTransformer, fused, kernels
 
-needs_onednn = pytest.mark.skipif(not fused._ONEDNN, reason="torch built without oneDNN's linear")
+needs_onednn = pytest.mark.skipif(not kernels.ONEDNN, reason="torch built without oneDNN's linear")
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A private cache directory and no remembered route."""
     monkeypatch.setenv("SIMMIM_CACHE", str(tmp_path))
-    monkeypatch.delenv(fused.ROUTE_ENV, raising=False)
-    monkeypatch.setattr(fused, "_routes", {})
-    return tmp_path / fused.CACHE_FILE
+    monkeypatch.delenv(kernels.ROUTE_ENV, raising=False)
+    monkeypatch.delenv(kernels.RECOMPUTE_ENV, raising=False)
+    forget(monkeypatch)
+    return tmp_path / kernels.CACHE_FILE
+
+
+def forget(monkeypatch) -> None:
+    """As a new process: no route calibrated or resolved yet, no run's choice installed."""
+    for name, value in (("_calibrated", {}), ("_defaults", {}), ("_chosen", None)):
+        monkeypatch.setattr(kernels, name, value)
 
 
 def _step(route: str, monkeypatch, randomize, recompute: str = "1", precision: str = "fp32"
           ) -> tuple[torch.Tensor, list[torch.Tensor], list[str], int]:
     """Loss, gradients, the names of the operators run and the bytes saved for the backward by one
     SimMIM step on a small Swin."""
-    monkeypatch.setenv(fused.ROUTE_ENV, route)
-    monkeypatch.setenv(fused.RECOMPUTE_ENV, recompute)
+    monkeypatch.setenv(kernels.ROUTE_ENV, route)
+    monkeypatch.setenv(kernels.RECOMPUTE_ENV, recompute)
     torch.manual_seed(0)
     cfg = SwinConfig(img_size=96, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=6,
                      drop_path_rate=0.0, use_mask_token=True)
@@ -66,9 +74,9 @@ def test_forced_routes_give_the_same_loss_and_gradients(monkeypatch, randomize):
 @needs_onednn
 def test_calibration_is_written_keyed_and_read_back(cache, monkeypatch):
     calls = []
-    monkeypatch.setattr(fused, "calibrate", lambda: calls.append(1) or {"onednn": 1.0, "aten": 2.0})
-    assert fused.gemm_route() == "onednn"  # the faster of the two
-    assert fused.gemm_route() == "onednn" and len(calls) == 1  # remembered in the process
+    monkeypatch.setattr(kernels, "calibrate", lambda: calls.append(1) or {"onednn": 1.0, "aten": 2.0})
+    assert kernels.gemm_route() == "onednn"  # the faster of the two
+    assert kernels.gemm_route() == "onednn" and len(calls) == 1  # remembered in the process
     entry = json.loads(cache.read_text())[hardware.machine_key()]
     assert entry == {"route": "onednn", "seconds": {"onednn": 1.0, "aten": 2.0}}
     key = hardware.machine_key()
@@ -76,14 +84,14 @@ def test_calibration_is_written_keyed_and_read_back(cache, monkeypatch):
 
     # a new process reads the file instead of calibrating; what it holds decides
     cache.write_text(json.dumps({key: {"route": "aten"}}))
-    monkeypatch.setattr(fused, "_routes", {})
-    assert fused.gemm_route() == "aten" and len(calls) == 1
+    forget(monkeypatch)
+    assert kernels.gemm_route() == "aten" and len(calls) == 1
 
     # another thread count is another machine
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
-        assert fused.gemm_route() == "onednn" and len(calls) == 2
+        assert kernels.gemm_route() == "onednn" and len(calls) == 2
     finally:
         torch.set_num_threads(threads)
     assert len(json.loads(cache.read_text())) == 2
@@ -92,22 +100,22 @@ def test_calibration_is_written_keyed_and_read_back(cache, monkeypatch):
 @needs_onednn
 def test_calibration_is_short_and_leaves_the_random_state_alone(cache):
     state = torch.get_rng_state()
-    seconds = fused.calibrate(repeats=1)
-    assert set(seconds) == set(fused.ROUTES) and all(0 < s < 2 for s in seconds.values())
+    seconds = kernels.calibrate(repeats=1)
+    assert set(seconds) == set(kernels.ROUTES) and all(0 < s < 2 for s in seconds.values())
     assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_the_environment_variable_forces_the_route(cache, monkeypatch):
-    monkeypatch.setattr(fused, "calibrate", lambda: pytest.fail("a forced route must not calibrate"))
-    monkeypatch.setenv(fused.ROUTE_ENV, "aten")
-    assert fused.gemm_route() == "aten"
-    if fused._ONEDNN:
-        monkeypatch.setenv(fused.ROUTE_ENV, "onednn")
-        assert fused.gemm_route() == "onednn"
+    monkeypatch.setattr(kernels, "calibrate", lambda: pytest.fail("a forced route must not calibrate"))
+    monkeypatch.setenv(kernels.ROUTE_ENV, "aten")
+    assert kernels.gemm_route() == "aten"
+    if kernels.ONEDNN:
+        monkeypatch.setenv(kernels.ROUTE_ENV, "onednn")
+        assert kernels.gemm_route() == "onednn"
     assert not cache.exists()
-    monkeypatch.setenv(fused.ROUTE_ENV, "mkl")
+    monkeypatch.setenv(kernels.ROUTE_ENV, "mkl")
     with pytest.raises(ValueError, match=r"^SIMMIM_GEMM_ROUTE='mkl': expected 'onednn', 'aten' or 'auto'$"):
-        fused.gemm_route()
+        kernels.gemm_route()
 
 
 def test_a_bad_route_is_a_one_line_cli_error(tmp_path):
@@ -121,29 +129,29 @@ def test_a_bad_route_is_a_one_line_cli_error(tmp_path):
 
 
 def test_without_onednn_the_route_is_aten(cache, monkeypatch):
-    monkeypatch.setattr(fused, "_ONEDNN", False)
-    monkeypatch.setattr(fused, "calibrate", lambda: pytest.fail("nothing to calibrate without oneDNN"))
-    assert fused.gemm_route() == "aten"
+    monkeypatch.setattr(kernels, "ONEDNN", False)
+    monkeypatch.setattr(kernels, "calibrate", lambda: pytest.fail("nothing to calibrate without oneDNN"))
+    assert kernels.gemm_route() == "aten"
     x, w = torch.randn(5, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
     torch.testing.assert_close(fused.linear(x, w), F.linear(x, w), rtol=0, atol=0)
-    monkeypatch.setenv(fused.ROUTE_ENV, "onednn")
+    monkeypatch.setenv(kernels.ROUTE_ENV, "onednn")
     with pytest.raises(ValueError, match="SIMMIM_GEMM_ROUTE=onednn: this torch build has no oneDNN linear"):
-        fused.gemm_route()
+        kernels.gemm_route()
 
 
 @needs_onednn
 def test_without_the_dispatch_mode_probe_linear_takes_aten(cache, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils._python_dispatch", None)  # the import fails
-    probe = fused._dispatch_probe()
+    probe = kernels._dispatch_probe()
     assert probe() is True
-    monkeypatch.setattr(fused, "_dispatch_mode_active", probe)
-    monkeypatch.setenv(fused.ROUTE_ENV, "onednn")
+    monkeypatch.setattr(kernels, "_dispatch_mode_active", probe)
+    monkeypatch.setenv(kernels.ROUTE_ENV, "onednn")
     x, w = torch.randn(5, 8), torch.randn(3, 8)
     with torch.profiler.profile() as prof:
         fused.linear(x, w)
     assert "mkldnn::_linear_pointwise" not in [e.name for e in prof.events()]
     monkeypatch.undo()
-    assert fused._dispatch_probe()() is False  # the real probe, with no mode active
+    assert kernels._dispatch_probe()() is False  # the real probe, with no mode active
 
 
 def test_softmax_backward_formula_matches_torch():
@@ -194,7 +202,7 @@ def test_auto_recompute_keeps_only_16_bit_gelu_outputs(monkeypatch, randomize, p
 
 
 def test_a_bad_recompute_value_is_a_one_line_error(monkeypatch):
-    monkeypatch.setenv(fused.RECOMPUTE_ENV, "yes")
+    monkeypatch.setenv(kernels.RECOMPUTE_ENV, "yes")
     with pytest.raises(ValueError, match=r"^SIMMIM_RECOMPUTE='yes': expected auto, 1 \(recompute\) or 0 \(keep\)$"):
         fused.gelu_linear(torch.randn(2, 8, requires_grad=True), torch.randn(4, 8), torch.randn(4))
 

@@ -11,7 +11,8 @@ import simmim
 PACKAGE = Path(simmim.__file__).parent
 
 LAYERS = (
-    {"fsutil", "hardware", "runtime"},  # files, the machine, launching: no simmim imports
+    {"errors"},  # what bad input raises: no simmim imports
+    {"fsutil", "hardware", "runtime"},  # files, the machine, launching
     {"data"},
     {"models"},
     {"checkpoint", "viz"},

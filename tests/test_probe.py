@@ -90,6 +90,9 @@ def test_cli_probe_on_a_tiny_folder(tmp_path, capsys):
     assert result["knn"]["top1"] == 100.0  # two flat colours: even a random encoder tells them apart
     assert 0 <= result["linear"]["top1"] <= 100 and result["linear"]["top5"] == 100.0
     assert "k-NN (k=5) top-1 100.00%" in line
+    assert main(["probe", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--epochs", "2",
+                 "--classes", "red", "--out", str(out)]) == 0  # one class of the two (as data.classes)
+    assert (json.loads(out.read_text())["train_images"], json.loads(out.read_text())["val_images"]) == (6, 6)
 
 
 def test_cli_probe_names_what_it_cannot_read(tmp_path, capsys):

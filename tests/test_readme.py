@@ -221,3 +221,11 @@ def test_readme_quotes_the_committed_study_and_precision_results():
     precision = json.loads((results / "precision.json").read_text())
     for name in ("fp32", "bf16"):
         assert f"{precision[name]['gap']['mean']:+.2f} ± {precision[name]['gap']['std']:.2f}" in readme, name
+    # the continuation part (`simmim study --only continue`) once its results are committed: its table's rows
+    continuation = results / "continue.json"
+    if continuation.is_file():
+        from simmim.study.domains import ARMS
+
+        arms = json.loads(continuation.read_text())["arms"]
+        for arm, row in arms.items():
+            assert f"| {ARMS[arm]} | {pm(row['finetune'])} | {pm(row['knn'])} | {pm(row['linear'])} |" in readme, arm

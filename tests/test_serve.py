@@ -242,6 +242,18 @@ def test_bad_input_is_a_one_line_4xx_and_the_server_lives_on(pretrain_server, ca
     assert status == 200 and out["loss"] > 0
 
 
+def test_a_bug_is_a_500_logged_with_its_traceback(pretrain_server, monkeypatch, capsys):
+    def broken(items):
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(pretrain_server.app.batcher, "run", broken)
+    status, out = request(pretrain_server, "POST", "/v1/reconstruct", png_bytes(photo()), "image/png")
+    assert (status, out) == (500, {"error": "RuntimeError: injected bug"})
+    err = capsys.readouterr().err
+    assert "simmim serve: 500 on POST /v1/reconstruct (a bug in simmim, please report it):" in err
+    assert "Traceback (most recent call last)" in err and 'raise RuntimeError("injected bug")' in err, err
+
+
 def test_wrong_endpoint_and_method(pretrain_server):
     assert request(pretrain_server, "GET", "/nope")[0] == 404
     assert request(pretrain_server, "GET", "/v1/reconstruct")[0] == 405
@@ -414,8 +426,6 @@ def test_serve_command_starts_and_refuses_bad_flags(capsys, src_env):
 
     from simmim.cli import main
 
-    assert main(["serve", PRETRAIN, "--random-weights", "--weights", "w.pth"]) == 2
-    assert "--weights and --random-weights exclude each other" in capsys.readouterr().err
     assert main(["serve", PRETRAIN, "--random-weights", "--port", "0", "--max-pixels", "0"]) == 2
     assert "--max-pixels 0: expected > 0" in capsys.readouterr().err
     env = src_env(OMP_NUM_THREADS="1")

@@ -9,7 +9,9 @@ from PIL import Image
 
 from simmim.cli import main
 from simmim.hardware import auto_precision
-from simmim.study import StudySettings, _precision, _settings, _stale
+from simmim.study import StudySettings
+from simmim.study.report import precision_of
+from simmim.study.runs import _settings, _stale
 
 
 def make_folder(root, classes=6, train_per_class=4, val_per_class=2, size=28):
@@ -83,8 +85,8 @@ def test_study_precision_part_runs_the_demo_recipe_at_each_precision(tmp_path):
 
 
 def test_study_report_names_a_forced_precision():
-    assert _precision(StudySettings(extra=("runtime.precision=fp32",))) == "fp32 (runtime.precision=fp32)"
-    assert _precision(StudySettings()) == auto_precision(torch.device("cpu"))[1]
+    assert precision_of(StudySettings(extra=("runtime.precision=fp32",))) == "fp32 (runtime.precision=fp32)"
+    assert precision_of(StudySettings()) == auto_precision(torch.device("cpu"))[1]
 
 
 def test_study_reruns_a_run_recorded_at_another_length_or_from_another_checkpoint():
@@ -126,3 +128,94 @@ def test_study_refuses_a_bad_seed_list_in_one_line(seeds, capsys):
     assert exit_.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--seeds" in message and repr(seeds) in message
+
+
+def make_fashion_mnist(root, train_per_class=8, test_per_class=4):
+    """A tiny Fashion-MNIST in the Debian package's files (gzipped IDX): each class its own grey level."""
+    import gzip
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", train_per_class), ("t10k", test_per_class)):
+        labels = np.tile(np.arange(10, dtype=np.uint8), per_class)
+        images = np.clip(20 + 22 * labels[:, None, None] + rng.normal(0, 15, (len(labels), 28, 28)), 0, 255)
+        for kind, array, magic in (("images-idx3", images.astype(np.uint8), 0x803),
+                                   ("labels-idx1", labels, 0x801)):
+            head = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+            with gzip.open(root / f"{split}-{kind}-ubyte.gz", "wb") as f:
+                f.write(head + array.tobytes())
+
+
+def _records(work):
+    return [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_study_continue_part_runs_four_arms_resumes_and_reruns_what_a_change_touches(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from simmim.study import quick, run_study
+    from simmim.study.domains import ARMS
+
+    make_fashion_mnist(tmp_path)
+    monkeypatch.setenv("SIMMIM_FASHION_MNIST_DIR", str(tmp_path))
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = ["study", "--quick", "--only", "continue", "--out", str(out), "--work", str(work),
+            "--set", "data.num_workers=0", "--set", "runtime.threads=1"]
+    assert main(argv) == 0
+    records = _records(work)
+    keys = {r["key"] for r in records}
+    # per seed: 3 pretrainings (first domain, second alone, continued), 4 fine-tunings and 4 probes
+    assert len(records) == len(keys) == 2 * 11
+    assert {"pretrain/domains-source/seed0", "pretrain/domains-continued/seed1", "pretrain/domains-target-only/seed0",
+            "finetune/domains-scratch/4-per-class/seed1", "probe/domains-as-is/4-per-class/seed0"} <= keys
+    by_key = {r["key"]: r for r in records}
+    source = by_key["pretrain/domains-source/seed0"]
+    assert by_key["pretrain/domains-continued/seed0"]["init"] == source["checkpoint"]
+    assert by_key["pretrain/domains-target-only/seed0"]["init"] is None
+    assert by_key["finetune/domains-as-is/4-per-class/seed0"]["init"] == source["checkpoint"]
+    assert "data.classes=T-shirt/top,Trouser,Pullover,Dress,Coat,Shirt" in source["settings"]
+    assert "data.classes=Sandal,Sneaker,Bag,Ankle boot" in by_key["finetune/domains-scratch/4-per-class/seed0"][
+        "settings"]
+    configs = {arm: next((work / f"finetune/domains-{arm}/4-per-class/seed0").rglob("config.yaml")).read_text()
+               for arm in ARMS}
+    assert all("- Ankle boot" in text and "- Trouser" not in text for text in configs.values())
+    summary = json.loads((out / "continue.json").read_text())
+    assert set(summary["arms"]) == set(ARMS) and summary["seeds"] == [0, 1]
+    assert summary["arms"]["continued"]["finetune"]["seeds"] == [
+        by_key[f"finetune/domains-continued/4-per-class/seed{s}"]["top1"] for s in (0, 1)]
+    text = (out / "continue.md").read_text()
+    assert "| (b) continued on the second domain | " in text and "Precision: " in text
+    assert (out / "continue.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert main(argv) == 0  # resumed: everything is recorded, nothing runs again
+    assert len(_records(work)) == len(records)
+    # a longer continuation reruns arms (b) and (c) and what starts from them, not the first domain's runs
+    s = quick(StudySettings(out, work, extra=("data.num_workers=0", "runtime.threads=1"), only="continue"))
+    run_study(replace(s, seeds=(0,), domains=replace(s.domains, target_epochs=2)))
+    rerun = {r["key"] for r in _records(work)[len(records):]}
+    assert rerun == {f"{kind}/domains-{arm}{budget}/seed0" for arm in ("continued", "target-only")
+                     for kind, budget in (("pretrain", ""), ("finetune", "/4-per-class"), ("probe", "/4-per-class"))}
+
+
+@pytest.mark.slow
+def test_study_continuation_starts_from_the_first_domains_model_decoder_included(tmp_path, monkeypatch):
+    from simmim.engine.evaluation import load_run_model
+    from simmim.study import quick
+    from simmim.study.runs import Runs
+
+    make_fashion_mnist(tmp_path)
+    monkeypatch.setenv("SIMMIM_FASHION_MNIST_DIR", str(tmp_path))
+    runs = Runs(quick(StudySettings(tmp_path / "out", tmp_path / "work", extra=("data.num_workers=0",
+                                                                                  "runtime.threads=1"))))
+    first = runs.pretrained(0, "source", 1)
+    # a learning rate of ~0: the continuation's weights are those it started from
+    still = ("optim.lr=1e-30", "optim.warmup_lr=0", "optim.min_lr=0", "optim.weight_decay=0")
+    continued = runs.pretrained(0, "continued", 1, still, init=first)
+    fresh = runs.pretrained(0, "fresh", 1, still)
+    weights = {name: load_run_model(r["checkpoint"])[0].state_dict() for name, r in
+               (("first", first), ("continued", continued), ("fresh", fresh))}
+    assert any(k.startswith("decoder.") for k in weights["first"]) and "encoder.mask_token" in weights["first"]
+    for key, tensor in weights["first"].items():
+        torch.testing.assert_close(weights["continued"][key], tensor, rtol=0, atol=1e-6, msg=key)
+    # the same seed's random weights, untrained, are not the first domain's trained ones
+    assert any(not torch.allclose(weights["fresh"][key], tensor) for key, tensor in weights["first"].items())

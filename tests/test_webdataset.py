@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the count cache of these tests only
+    monkeypatch.setenv("SIMMIM_CACHE", str(tmp_path / "cache"))  # the count cache of these tests only
 
 
 def png(seed: int, size: int = 8) -> bytes:
@@ -123,6 +123,14 @@ def test_counts_come_from_the_index_or_a_cached_scan(tmp_path, monkeypatch):
     (tmp_path / "s" / shards.INDEX_NAME).write_text('{"shardlist": [{"url": "part-000.tar"}]}')
     with pytest.raises(ValueError, match='shardindex.json: not a shard index \\(expected {"shardlist": \\[{"url"'):
         shards.sharded_images(tmp_path / "s")
+
+
+def test_the_count_cache_lives_in_simmim_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIMMIM_CACHE", str(tmp_path / "elsewhere"))
+    paths = tar_shards(tmp_path / "s", [3, 5])
+    assert shards.shard_counts(paths) == [3, 5]
+    cache = json.loads((tmp_path / "elsewhere" / "shard-counts.json").read_text())
+    assert {key: entry[2] for key, entry in cache.items()} == {str(paths[0].resolve()): 3, str(paths[1].resolve()): 5}
 
 
 # -- splitting, order and resume -----------------------------------------------------------------------

@@ -138,6 +138,23 @@ def test_unknown_names_and_settings_are_explained():
         simmim.get_model("simmim_swin-nano_test-64px", mask_patch_size=24)
 
 
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda c: [c], "expected a mapping with 'task' and an 'encoder' mapping"),
+    (lambda c: {**c, "name": None, "arch": "nope"}, "no zoo model of arch 'nope' and task 'classification'"),
+    (lambda c: {**c, "encoder": {**c["encoder"], "windw_size": 7}}, "unknown setting 'windw_size'"),
+])
+def test_a_malformed_exported_config_is_one_line_naming_the_file(edit, expected, tmp_path, capsys):
+    from simmim.zoo.hub import export
+
+    folder = export(simmim.get_model("swin-nano_test-64px"), tmp_path / "export", name="swin-nano_test-64px")
+    config = folder / "config.json"
+    config.write_text(json.dumps(edit(json.loads(config.read_text()))))
+    assert main(["predict", str(folder), "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"simmim: error: {config}: not a simmim model config (") and expected in err, err
+    assert err.count("\n") == 1
+
+
 @pytest.mark.slow
 def test_cli_models_json(capsys):
     assert main(["models", "--json"]) == 0

@@ -1,4 +1,5 @@
-"""The `simmim` command: one subcommand per job, errors as one line with exit status 2."""
+"""The `simmim` command: one subcommand per job; bad input as one line with exit status 2, a bug as its
+traceback with exit status 1."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import importlib
 import json
 import sys
+
+from .errors import UsageError
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -59,6 +62,13 @@ def _seed_list(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def _class_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated class names, got {text!r}")
+    return names
+
+
 def _load_model(args: argparse.Namespace):
     """The model of `predict` / `reconstruct`, with the CLI's remedy when published weights are missing."""
     from .inference import load_model
@@ -67,9 +77,10 @@ def _load_model(args: argparse.Namespace):
     if args.random_weights:
         print("warning: --random-weights: the model is untrained and its output meaningless", file=sys.stderr)
     try:
-        return load_model(args.model, args.weights, random_weights=args.random_weights)
+        return load_model(args.model, args.weights, random_weights=args.random_weights,
+                          random_decoder=getattr(args, "random_decoder", False))
     except WeightsUnavailable as err:
-        raise ValueError(f"{err.reason}; pass --weights PATH to a local file "
+        raise UsageError(f"{err.reason}; pass --weights PATH to a local file "
                          "(or --random-weights to try the command on an untrained model)") from None
 
 
@@ -78,7 +89,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     model = _load_model(args)
     if not hasattr(model, "num_classes"):
-        raise ValueError(f"{args.model} is a pretraining model: use `simmim reconstruct` for it")
+        raise UsageError(f"{args.model} is a pretraining model: use `simmim reconstruct` for it")
     names = class_names(model)
     for image, result in zip(args.images, inference_model(model, list(args.images)), strict=True):
         top = result["pred_scores"].argsort()[::-1][: args.topk]
@@ -97,7 +108,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
 
     model = _load_model(args)
     if hasattr(model, "num_classes"):
-        raise ValueError(f"{args.model} is a classifier: reconstructions need a pretraining model")
+        raise UsageError(f"{args.model} is a classifier: reconstructions need a pretraining model")
     # the mask the weights were trained with (a zoo model's default may differ), then the flags
     settings = checkpoint_mask_settings(args.weights) if args.weights else {}
     flags = {"mask_patch_size": args.mask_patch_size, "mask_ratio": args.mask_ratio}
@@ -117,8 +128,9 @@ def _convert(args: argparse.Namespace) -> None:
         _export_to(args.src, args.dst, args.model, "hf")
         return
     from .checkpoint.convert import convert
+    from .zoo.runs import newest_checkpoint
 
-    src, dst = convert(args.src, args.dst, args.to)
+    src, dst = convert(newest_checkpoint(args.src), args.dst, args.to)
     print(f"{args.src} ({src}) -> {args.dst} ({dst})")
 
 
@@ -128,14 +140,13 @@ def _export(args: argparse.Namespace) -> None:
 
 def _export_to(checkpoint: str, out_dir: str, model_name: str | None, fmt: str) -> None:
     from .zoo.hub import export, get_model
+    from .zoo.runs import architecture_of
 
     if model_name:
         model, name = get_model(model_name, pretrained=checkpoint), model_name
-    else:  # a training run's checkpoint describes its own model
-        from .engine.evaluation import load_run_model
-
-        model, cfg = load_run_model(checkpoint)
-        name = cfg.model.name
+    else:  # a training run, its checkpoint or an exported folder describes its own model
+        model, found = get_model(checkpoint), architecture_of(checkpoint)
+        name = found.name if found else None
     if fmt == "hf":
         from .checkpoint.ecosystem import export_hf
 
@@ -151,13 +162,14 @@ def _probe(args: argparse.Namespace) -> None:
     from .engine.probe import ProbeSettings, load_encoder, probe_encoder, summary_line, write_result
 
     encoder = load_encoder(args.checkpoint, args.model)
-    train = labelled_source(args.data, "train", args.labels_per_class, seed=args.seed)
-    val = eval_source(args.data)
+    train = labelled_source(args.data, "train", args.labels_per_class, seed=args.seed, classes=args.classes,
+                            key="--labels-per-class")
+    val = eval_source(args.data, args.classes)
     if list(train.classes) != list(val.classes):
-        raise ValueError(f"{args.data}: train and val name different classes")
+        raise UsageError(f"{args.data}: train and val name different classes")
     settings = ProbeSettings(k=args.k, temperature=args.temperature, epochs=args.epochs, seed=args.seed)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    result = probe_encoder(encoder, train, val, len(val.classes), settings, device, args.batch_size)
+    result = probe_encoder(encoder, train, val, len(val.classes), settings, device, args.batch_size, log=print)
     result.update(checkpoint=args.checkpoint, model=args.model, data=args.data)
     if args.out:
         write_result(result, args.out)
@@ -198,44 +210,31 @@ def _serve(args: argparse.Namespace) -> None:
           ServeSettings(args.host, args.port, args.max_upload_mb, args.max_pixels, verbose=args.verbose))
 
 
-def _add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_weights_arguments(parser: argparse.ArgumentParser,
+                           random_help: str = "an untrained model (to try the command; its output is meaningless)"
+                           ) -> None:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", metavar="PATH",
                          help="checkpoint of any supported format or hf-hub:ORG/NAME[@REVISION][:FILE] "
                               "(default: the published weights)")
-    weights.add_argument("--random-weights", action="store_true",
-                         help="an untrained model (to try the command; its output is meaningless)")
+    weights.add_argument("--random-weights", action="store_true", help=random_help)
 
 
-# subcommands whose arguments are defined next to torch-importing code: mounted in full only when
-# they run (or for a full parser), else by name and help, so that `simmim --help` starts in well under
-# a second (tests check these help lines against the modules' own)
-HEAVY_COMMANDS = {
-    "bench": ("simmim.bench", "time a pretraining step against HF transformers"),
-    "plan": ("simmim.plan.command", "per-GPU memory and step time under DDP / FSDP / FSDP+checkpointing"),
-}
+Subparsers = argparse._SubParsersAction
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The `simmim` parser; `command` names the one subcommand that will run (None: all in full)."""
-    parser = argparse.ArgumentParser(prog="simmim", description="SimMIM masked image modeling")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+MODEL_HELP = ("zoo name, exported directory (or hf-hub:ORG/NAME holding one), training run folder (its newest "
+              "checkpoint) or training checkpoint")
 
+
+def _models_parser(sub: Subparsers) -> None:
     p = sub.add_parser("models", help="the model zoo with measured params and FLOPs")
     p.add_argument("pattern", nargs="?", help="case-insensitive wildcard, e.g. 'swin-base*'")
     p.add_argument("--json", action="store_true", help="one JSON object per model")
     p.set_defaults(func=_models)
 
-    from .engine import add_commands
 
-    add_commands(sub)  # pretrain, finetune, evaluate
-    for name, (module, summary) in HEAVY_COMMANDS.items():
-        if command in (None, name):
-            importlib.import_module(module).add_command(sub)
-        else:
-            sub.add_parser(name, help=summary)
-
+def _demo_parser(sub: Subparsers) -> None:
     p = sub.add_parser("demo", help="the main job: SimMIM vs from-scratch on Fashion-MNIST, with a report")
     p.add_argument("--out", default="report", help="report folder")
     p.add_argument("--seed", type=int, default=0)
@@ -247,28 +246,35 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for all three runs")
     p.set_defaults(func=_demo)
 
+
+def _study_parser(sub: Subparsers) -> None:
     p = sub.add_parser("study", help="the demo over 3 seeds and 2 label budgets, plus ablations -> docs/results")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--work", default="runs/study", help="run folders and results.jsonl (resumable)")
     p.add_argument("--quick", action="store_true", help="a smoke-sized study on a few images")
-    p.add_argument("--only", choices=["main", "ablations", "precision"],
+    p.add_argument("--only", choices=["main", "ablations", "precision", "continue"],
                    help="main or ablations: that part (e.g. in two processes), no report; precision: the demo per "
-                   "precision and seed -> precision.md")
+                   "precision and seed -> precision.md; continue: continuing pretraining on a new domain -> "
+                   "continue.md")
     p.add_argument("--seeds", type=_seed_list, metavar="0,1,2",
                    help="only these seeds (e.g. --only main --seeds 1,2 in a second process; the pretraining-length "
                    "curve and the ablations are seed 0's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.set_defaults(func=_study)
 
+
+def _predict_parser(sub: Subparsers) -> None:
     p = sub.add_parser("predict", help="classify images")
-    p.add_argument("model", help="zoo name or exported directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("images", nargs="+")
     _add_weights_arguments(p)
     p.add_argument("--topk", type=int, default=5)
     p.set_defaults(func=_predict)
 
+
+def _reconstruct_parser(sub: Subparsers) -> None:
     p = sub.add_parser("reconstruct", help="picture of a pretraining model's reconstruction of a masked image")
-    p.add_argument("model", help="zoo name or exported directory")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("image")
     p.add_argument("--out", default="reconstruction.png")
     _add_weights_arguments(p)
@@ -276,14 +282,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--mask-ratio", type=float, help="default: the checkpoint's (else the model's)")
     p.add_argument("--mask-patch-size", type=int, help="default: the checkpoint's (else the model's)")
     p.add_argument("--scale", type=int, default=1, help="enlarge the panels this many times")
+    p.add_argument("--random-decoder", action="store_true",
+                   help="accept --weights without a decoder (an encoder-only file): the pictures then come from "
+                        "an untrained decoder")
     p.set_defaults(func=_reconstruct)
 
+
+def _serve_parser(sub: Subparsers) -> None:
     p = sub.add_parser("serve", help="a local page and JSON API for a model's reconstructions or predictions")
-    p.add_argument("model", help="zoo name, exported directory (or hf-hub:ORG/NAME holding one) or simmim "
-                                 "training checkpoint")
-    p.add_argument("--weights", help="checkpoint of any supported format or hf-hub:ORG/NAME[@REVISION][:FILE] "
-                                     "(default: the published weights)")
-    p.add_argument("--random-weights", action="store_true", help="untrained weights (to try the page and API)")
+    p.add_argument("model", help=MODEL_HELP)
+    _add_weights_arguments(p, random_help="untrained weights (to try the page and API)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body")
@@ -291,28 +299,37 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=_serve)
 
+
+def _convert_parser(sub: Subparsers) -> None:
     p = sub.add_parser("convert", help="rewrite a checkpoint in another format")
-    p.add_argument("src")
+    p.add_argument("src", help="checkpoint of any supported format, or a training run folder (its newest checkpoint)")
     p.add_argument("dst")
     p.add_argument("--to", default="simmim", choices=["official", "mmpretrain", "hf", "simmim", "timm"],
                    help="hf with a folder as dst writes config.json + model.safetensors for transformers")
     p.add_argument("--model", help="zoo name of the architecture (hf folders; not needed for simmim runs)")
     p.set_defaults(func=_convert)
 
+
+def _export_parser(sub: Subparsers) -> None:
     p = sub.add_parser("export", help="write model.safetensors + config.json for a checkpoint")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="training run folder (its newest checkpoint), training checkpoint, or with "
+                                      "--model a checkpoint of any supported format")
     p.add_argument("out_dir")
     p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
     p.add_argument("--format", default="simmim", choices=["simmim", "hf"],
                    help="simmim (get_model reads it) or hf (transformers' from_pretrained reads it)")
     p.set_defaults(func=_export)
 
+
+def _probe_parser(sub: Subparsers) -> None:
     p = sub.add_parser("probe", help="frozen-encoder k-NN and linear probe of a checkpoint or zoo model")
-    p.add_argument("checkpoint", help="simmim run checkpoint, exported folder (or hf-hub:ORG/NAME holding one), "
-                                      "zoo name (published weights) or any weights source with --model")
+    p.add_argument("checkpoint", help="simmim run folder or checkpoint, exported folder (or hf-hub:ORG/NAME "
+                                      "holding one), zoo name (published weights) or any weights source with --model")
     p.add_argument("--data", required=True, help="DIR with train/ and val/ class folders, or fashion-mnist")
     p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
     p.add_argument("--labels-per-class", type=int, help="a balanced subset of the training images")
+    p.add_argument("--classes", type=_class_list, metavar="NAME,NAME",
+                   help="only these classes' images, as data.classes (e.g. 'Sandal,Sneaker,Bag,Ankle boot')")
     p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN vote (DINO: 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (DINO: 0.07)")
     p.add_argument("--epochs", type=int, default=100, help="linear-probe epochs on the cached features")
@@ -322,15 +339,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON here")
     p.set_defaults(func=_probe)
 
+
+def _consolidate_parser(sub: Subparsers) -> None:
     p = sub.add_parser("consolidate", help="one safetensors file of a sharded checkpoint's model weights")
     p.add_argument("checkpoint", help="a sharded checkpoint directory RUN_DIR/ckpt-<step>")
     p.add_argument("out", help="the .safetensors file to write")
     p.set_defaults(func=_consolidate)
 
+
+def _verify_data_parser(sub: Subparsers) -> None:
     p = sub.add_parser("verify-data", help="decode every image of a dataset; name the unusable ones and why")
     p.add_argument("path", help="data folder (searched recursively), list file or WebDataset shards")
     p.set_defaults(func=_verify_data)
 
+
+def _export_dataset_parser(sub: Subparsers) -> None:
     p = sub.add_parser("export-dataset", help="write a built-in dataset as an ImageFolder tree or WebDataset shards")
     p.add_argument("name", help="fashion-mnist, photos, or (for --format webdataset) an image folder")
     p.add_argument("out_dir")
@@ -338,6 +361,46 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["folder", "webdataset"], default="folder")
     p.add_argument("--shard-size", type=int, default=10_000, help="samples per tar shard (webdataset)")
     p.set_defaults(func=_export_dataset)
+
+
+# subcommands whose arguments are defined next to torch-importing code: mounted in full only when
+# they run (or for a full parser), else by name and help, so that `simmim --help` starts fast
+# (tests check these help lines against the modules' own)
+HEAVY_COMMANDS = {
+    "bench": ("simmim.bench", "time a pretraining step against HF transformers"),
+    "plan": ("simmim.plan.command", "per-GPU memory and step time under DDP / FSDP / FSDP+checkpointing"),
+}
+
+
+def _heavy_parsers(sub: Subparsers, command: str | None) -> None:
+    for name, (module, summary) in HEAVY_COMMANDS.items():
+        if command in (None, name):
+            importlib.import_module(module).add_command(sub)
+        else:
+            sub.add_parser(name, help=summary)
+
+
+def _training_parsers(sub: Subparsers) -> None:
+    from .engine import add_commands
+
+    add_commands(sub)  # pretrain, finetune, evaluate
+
+
+# the subcommands after models, training and the heavy ones, in the order `simmim --help` lists them
+PARSERS = (_demo_parser, _study_parser, _predict_parser, _reconstruct_parser, _serve_parser, _convert_parser,
+           _export_parser, _probe_parser, _consolidate_parser, _verify_data_parser, _export_dataset_parser)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `simmim` parser; `command` names the one subcommand that will run (None: all in full)."""
+    parser = argparse.ArgumentParser(prog="simmim", description="SimMIM masked image modeling")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _models_parser(sub)
+    _training_parsers(sub)
+    _heavy_parsers(sub, command)
+    for add in PARSERS:
+        add(sub)
     return parser
 
 
@@ -366,8 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+BUG_HINT = ("simmim: internal error: the traceback above is a bug in simmim, not a problem with your input; "
+            "please report it with the command you ran")
+
+
 def run_command(args: argparse.Namespace) -> int:
-    """Runs a parsed command: its exit status, 2 with a one-line message for a bad input."""
+    """Runs a parsed command: its exit status; 2 with a one-line message for bad input (a `UsageError`)
+    or for what the system refused (an `OSError`: a missing file, no permission, a full disk); 1 with
+    the traceback and a request to report it for anything else, which is a bug."""
     try:
         from .hardware import requested_gemm_route
 
@@ -376,12 +445,19 @@ def run_command(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()
         return 0
-    except (ValueError, KeyError, TypeError, OSError) as err:
+    except (UsageError, OSError) as err:
         if args.debug:
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"simmim: error: {message}", file=sys.stderr)
+        print(f"simmim: error: {err}", file=sys.stderr)
         return 2
+    except Exception:
+        if args.debug:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(BUG_HINT, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

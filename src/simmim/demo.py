@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
+from .config import load_config, task_overrides
 from .engine import finetune, pretrain
 from .engine.logging import format_duration, read_metrics
 from .hardware import cpu_model
@@ -40,17 +40,20 @@ class DemoSettings:
     """runtime.precision of all three runs: auto is bf16 where the CPU has bf16 matrix units (docs/results/
     precision.md: within fp32's seed spread on Fashion-MNIST, in half the time), fp32 elsewhere."""
     extra: tuple[str, ...] = ()
-    """More `--set` overrides, applied to all three runs (e.g. data.num_workers=0)."""
+    """More `--set` overrides, applied to all three runs (e.g. data.num_workers=0); a key that one task
+    alone reads (mask.ratio, data.labels_per_class) to the runs of that task."""
 
 
-def _overrides(s: DemoSettings, run: str, epochs: int | None, *more: str) -> list[str]:
-    out = [f"out_dir={s.out / run}", f"runtime.seed={s.seed}", f"runtime.precision={s.precision}", *more, *s.extra]
+def _overrides(s: DemoSettings, task: str, run: str, epochs: int | None, *more: str) -> list[str]:
+    """The run's overrides; of `extra`, those its task reads (a pretraining key is not meant for fine-tuning)."""
+    out = [f"out_dir={s.out / run}", f"runtime.seed={s.seed}", f"runtime.precision={s.precision}", *more,
+           *task_overrides(s.extra, task)]
     # a shorter schedule keeps the presets' warmup share (10%)
     return out + ([f"schedule.epochs={epochs}", f"schedule.warmup_epochs={epochs // 10}"] if epochs else [])
 
 
 def pretrain_run(s: DemoSettings):
-    return pretrain(load_config(PRETRAIN_PRESET, overrides=_overrides(s, "pretrain", s.pretrain_epochs)),
+    return pretrain(load_config(PRETRAIN_PRESET, overrides=_overrides(s, "pretrain", "pretrain", s.pretrain_epochs)),
                     overwrite=True)
 
 
@@ -59,8 +62,8 @@ def finetune_run(s: DemoSettings, name: str, pretrained: Path | None):
     makes sense for pretrained layers)."""
     init = [f"model.pretrained={pretrained}"] if pretrained else ["optim.layer_decay=1.0"]
     subset = [f"data.labels_per_class={s.labels_per_class}", f"data.seed={s.seed}"]
-    return finetune(load_config(FINETUNE_PRESET, overrides=_overrides(s, name, s.finetune_epochs, *subset, *init)),
-                    overwrite=True)
+    overrides = _overrides(s, "finetune", name, s.finetune_epochs, *subset, *init)
+    return finetune(load_config(FINETUNE_PRESET, overrides=overrides), overwrite=True)
 
 
 def run_demo(settings: DemoSettings) -> dict:

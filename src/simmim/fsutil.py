@@ -5,6 +5,7 @@ all go through `atomic_write`."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -91,3 +92,21 @@ def atomic_write(path: PathLike, write: Callable[[ErrorRecordingWriter], None], 
 def atomic_write_text(path: PathLike, text: str, what: str) -> None:
     """`text` written to `path` atomically (UTF-8)."""
     atomic_write(path, lambda file: file.write(text.encode()), what)
+
+
+def read_json_cache(path: PathLike) -> dict:
+    """The JSON object a cache file holds; {} where it is missing, unreadable or not an object (a
+    cache only saves work, so a damaged one means doing the work again)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def update_json_cache(path: PathLike, entries: dict, what: str) -> None:
+    """Adds `entries` to the cache file at `path` atomically, re-reading it first so that entries
+    another process wrote meanwhile stay; an unwritable cache is skipped (the work is done again)."""
+    with contextlib.suppress(OSError):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({**read_json_cache(path), **entries}, indent=1), what)

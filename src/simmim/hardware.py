@@ -10,6 +10,8 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import UsageError
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,7 +31,7 @@ def requested_gemm_route() -> str | None:
     without torch, so that a command refuses it before its work starts)."""
     forced = os.environ.get(GEMM_ROUTE_ENV, "auto")
     if forced not in ("auto", *GEMM_ROUTES):
-        raise ValueError(f"{GEMM_ROUTE_ENV}={forced!r}: expected 'onednn', 'aten' or 'auto'")
+        raise UsageError(f"{GEMM_ROUTE_ENV}={forced!r}: expected 'onednn', 'aten' or 'auto'")
     return None if forced == "auto" else forced
 
 

@@ -13,10 +13,11 @@ from PIL import Image
 from torch import nn
 
 from .data.transforms import eval_transform
+from .errors import BadArgument, UsageError
 from .models import SimMIM
 from .models.simmim import masked_reconstruction_loss
 from .viz import reconstruction_panels
-from .zoo.hub import get_model
+from .zoo.hub import get_model, is_exported
 from .zoo.sources import resolve
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -48,26 +49,30 @@ def load_image(image: ImageLike) -> Image.Image:
             with Image.open(path) as img:
                 return img.convert("RGB")
         except (OSError, SyntaxError) as err:
-            raise ValueError(f"{path}: cannot read the image ({err})") from None
+            raise UsageError(f"{path}: cannot read the image ({err})") from None
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise ValueError(f"array image of dtype {image.dtype} and shape {image.shape}: expected HxW or HxWxC uint8")
+            raise UsageError(f"array image of dtype {image.dtype} and shape {image.shape}: expected HxW or HxWxC uint8")
         return Image.fromarray(image).convert("RGB")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    raise TypeError(f"cannot read an image from a {type(image).__name__}; expected a path, PIL image or array")
+    raise BadArgument(f"cannot read an image from a {type(image).__name__}; expected a path, PIL image or array")
 
 
 def _to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray((t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
 
 
-def load_model(model: str | Path, weights: str | Path | None = None, random_weights: bool = False) -> nn.Module:
-    """A zoo name with its published weights (or `weights`, or none with `random_weights`), or an
-    exported directory."""
+def load_model(model: str | Path, weights: str | Path | None = None, random_weights: bool = False,
+               random_decoder: bool = False) -> nn.Module:
+    """A zoo name with its published weights (or `weights`, or none with `random_weights`), or a source
+    that carries its own weights: an exported directory, a training run's folder or checkpoint."""
     if random_weights and weights:
-        raise ValueError("random weights and a weights file exclude each other: pass one of them")
-    return get_model(model, pretrained=weights or not (random_weights or Path(model).is_dir()))
+        raise UsageError("--weights and --random-weights exclude each other: pass one of them")
+    # an exported folder may lend its architecture to other weights; nothing gives it random ones
+    if Path(model).exists() and (random_weights or (weights and not is_exported(model))):
+        raise UsageError(f"{model} carries its own weights: drop --weights / --random-weights")
+    return get_model(model, pretrained=weights or not random_weights, random_decoder=random_decoder)
 
 
 def checkpoint_mask_settings(weights: str | Path) -> dict:
@@ -112,12 +117,15 @@ def mask_shape(model: SimMIM) -> tuple[int, int]:
 
 def check_mask(model: SimMIM, mask: torch.Tensor | np.ndarray | Sequence, batch_size: int) -> torch.Tensor:
     """A 0/1 mask of shape (h, w) or (batch_size, h, w) as an int64 (batch_size, h, w) tensor."""
-    mask = torch.as_tensor(np.asarray(mask))
+    try:
+        mask = torch.as_tensor(np.asarray(mask))
+    except (TypeError, ValueError) as err:  # ragged rows, non-numbers
+        raise UsageError(f"mask: expected a grid of 0/1 numbers ({err})") from None
     h, w = mask_shape(model)
     if mask.shape not in ((h, w), (batch_size, h, w)):
-        raise ValueError(f"mask of shape {tuple(mask.shape)}: expected {h}x{w} (one 0/1 entry per model patch)")
+        raise UsageError(f"mask of shape {tuple(mask.shape)}: expected {h}x{w} (one 0/1 entry per model patch)")
     if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"mask values {sorted(set(mask.flatten().tolist()))[:5]}: expected only 0 and 1")
+        raise UsageError(f"mask values {sorted(set(mask.flatten().tolist()))[:5]}: expected only 0 and 1")
     return mask.long().expand(batch_size, h, w)
 
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from ..measure import cpu_profile
-from ..models.fused import _ONEDNN, matmul_nt
+from ..models.kernels import ONEDNN, matmul_nt
 
 
 def _sync(device: torch.device) -> None:
@@ -97,6 +97,6 @@ def gemm_rates(device: torch.device, size: int) -> dict[str, float]:
     """The device's dense-GEMM FLOP/s in fp32 and bf16 through torch.matmul and, for fp32 on the
     CPU, through oneDNN as our linear layers run it (torch's own fp32 path on the CPU is MKL's sgemm)."""
     rates = {"fp32": gemm_rate(device, torch.float32, size), "bf16": gemm_rate(device, torch.bfloat16, size)}
-    if device.type == "cpu" and _ONEDNN:
+    if device.type == "cpu" and ONEDNN:
         rates["fp32_onednn"] = gemm_rate(device, torch.float32, size, fn=lambda a, b: matmul_nt(a, b, route="onednn"))
     return rates

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoint.formats import HF, MMPRETRAIN
+from ..errors import UsageError
 from ..measure import training_step
 from ..models import SimMIM
 from ..zoo import build_model, get_spec
@@ -47,9 +48,9 @@ def hf_twin(model: SimMIM) -> nn.Module:
 
     cfg = model.encoder.cfg
     if cfg.pad_small_map or cfg.drop_rate or cfg.attn_drop_rate:
-        raise ValueError("HF Swin has no pad_small_map and the benchmark runs without dropout")
+        raise UsageError("HF Swin has no pad_small_map and the benchmark runs without dropout")
     if any(cfg.stage_resolution(i) < cfg.window_size for i in range(len(cfg.depths))):
-        raise ValueError("HF keeps the configured window's bias table on maps smaller than the window, where "
+        raise UsageError("HF keeps the configured window's bias table on maps smaller than the window, where "
                          "the official code (and ours) clamps it: choose a larger img_size or a smaller window")
     transformers.logging.set_verbosity_error()  # its load report and progress bars
     transformers.logging.disable_progress_bar()
@@ -83,7 +84,7 @@ def mm_twin(model: SimMIM) -> nn.Module:
 
     cfg = model.encoder.cfg
     if cfg.drop_rate or cfg.attn_drop_rate or cfg.mlp_ratio != 4 or not cfg.qkv_bias:
-        raise ValueError("the mmpretrain side runs mlp_ratio 4 with qkv bias and without dropout")
+        raise UsageError("the mmpretrain side runs mlp_ratio 4 with qkv bias and without dropout")
     mm = MODELS.build(dict(
         type="SimMIM",
         backbone=dict(type="SimMIMSwinTransformer", arch=dict(embed_dims=cfg.embed_dim, depths=list(cfg.depths),
@@ -129,7 +130,7 @@ def pretraining_step(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], tor
     """One pretraining step as the training loop runs it (`measure.training_step`) with AdamW, fused where
     torch has it, as for every side here."""
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision {precision!r}: expected 'fp32' or 'bf16'")
+        raise UsageError(f"precision {precision!r}: expected 'fp32' or 'bf16'")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     return training_step(model, optimizer, lambda: loss_fn(model, data), precision, data.images.device)
 

@@ -12,7 +12,7 @@ import torch
 
 from ..fsutil import atomic_write_text
 from ..hardware import cpu_fields, cpu_model, isa_names
-from ..models.fused import gemm_route
+from ..models.kernels import gemm_route
 from ..runtime import allocator_description
 
 

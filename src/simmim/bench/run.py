@@ -288,7 +288,7 @@ def peer_runner(venv: str, here: Callable[..., dict]) -> Callable[..., dict] | N
 
 def run(args: argparse.Namespace) -> dict:
     """Runs the benchmark an argument namespace describes, prints it and writes its files."""
-    from ..models.fused import gemm_route
+    from ..models.kernels import gemm_route
     from ..runtime import allocator_description
 
     if args.threads:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UsageError
 from .ecosystem import to_timm
 from .formats import FORMATS
 from .io import atomic_save, atomic_save_safetensors
@@ -17,7 +18,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "simmim") -> tuple[str, 
     """Reads src in any supported format and writes dst in format `to` (official, mmpretrain, hf,
     simmim, timm); `.safetensors` destinations are written as safetensors. Returns (from, to) names."""
     if to not in WRITERS:
-        raise ValueError(f"unknown format {to!r}; expected one of {', '.join(WRITERS)}")
+        raise UsageError(f"unknown format {to!r}; expected one of {', '.join(WRITERS)}")
     state, fmt, _ = read_checkpoint(src)
     out = {k: v.contiguous() for k, v in WRITERS[to](state).items()}
     dst = Path(dst)

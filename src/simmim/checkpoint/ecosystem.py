@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..errors import BadArgument, UsageError
 from ..fsutil import atomic_write_text
 from ..models import Classifier, SimMIM, SwinTransformer, SwinTransformerV2
 from .formats import HF, OFFICIAL, StateDict
@@ -31,28 +32,28 @@ def _task(model: nn.Module) -> str:
         return "pretrain"
     if isinstance(model, Classifier):
         return "classification"
-    raise TypeError(f"cannot export a {type(model).__name__}; expected a SimMIM or Classifier model")
+    raise BadArgument(f"cannot export a {type(model).__name__}; expected a SimMIM or Classifier model")
 
 
 def hf_config(model: nn.Module, classes: list[str] | None = None) -> dict:
     """The `config.json` of HF's SwinConfig / Swinv2Config for a Swin or SwinV2 model of ours."""
     task, encoder = _task(model), model.encoder
     if not isinstance(encoder, SwinTransformer):
-        raise ValueError(f"HF export covers Swin and SwinV2; a {type(encoder).__name__} has no HF counterpart "
+        raise UsageError(f"HF export covers Swin and SwinV2; a {type(encoder).__name__} has no HF counterpart "
                          "(HF's ViT has absolute positions and no layer scale)")
     cfg = encoder.cfg
     if cfg.pad_small_map:
-        raise ValueError("HF Swin clamps windows to small maps; a model with pad_small_map=True computes "
+        raise UsageError("HF Swin clamps windows to small maps; a model with pad_small_map=True computes "
                          "otherwise and has no HF counterpart")
     if task == "pretrain" and model.decoder_kind != "linear":
-        raise ValueError(f"HF's masked image modeling head is the linear decoder, not {model.decoder_kind!r}")
+        raise UsageError(f"HF's masked image modeling head is the linear decoder, not {model.decoder_kind!r}")
     if task == "classification" and model.fc_norm is not None:
-        raise ValueError("HF Swin classifiers pool without fc_norm")
+        raise UsageError("HF Swin classifiers pool without fc_norm")
     generation = "swinv2" if isinstance(encoder, SwinTransformerV2) else "swin"
     grid = cfg.img_size // cfg.patch_size
     small = [i for i in range(len(cfg.depths)) if grid // 2**i < cfg.window_size]
     if generation == "swin" and small:  # there our table is the clamped window's, HF's the configured one's
-        raise ValueError(f"stage {small[0] + 1}'s {grid // 2**small[0]}px map is smaller than window "
+        raise UsageError(f"stage {small[0] + 1}'s {grid // 2**small[0]}px map is smaller than window "
                          f"{cfg.window_size}: HF Swin cannot load it (each stage's map must be at least one window)")
     model_type, architecture = HF_ARCHITECTURES[generation, task]
     config = {

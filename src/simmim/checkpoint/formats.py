@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UnknownName, UsageError
+
 StateDict = dict[str, torch.Tensor]
 
 # Keys the reference implementations save that we rebuild from the config, or do not model.
@@ -59,7 +61,7 @@ def _rename(state: StateDict, renames: Iterable[Rename], inbound: bool, fmt: str
     if unknown:
         side = f"{fmt} checkpoint" if inbound else "simmim"
         target = "simmim models" if inbound else f"the {fmt} format"
-        raise KeyError(f"{side} keys with no counterpart in {target}: {', '.join(unknown[:5])}"
+        raise UnknownName(f"{side} keys with no counterpart in {target}: {', '.join(unknown[:5])}"
                        + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""))
     return out
 
@@ -241,7 +243,7 @@ def unwrap(checkpoint: dict) -> tuple[StateDict, dict]:
             return checkpoint[key], {k: v for k, v in checkpoint.items() if k != key}
     if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint, {}
-    raise ValueError(f"no state dict found (top-level keys: {', '.join(map(str, list(checkpoint)[:8]))})")
+    raise UsageError(f"no state dict found (top-level keys: {', '.join(map(str, list(checkpoint)[:8]))})")
 
 
 def detect_format(state: StateDict) -> Format:
@@ -249,5 +251,5 @@ def detect_format(state: StateDict) -> Format:
     for fmt in (HF, MMPRETRAIN, OFFICIAL):
         if fmt.detect(state):
             return fmt
-    raise ValueError(f"unrecognised checkpoint layout (first keys: {', '.join(list(state)[:5])}); expected official "
+    raise UsageError(f"unrecognised checkpoint layout (first keys: {', '.join(list(state)[:5])}); expected official "
                      "SimMIM (encoder.*), mmpretrain (backbone.*) or HF transformers (swin.*, swinv2.*) keys")

@@ -28,6 +28,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ..errors import UsageError
 from ..fsutil import PathLike, atomic_write
 
 # torch hub / mmpretrain naming: `<name>-<first hex digits of sha256>.<ext>`.
@@ -106,7 +107,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(path)
     except safetensors.SafetensorError as exc:
-        raise ValueError(f"{path} is not a PyTorch/safetensors checkpoint ({exc})") from None
+        raise UsageError(f"{path} is not a PyTorch/safetensors checkpoint ({exc})") from None
 
 
 def _convert_cfg_nodes(obj: Any, nodes: set[int]) -> Any:
@@ -151,7 +152,7 @@ def _torch_load(path: Path) -> Any:
     # gives EINVAL), EOFError/struct.error from the legacy reader.
     except (RuntimeError, OSError, EOFError, struct.error) as exc:
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{path} is not a PyTorch/safetensors checkpoint ({first_line})") from None
+        raise UsageError(f"{path} is not a PyTorch/safetensors checkpoint ({first_line})") from None
     finally:
         nodes = _loaded_cfg_nodes.nodes
         del _loaded_cfg_nodes.nodes
@@ -170,10 +171,10 @@ def load_checkpoint_file(path: PathLike) -> dict[str, Any]:
         return _load_safetensors(file)
     is_pickle = len(head) >= 2 and head[0] == pickle.PROTO[0] and head[1] in _PICKLE_PROTOCOLS
     if not (head[:4] in _ZIP_MAGICS or is_pickle):
-        raise ValueError(f"{file} is not a PyTorch/safetensors checkpoint (unrecognised file header)")
+        raise UsageError(f"{file} is not a PyTorch/safetensors checkpoint (unrecognised file header)")
     obj = _torch_load(file)
     if not isinstance(obj, dict):
-        raise ValueError(f"{file} holds a {type(obj).__name__}, not a checkpoint dict")
+        raise UsageError(f"{file} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
 
 
@@ -185,7 +186,7 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
         while new_key.startswith(("module.", "_orig_mod.")):
             new_key = new_key.split(".", 1)[1]
         if new_key in out:
-            raise ValueError(f"keys collide after stripping prefixes: {new_key!r} (from {key!r})")
+            raise UsageError(f"keys collide after stripping prefixes: {new_key!r} (from {key!r})")
         out[new_key] = value
     return out
 
@@ -219,7 +220,7 @@ def check_hash_in_name(path: PathLike, name: str | None = None) -> bool:
         return False
     if not matches:
         expected = hash_in_name(published)
-        raise ValueError(
+        raise UsageError(
             f"{path}: sha256 does not start with {expected!r} from its name {published!r}; "
             "the file is corrupt or not the published one"
         )

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from scipy.interpolate import RectBivariateSpline
 
+from ..errors import UsageError
+
 
 def _geometric_ratio(src_half: int, dst_half: int) -> float:
     """Bisect for q with 1 + q + ... + q**(src_half-1) == dst_half, exactly as BEiT does."""
@@ -51,19 +53,19 @@ def resample_rel_pos_bias(
 ) -> torch.Tensor:
     """Resample a ((2*src_window-1)**2 [+ extra_tokens], nH) bias table to dst_window, BEiT-geometric."""
     if table.ndim != 2:
-        raise ValueError(
+        raise UsageError(
             f"relative position bias table must be 2-D (positions, heads), got {tuple(table.shape)}"
         )
     src_size, dst_size = 2 * src_window - 1, 2 * dst_window - 1
     if table.shape[0] != src_size**2 + extra_tokens:
-        raise ValueError(
+        raise UsageError(
             f"table has {table.shape[0]} rows, expected {src_size}**2 + {extra_tokens} (window {src_window})"
         )
     if src_window == dst_window:
         return table
     # A cubic spline needs at least 4 samples per axis (FITPACK's regrid refuses fewer), i.e. window >= 3.
     if src_window < 3 or dst_window < 1:
-        raise ValueError(
+        raise UsageError(
             f"cannot resample window {src_window} to {dst_window}: need src_window >= 3 and dst_window >= 1"
         )
     grid, extra = table[: src_size**2], table[src_size**2 :]
@@ -91,15 +93,15 @@ def resize_abs_pos_embed(
 ) -> torch.Tensor:
     """Bicubically resize a (1, extra + H*W, C) absolute position embedding to `new_grid`, extras first."""
     if pos.ndim != 3 or pos.shape[0] != 1:
-        raise ValueError(f"position embedding must have shape (1, L, C), got {tuple(pos.shape)}")
+        raise UsageError(f"position embedding must have shape (1, L, C), got {tuple(pos.shape)}")
     num_grid = pos.shape[1] - num_extra_tokens
     if old_grid is None:
         side = math.isqrt(num_grid)
         if side * side != num_grid:
-            raise ValueError(f"{num_grid} grid tokens are not a square grid; pass old_grid")
+            raise UsageError(f"{num_grid} grid tokens are not a square grid; pass old_grid")
         old_grid = (side, side)
     if old_grid[0] * old_grid[1] != num_grid:
-        raise ValueError(f"old_grid {old_grid} does not match the {num_grid} grid tokens")
+        raise UsageError(f"old_grid {old_grid} does not match the {num_grid} grid tokens")
     if tuple(old_grid) == tuple(new_grid):
         return pos
     extra, grid = pos[:, :num_extra_tokens], pos[:, num_extra_tokens:]

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import UsageError
 from ..fsutil import fsync_directory
 from .io import atomic_save
 
@@ -62,7 +63,7 @@ def consolidate(path: str | Path) -> dict[str, torch.Tensor]:
     model = {key.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
              for key, entry in entries.items() if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
     if not model:
-        raise ValueError(f"{path}: the sharded checkpoint holds no model weights")
+        raise UsageError(f"{path}: the sharded checkpoint holds no model weights")
     with single_process_allowed():
         dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     return model

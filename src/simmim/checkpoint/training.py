@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..errors import UsageError
 from .io import atomic_save, load_checkpoint_file
 from .sharded import STATE_FILE, load_sharded, save_sharded
 
@@ -72,7 +73,7 @@ def resume_path(resume: str | None, run_dir: str | Path) -> Path | None:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
     if not is_complete(path):
-        raise ValueError(f"{path} is not a complete sharded checkpoint: no {STATE_FILE} (an interrupted save?)")
+        raise UsageError(f"{path} is not a complete sharded checkpoint: no {STATE_FILE} (an interrupted save?)")
     return path
 
 
@@ -87,7 +88,7 @@ def resume_batch(state: dict[str, Any], batch_size: int, world_size: int, accumu
     if before != now:
         hint = (f"; --batch-size {before // (world_size * accumulation)} keeps it"
                 if before % (world_size * accumulation) == 0 else "")
-        raise ValueError(f"checkpoint.resume: the checkpoint was trained with an effective batch of {before} "
+        raise UsageError(f"checkpoint.resume: the checkpoint was trained with an effective batch of {before} "
                          f"({per_rank} per process x {world} x {steps} accumulation steps), this run has {now} "
                          f"({batch_size} x {world_size} x {accumulation}): resuming needs the same (it sets the "
                          f"learning rate, the schedule and the data order){hint}")
@@ -117,7 +118,7 @@ def check_same_recipe(path: Path, saved: dict[str, Any], now: dict[str, Any]) ->
                (key in FIXED_KEYS or not key.startswith(RESUMABLE_KEYS))]
     if changed:
         diffs = "; ".join(f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in changed)
-        raise ValueError(f"checkpoint.resume: {path} was trained with other settings ({diffs}); resume with its own "
+        raise UsageError(f"checkpoint.resume: {path} was trained with other settings ({diffs}); resume with its own "
                          "config (--resume auto --out RUN_DIR, without --preset/--config/--set for these keys) or "
                          "start a new run in another folder")
 
@@ -162,7 +163,7 @@ def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     state = load_checkpoint_file(path / STATE_FILE if path.is_dir() else path)
     if state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a simmim training checkpoint (no {FORMAT!r} format tag)")
+        raise UsageError(f"{path} is not a simmim training checkpoint (no {FORMAT!r} format tag)")
     return state
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..errors import UsageError
 from ..models import Classifier, SimMIM
 from .formats import Format, StateDict, detect_format, unwrap
 from .io import load_checkpoint_file, strip_prefixes
@@ -85,7 +86,7 @@ def _allowed_extra(model: nn.Module) -> re.Pattern:
 def _rel_pos_window(rows: int, extra: int) -> int:
     side = math.isqrt(rows - extra)
     if side * side != rows - extra:
-        raise ValueError(f"a relative position table of {rows} rows is not square")
+        raise UsageError(f"a relative position table of {rows} rows is not square")
     return (side + 1) // 2
 
 
@@ -142,7 +143,7 @@ def load_weights(model: nn.Module, source: str | Path | dict, new_head: bool = F
         problems.append(f"other shapes: {'; '.join(sorted(mismatched)[:4])}")
     if problems:
         kind = "pretraining model" if isinstance(model, SimMIM) else "classifier"
-        raise ValueError(f"checkpoint does not fit this {kind}: {', '.join(problems)}")
+        raise UsageError(f"checkpoint does not fit this {kind}: {', '.join(problems)}")
 
     model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
     report.loaded = len(set(state) & set(target))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from ..errors import UnknownName, UsageError
 from .values import merge
 
 FINETUNE_AUGMENT = dict(crop_scale=(0.08, 1.0), interpolation="bicubic", auto_augment="rand-m9-mstd0.5-inc1",
@@ -79,12 +80,31 @@ def preset(name: str) -> dict[str, Any]:
         return merge(PRESETS[name], {"preset": name})
     try:
         spec = get_spec(name)
-    except KeyError:
+    except UnknownName:
         close = difflib.get_close_matches(name, list(PRESETS) + [s.name for s in SPECS], n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else f" (presets: {', '.join(PRESETS)})"
-        raise ValueError(f"unknown preset {name!r}{hint}") from None
+        raise UnknownName(f"unknown preset {name!r}{hint}") from None
     recipe = spec.recipe or next((p for p, d in PRESETS.items() if d["model"]["name"] == spec.name), None)
     if recipe is None:
-        raise ValueError(f"model {spec.name} has no training recipe; pick one with --preset "
+        raise UsageError(f"model {spec.name} has no training recipe; pick one with --preset "
                          f"<{' | '.join(PRESETS)}> --set model.name={spec.name}")
     return merge(PRESETS[recipe], {"preset": name, "model": {"name": spec.name}})
+
+
+def source_recipe(source: str, task: str) -> dict[str, Any]:
+    """The plain data of a run of `task` ('pretrain' or 'finetune') on the architecture that `source` (a
+    run folder, training checkpoint or exported folder) names: its zoo model of that task with the
+    model's recipe; a pretraining source's resolution and windows carry over to a pretraining run."""
+    from ..zoo.runs import architecture_of
+
+    found = architecture_of(source)
+    if found is None:
+        raise UsageError(f"{source} does not name its architecture (a published or foreign checkpoint): pass "
+                         f"--preset NAME (presets: {', '.join(PRESETS)})")
+    spec = found.counterpart("pretrain" if task == "pretrain" else "classification")
+    if spec is None:
+        raise UsageError(f"{source} is {found.describe()}, and the zoo has no {task} model of its sizes: pass --preset")
+    data = preset(spec.name)
+    if task == "pretrain" and found.task == "pretrain":
+        data = merge(data, {"model": found.settings})
+    return data

@@ -12,10 +12,19 @@ from typing import Any, ClassVar
 
 import yaml
 
+from ..errors import UnknownName, UsageError
 from ..fsutil import atomic_write_text
+from ..hardware import GEMM_ROUTES
 from .values import convert, field_types, plain
 
 TASKS = ("pretrain", "finetune")
+
+
+def only(task: str, default: Any, off: Any = None) -> Any:
+    """A field that runs of `task` alone read (the others would ignore it: `ignored_keys` names it);
+    `off`, where given, is the value that turns off what the other task does not do anyway (vis_every=0
+    in a shared list of overrides asks nothing of a fine-tuning run)."""
+    return field(default=default, metadata={"task": task, "off": off if off is not None else default})
 
 
 class _Section:
@@ -39,7 +48,7 @@ class _Section:
 
     def require(self, ok: bool, name: str, expected: str) -> None:
         if not ok:
-            raise ValueError(f"{self.key(name)}: expected {expected}, got {getattr(self, name)!r}")
+            raise UsageError(f"{self.key(name)}: expected {expected}, got {getattr(self, name)!r}")
 
     def choice(self, name: str, choices: Iterable[str]) -> None:
         choices = tuple(choices)
@@ -65,32 +74,32 @@ class ModelConfig(_Section):
     fused: bool = True
     """Compute through models/fused.py (index gathers, fused norm+linear, GELU recompute); false runs
     the plain reference path of the paper (same weights and outputs, slower)."""
-    num_classes: int | None = None
+    num_classes: int | None = only("finetune", None)
     """Classifier outputs; None takes the number of classes of the training data."""
-    decoder: str = "linear"
+    decoder: str = only("pretrain", "linear")
     """Pretraining head: 'linear' (the paper's 1x1 conv + PixelShuffle) or 'mlp' (a hidden 1x1 conv layer
     first, the paper's head ablation)."""
-    loss: str = "l1"
+    loss: str = only("pretrain", "l1")
     """Pretraining loss on the masked pixels: 'l1' (the paper's) or 'l2'."""
-    norm_target: bool | None = None
+    norm_target: bool | None = only("pretrain", None)
     """Pretraining: reconstruct each pixel standardised over its local window (the SwinV2 SimMIM
     releases' NORM_TARGET) instead of the pixels; None keeps the zoo model's (on for those releases)."""
-    norm_target_patch_size: int = 47
+    norm_target_patch_size: int = only("pretrain", 47)
     """The normalized target's window (odd, in pixels; the releases' 47)."""
     pretrained: str | None = None
     """Weights to start from (`simmim.zoo.sources`: a checkpoint file or folder of any supported layout,
-    a training checkpoint, an exported folder, a zoo name with published weights,
-    `hf-hub:ORG/NAME[@REVISION][:FILE]`). Fine-tuning takes
-    the encoder; pretraining the encoder, mask token and decoder (the last two fresh where the
-    checkpoint has none). A resumed run keeps its own weights and does not read it."""
+    a training run's folder or checkpoint, an exported folder, a zoo name with published weights,
+    `hf-hub:ORG/NAME[@REVISION][:FILE]`). Fine-tuning takes the encoder; pretraining the encoder, mask
+    token and decoder (the last two fresh where the checkpoint has none). A resumed run keeps its own
+    weights and does not read it."""
 
     def check(self) -> None:
         from ..zoo import get_spec
 
         try:
             get_spec(self.name)
-        except KeyError as err:
-            raise ValueError(f"model.name: {err.args[0]}") from None
+        except UnknownName as err:
+            raise UnknownName(f"model.name: {err}") from None
         self.require(self.img_size is None or self.img_size > 0, "img_size", "a positive size or none")
         self.require(self.window_size is None or self.window_size > 0, "window_size", "a positive size or none")
         self.require(self.drop_path_rate is None or 0 <= self.drop_path_rate < 1, "drop_path_rate",
@@ -114,19 +123,24 @@ class DataConfig(_Section):
     batch_size: int = 128
     """Images per process and micro-step; the effective batch is this x processes x accumulation."""
     num_workers: int | None = None
-    """Loader processes per rank; None picks min(8, CPUs per rank - 1)."""
-    labels_per_class: int | None = None
+    """Loader processes per rank; None picks them: on a GPU min(8, CPUs per rank - 1), on the CPU with
+    runtime.threads from the measured loading and step rates."""
+    labels_per_class: int | None = only("finetune", None)
     """Fine-tune on a balanced labelled subset of this many images per class (chosen by data.seed)."""
     seed: int = 0
     """Seed of the labelled subset."""
     max_images: int | None = None
     """Use at most the first this many images of each split (smoke tests, quick looks); none uses all."""
-    heldout_images: int = 256
+    heldout_images: int = only("pretrain", 256, off=0)
     """Pretraining: held-out images (Fashion-MNIST's test split, or DIR/val) whose masked-pixel loss is
     measured after every epoch with fixed masks, and shown in the reconstruction grids; 0 turns it off."""
     shuffle_buffer: int = 4096
     """WebDataset shards: samples mixed at a time after the shard order is shuffled; larger mixes more,
     smaller keeps reading closer to sequential."""
+    classes: tuple[str, ...] | None = None
+    """Use only the images of these classes (names as the data gives them, e.g. Sandal,Sneaker,Bag,Ankle boot
+    for Fashion-MNIST, or class folder names), labelled 0..k-1 in this order, in every split: one domain
+    of a dataset. Fashion-MNIST and image folders with one subfolder per class; none uses every class."""
 
     def check(self) -> None:
         self.require(self.batch_size > 0, "batch_size", "a positive count")
@@ -136,6 +150,8 @@ class DataConfig(_Section):
         self.require(self.num_workers is None or self.num_workers >= 0, "num_workers", "a count >= 0 or none")
         self.require(self.labels_per_class is None or self.labels_per_class > 0, "labels_per_class",
                      "a positive count or none")
+        self.require(self.classes is None or (len(self.classes) > 0 and len(set(self.classes)) == len(self.classes)),
+                     "classes", "distinct class names or none")
 
 
 @dataclass
@@ -194,7 +210,8 @@ class ScheduleConfig(_Section):
 
     def check(self) -> None:
         self.require(self.epochs >= 1, "epochs", "a count >= 1")
-        self.require(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"a value in [0, {self.epochs}]")
+        self.require(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs",
+                     f"at least 0 and at most schedule.epochs={self.epochs}")
         self.choice("name", ("cosine", "multistep"))
         self.require(list(self.milestones) == sorted(self.milestones), "milestones", "increasing epochs")
         self.require(0 < self.gamma <= 1, "gamma", "a factor in (0, 1]")
@@ -204,9 +221,9 @@ class ScheduleConfig(_Section):
 class MaskConfig(_Section):
     section: ClassVar[str] = "mask"
 
-    patch_size: int = 32
+    patch_size: int = only("pretrain", 32)
     """Side in pixels of the square blocks that are masked together."""
-    ratio: float = 0.6
+    ratio: float = only("pretrain", 0.6)
     """Fraction of blocks masked (rounded up, as the official generator)."""
 
     def check(self) -> None:
@@ -236,17 +253,17 @@ class AugmentConfig(_Section):
     """Random erasing fill: 'const', 'rand' or 'pixel'."""
     recount: int = 1
     """Random erasing count."""
-    mixup: float = 0.0
+    mixup: float = only("finetune", 0.0)
     """Mixup alpha; 0 turns mixup off."""
-    cutmix: float = 0.0
+    cutmix: float = only("finetune", 0.0)
     """CutMix alpha; 0 turns CutMix off."""
-    mixup_prob: float = 1.0
+    mixup_prob: float = only("finetune", 1.0)
     """Probability of mixing a batch at all."""
-    switch_prob: float = 0.5
+    switch_prob: float = only("finetune", 0.5)
     """Probability of CutMix instead of Mixup when both are on."""
-    mixup_mode: str = "batch"
+    mixup_mode: str = only("finetune", "batch")
     """Mix per 'batch', 'pair' or 'elem'."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = only("finetune", 0.0)
     """Label smoothing of the classification loss (inside the mixed targets when mixing)."""
 
     @property
@@ -287,13 +304,22 @@ class RuntimeConfig(_Section):
     seed: int = 0
     """Seed of weight init, data order, augmentation and masks (the same on every rank)."""
     threads: int | None = None
-    """CPU training: intra-op threads per process; None takes the cores the loader workers leave free."""
+    """CPU runs: intra-op threads per process; None chooses them with data.num_workers from the cores and
+    the measured loading and step rates (every core computes where loading is light; the header says why)."""
+    gemm_route: str = "auto"
+    """Route of the float32 CPU GEMMs of the fused layers: 'onednn', 'aten' (torch's BLAS) or 'auto'
+    (calibrated at the run's start, cached per machine and thread count; under torchrun rank 0 decides).
+    SIMMIM_GEMM_ROUTE, when set, overrides it; the run records the route it took."""
+    recompute: str = "auto"
+    """Norm and GELU outputs in the backward of the fused layers: 'recompute' (less memory), 'keep' (one
+    elementwise pass less), or 'auto' (keep only 16-bit GELU outputs). SIMMIM_RECOMPUTE=1|0|auto, when
+    set, overrides it."""
     log_every: int = 10
     """Optimizer steps between progress lines and metrics records (the loss is read from the device
     only then)."""
-    vis_every: int = 1
+    vis_every: int = only("pretrain", 1, off=0)
     """Epochs between reconstruction grids of a pretraining run; 0 turns them off."""
-    eval_every: int = 1
+    eval_every: int = only("finetune", 1)
     """Epochs between evaluations of a fine-tuning run (the last epoch is always evaluated)."""
     tensorboard: bool = True
     """Also write TensorBoard scalars under RUN_DIR/tensorboard."""
@@ -306,6 +332,8 @@ class RuntimeConfig(_Section):
         self.require(ok, "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
         self.choice("precision", ("auto", "fp32", "bf16", "fp16"))
         self.choice("parallel", ("ddp", "fsdp"))
+        self.choice("gemm_route", ("auto", *GEMM_ROUTES))
+        self.choice("recompute", ("auto", "recompute", "keep"))
         self.require(self.log_every >= 1, "log_every", "a count >= 1")
         self.require(self.vis_every >= 0, "vis_every", "a count >= 0")
         self.require(self.eval_every >= 1, "eval_every", "a count >= 1")
@@ -340,15 +368,15 @@ class CheckpointConfig(_Section):
 class EvalConfig(_Section):
     section: ClassVar[str] = "eval"
 
-    knn_every: int = 0
+    knn_every: int = only("pretrain", 0)
     """Pretraining: a k-NN monitor of the frozen encoder every this many epochs (and after the last);
     0 turns it off. Records eval/knn_top1 and knn_top5 (metrics.jsonl, TensorBoard, knn_curve.png)."""
-    knn_data: str | None = None
+    knn_data: str | None = only("pretrain", None)
     """Labelled images of the monitor: DIR with train/ and val/ class folders, or 'fashion-mnist';
     None takes data.path."""
-    knn_labels_per_class: int = 20
+    knn_labels_per_class: int = only("pretrain", 20)
     """Training images per class in the monitor's neighbour bank (a balanced subset)."""
-    knn_val_images: int = 500
+    knn_val_images: int = only("pretrain", 500)
     """Validation images the monitor classifies (the first ones)."""
 
     def check(self) -> None:
@@ -385,9 +413,9 @@ class TrainConfig(_Section):
         wanted = "pretrain" if self.task == "pretrain" else "classification"
         if spec.task != wanted:
             kind = "a pretraining model" if wanted == "pretrain" else "a classifier"
-            raise ValueError(f"model.name: {spec.name} is a {spec.task} model; a {self.task} run needs {kind}")
+            raise UsageError(f"model.name: {spec.name} is a {spec.task} model; a {self.task} run needs {kind}")
         if self.task == "finetune" and self.augment.mixes and self.data.batch_size % 2:
-            raise ValueError(f"data.batch_size: expected an even size with mixup/cutmix, got {self.data.batch_size}")
+            raise UsageError(f"data.batch_size: expected an even size with mixup/cutmix, got {self.data.batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (dicts, lists, numbers, strings) that YAML and weights-only loading accept."""
@@ -415,22 +443,51 @@ def all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def unknown_key(key: str) -> ValueError:
+def unknown_key(key: str) -> UnknownName:
     keys = all_keys()
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if close:
-        return ValueError(f"unknown config key {key!r}; did you mean {close[0]!r}?")
+        return UnknownName(f"unknown config key {key!r}; did you mean {close[0]!r}?")
     # no near miss: the keys of its section, or the sections and top-level keys (an installed wheel has
     # no configs/ folder to point at)
     section = key.split(".")[0] + "."
     valid = [k for k in keys if k.startswith(section)] or sorted({k.split(".")[0] for k in keys})
-    return ValueError(f"unknown config key {key!r}; expected one of {', '.join(valid)}")
+    return UnknownName(f"unknown config key {key!r}; expected one of {', '.join(valid)}")
+
+
+def key_task(key: str) -> str | None:
+    """The one task that reads dotted `key` (declared with `only`); None where both do (or for a key
+    that is not one, which the config load names)."""
+    cls, *path, leaf = (TrainConfig, *key.split("."))
+    for name in path:
+        cls = field_types(cls).get(name)
+        if not dataclasses.is_dataclass(cls):
+            return None
+    return next((f.metadata.get("task") for f in dataclasses.fields(cls) if f.name == leaf), None)
+
+
+def ignored_keys(cfg: TrainConfig, keys: Iterable[str]) -> list[str]:
+    """Those of `keys` (dotted) that the run's task does not read and that hold another value than
+    their default (or their `off`): settings the run would silently ignore."""
+    out = []
+    for key in keys:
+        task = key_task(key)
+        if task is None or task == cfg.task:
+            continue
+        *path, leaf = key.split(".")
+        section = cfg
+        for name in path:
+            section = getattr(section, name)
+        spec = next(f for f in dataclasses.fields(section) if f.name == leaf)
+        if getattr(section, leaf) not in (spec.default, spec.metadata["off"]):
+            out.append(key)
+    return out
 
 
 def build(cls: type, data: Any, prefix: str = "") -> Any:
     """Section `cls` from (possibly partial) plain data; an unknown key is a one-line error."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+        raise UsageError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
     hints = {k: v for k, v in field_types(cls).items() if k != "section"}
     kwargs = {}
     for key, value in data.items():

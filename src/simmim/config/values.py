@@ -9,6 +9,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import UsageError
+
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 NONE = ("none", "null", "~", "")
 
@@ -30,7 +32,7 @@ def _type_name(tp: Any) -> str:
 def convert(value: Any, tp: Any, key: str) -> Any:
     """`value` (a Python value or a command-line/YAML string) as type `tp`, or a one-line error."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    fail = ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    fail = UsageError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in NONE)):
             return None
@@ -44,7 +46,7 @@ def convert(value: Any, tp: Any, key: str) -> Any:
             raise fail
         fixed = origin is tuple and not (len(args) == 2 and args[1] is Ellipsis)
         if fixed and len(value) != len(args):
-            raise ValueError(f"{key}: expected {len(args)} values, got {value!r}")
+            raise UsageError(f"{key}: expected {len(args)} values, got {value!r}")
         return origin(convert(v, args[i] if fixed else args[0], key) for i, v in enumerate(value))
     if tp is bool:
         if isinstance(value, bool):

@@ -9,6 +9,8 @@ epoch; a run resumed mid-epoch or spread over more processes sees exactly the sa
 from __future__ import annotations
 
 import contextlib
+import copy
+import difflib
 import os
 import random
 import warnings
@@ -23,6 +25,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..errors import UsageError
 from .masking import MaskGenerator
 
 IMAGE_SUFFIXES = (*IMG_EXTENSIONS, ".gif")  # torchvision's list leaves out GIF, which PIL reads
@@ -89,6 +92,40 @@ class ImageFiles(Dataset):
         return ImageFiles([self.samples[i] for i in indices], self.classes)
 
 
+class ClassSubset(Dataset):
+    """The samples of some classes of a labelled dataset (one with `targets` and `classes`), labelled
+    0..k-1 in the order the classes are named: one domain of a dataset, e.g. Fashion-MNIST's footwear."""
+
+    def __init__(self, source: Dataset, names: Sequence[str], where: str = "data.classes"):
+        known = list(source.classes)
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+                hint = f"did you mean {close[0]!r}?" if close else "the data's classes: " + ", ".join(known)
+                raise UsageError(f"{where}: unknown class {name!r}; {hint}")
+        if len(set(names)) != len(names) or not names:
+            raise UsageError(f"{where}: expected distinct class names, got {list(names)!r}")
+        ids = [known.index(name) for name in names]
+        self.source, self.classes = source, list(names)
+        self.label = {old: new for new, old in enumerate(ids)}
+        targets = np.asarray(source.targets)
+        self.indices = np.flatnonzero(np.isin(targets, ids))
+        self.targets = [self.label[int(t)] for t in targets[self.indices]]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, target = self.source[int(self.indices[index])]
+        return image, self.label[target]
+
+    def subset(self, positions: Sequence[int]) -> ClassSubset:
+        part = copy.copy(self)
+        part.indices = self.indices[np.asarray(positions, dtype=np.int64)]
+        part.targets = [self.targets[p] for p in positions]
+        return part
+
+
 def image_folder(root: str | Path) -> ImageFiles:
     """An ImageFolder layout (one subfolder per class) as ImageFiles."""
     root = Path(root)
@@ -126,7 +163,7 @@ def require_readable(source: Dataset, where: str) -> None:
             return
         except UnreadableImage:
             continue
-    raise ValueError(f"{where}: none of its {len(source)} images could be decoded ({len(source)} skipped; "
+    raise UsageError(f"{where}: none of its {len(source)} images could be decoded ({len(source)} skipped; "
                      f"`simmim verify-data {where}` names each and why)")
 
 
@@ -262,10 +299,3 @@ def loader_settings(num_workers: int | None, device: torch.device, local_world_s
     if num_workers is None:
         num_workers = max(0, min(8, cpus_per_rank(local_world_size) - 1))
     return dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
-
-
-def compute_threads(threads: int | None, num_workers: int, local_world_size: int = 1) -> int:
-    """Intra-op threads of a CPU training process: the cores its loader workers leave free, unless
-    given. More threads than free cores make every matmul wait for a descheduled thread (measured
-    here: 33 img/s with 2 threads beside a busy process, 488 img/s with 1)."""
-    return threads or max(1, cpus_per_rank(local_world_size) - num_workers)

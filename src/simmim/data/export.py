@@ -16,6 +16,8 @@ from simmim.data.fashion_mnist import CLASSES, load_fashion_mnist, load_labels
 from simmim.data.photos import PHOTOS, load_photo
 from simmim.data.webdataset import write_shards
 
+from ..errors import UsageError
+
 DATASETS = ("fashion-mnist", "photos")
 FORMATS = ("folder", "webdataset")
 Sample = tuple[str, dict[str, bytes]]  # a WebDataset sample: key, {extension: bytes}
@@ -139,7 +141,7 @@ def export_shards(name: str, out_dir: str | Path, shard_size: int, limit_per_cla
         names = PHOTOS if limit_per_class is None else PHOTOS[:limit_per_class]
         splits = {"train": (_numbered({"png": _png(load_photo(n))} for n in names), [])}
     elif limit_per_class is not None:
-        raise ValueError("limit_per_class: only for fashion-mnist and photos")
+        raise UsageError("limit_per_class: only for fashion-mnist and photos")
     else:
         splits = _folder_splits(Path(name))
     return {split: sum(write_shards(samples, Path(out_dir) / split, split, shard_size, classes, verbose))
@@ -158,15 +160,15 @@ def export_dataset(
     `export_shards`; `name` may then also be an image folder). `out_dir` must be absent or empty so
     no stale images from an earlier export get mixed in."""
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+        raise UsageError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
     if name not in DATASETS and format == "folder":
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} (or an image folder "
+        raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} (or an image folder "
                          "with --format webdataset)")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; remove it or choose another folder")
     if limit_per_class is not None and limit_per_class < 1:
-        raise ValueError(f"limit_per_class={limit_per_class} must be at least 1")
+        raise UsageError(f"limit_per_class={limit_per_class} must be at least 1")
     if format == "webdataset":
         return export_shards(name, out_dir, shard_size, limit_per_class, verbose)
     if name == "fashion-mnist":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import math
 import os
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from ..errors import UsageError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "SIMMIM_FASHION_MNIST_DIR"
@@ -56,18 +59,18 @@ def read_idx(path: str | Path, magic: int | None = None, count: int | None = Non
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as file:
             head = file.read(4)
             if len(head) < 4:
-                raise ValueError(f"{path}: {len(head)} bytes, too short for an IDX header (expected at least 4)")
+                raise UsageError(f"{path}: {len(head)} bytes, too short for an IDX header (expected at least 4)")
             found, code, ndim = int.from_bytes(head, "big"), head[2], head[3]
             if head[:2] != b"\0\0" or code not in _IDX_DTYPES or ndim == 0:
-                raise ValueError(
+                raise UsageError(
                     f"{path}: bad IDX magic 0x{found:08x} (expected 0x0000TTDD, TT a type code, DD dims)"
                 )
             if magic is not None and found != magic:
-                raise ValueError(f"{path}: IDX magic {found} (expected {magic})")
+                raise UsageError(f"{path}: IDX magic {found} (expected {magic})")
             dims = file.read(4 * ndim)
             header = 4 + 4 * ndim
             if len(dims) < 4 * ndim:
-                raise ValueError(f"{path}: truncated IDX header ({4 + len(dims)} bytes, expected {header} "
+                raise UsageError(f"{path}: truncated IDX header ({4 + len(dims)} bytes, expected {header} "
                                  f"for {ndim} dims)")
             shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
             dtype = _IDX_DTYPES[code]
@@ -78,10 +81,10 @@ def read_idx(path: str | Path, magic: int | None = None, count: int | None = Non
             extra = file.read(1) if count is None else b""  # a whole file must end there
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         # gzip reports truncation as EOFError and garbage as BadGzipFile; callers want one error type.
-        raise ValueError(f"{path}: not a readable gzip IDX file ({err})") from err
+        raise UsageError(f"{path}: not a readable gzip IDX file ({err})") from err
     if len(body) < math.prod(shape) * dtype.itemsize or extra:
         held = f"{header + len(body)}" if not extra else f"more than {expected}"
-        raise ValueError(f"{path}: holds {held} bytes, expected {expected} for shape {shape} of {dtype.name}")
+        raise UsageError(f"{path}: holds {held} bytes, expected {expected} for shape {shape} of {dtype.name}")
     # astype copies, so the result is writable and native-endian (torch.from_numpy needs both).
     return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
@@ -96,7 +99,7 @@ def _resolve_root(root: str | Path | None) -> Path:
 def _split_files(split: str, root: str | Path | None) -> tuple[Path, Path, Path]:
     """The folder, image file and label file of a split, which must exist."""
     if split not in SPLITS:
-        raise ValueError(f"unknown Fashion-MNIST split {split!r}; choose from {sorted(SPLITS)}")
+        raise UsageError(f"unknown Fashion-MNIST split {split!r}; choose from {sorted(SPLITS)}")
     folder = _resolve_root(root)
     images_path = folder / f"{SPLITS[split]}-images-idx3-ubyte.gz"
     labels_path = folder / f"{SPLITS[split]}-labels-idx1-ubyte.gz"
@@ -114,7 +117,7 @@ def load_labels(split: str, root: str | Path | None = None) -> np.ndarray:
     _, _, labels_path = _split_files(split, root)
     labels = read_idx(labels_path, magic=LABEL_MAGIC).astype(np.int64)
     if labels.size and not 0 <= labels.min() <= labels.max() < len(CLASSES):
-        raise ValueError(f"{labels_path}: labels outside 0..{len(CLASSES) - 1}")
+        raise UsageError(f"{labels_path}: labels outside 0..{len(CLASSES) - 1}")
     return labels
 
 
@@ -126,7 +129,7 @@ def load_fashion_mnist(split: str, root: str | Path | None = None,
     labels = load_labels(split, root)[:count]
     images = read_idx(images_path, magic=IMAGE_MAGIC, count=count)
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise ValueError(
+        raise UsageError(
             f"{folder}: {split} images {images.shape} and labels {labels.shape} "
             "(expected (N, 28, 28) images and N labels)"
         )
@@ -136,14 +139,14 @@ def load_fashion_mnist(split: str, root: str | Path | None = None,
 def balanced_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """Sorted indices of `per_class` random samples of every class in `labels`, fixed by `seed`."""
     if per_class < 1:
-        raise ValueError(f"per_class={per_class} must be at least 1")
+        raise UsageError(f"per_class={per_class} must be at least 1")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     picked = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
         if len(members) < per_class:
-            raise ValueError(f"class {cls} has {len(members)} samples, fewer than per_class={per_class}")
+            raise UsageError(f"class {cls} has {len(members)} images, fewer than the {per_class} asked")
         picked.append(rng.choice(members, size=per_class, replace=False))
     return np.sort(np.concatenate(picked))
 
@@ -169,8 +172,14 @@ class FashionMNIST(torch.utils.data.Dataset):
             if self.indices.ndim != 1 or (
                 self.indices.size and not 0 <= self.indices.min() <= self.indices.max() < len(labels)
             ):
-                raise ValueError(f"indices must be a 1-D sequence within 0..{len(labels) - 1}")
+                raise UsageError(f"indices must be a 1-D sequence within 0..{len(labels) - 1}")
         self.targets = labels[self.indices]
+
+    def subset(self, positions: Sequence[int]) -> FashionMNIST:
+        """The items at `positions` of this dataset, sharing its arrays."""
+        part = copy.copy(self)
+        part.indices, part.targets = self.indices[np.asarray(positions, dtype=np.int64)], self.targets[positions]
+        return part
 
     def __len__(self) -> int:
         return len(self.indices)

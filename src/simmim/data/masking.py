@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import UsageError
+
 
 @dataclass(frozen=True)
 class MaskGenerator:
@@ -23,16 +25,16 @@ class MaskGenerator:
 
     def __post_init__(self) -> None:
         if self.input_size % self.mask_patch_size:
-            raise ValueError(
+            raise UsageError(
                 f"mask_patch_size={self.mask_patch_size} must divide input_size={self.input_size}"
             )
         if self.mask_patch_size % self.model_patch_size:
-            raise ValueError(
+            raise UsageError(
                 f"mask_patch_size={self.mask_patch_size} must be a multiple of the model's "
                 f"patch size {self.model_patch_size}"
             )
         if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio={self.mask_ratio} must lie in (0, 1)")
+            raise UsageError(f"mask_ratio={self.mask_ratio} must lie in (0, 1)")
 
     @property
     def blocks_per_side(self) -> int:

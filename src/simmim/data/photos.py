@@ -8,6 +8,8 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
+from ..errors import UsageError
+
 # Only images shipped in the scikit-image wheel itself: the others need pooch and network access.
 # Synthetic images (logo, colorwheel, checkerboard) and scanned text pages are left out on purpose.
 _LOADERS: dict[str, Callable[[], np.ndarray]] = {
@@ -34,5 +36,5 @@ PHOTOS: tuple[str, ...] = tuple(_LOADERS)
 def load_photo(name: str) -> Image.Image:
     """The scikit-image photograph `name` (one of `PHOTOS`) as an RGB PIL image."""
     if name not in _LOADERS:
-        raise ValueError(f"unknown photo {name!r}; choose from {', '.join(PHOTOS)}")
+        raise UsageError(f"unknown photo {name!r}; choose from {', '.join(PHOTOS)}")
     return Image.fromarray(_LOADERS[name]()).convert("RGB")

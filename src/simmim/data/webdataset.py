@@ -17,7 +17,7 @@ that order (integers only: no sample is read or decoded).
 The number of samples of every shard must be known before the first step (every rank runs the
 same number of steps): `shardindex.json` next to the shards says it (the layout of the wids shard
 index: `shardlist` entries with `url`, `nsamples`, `filesize`); shards it does not list are counted
-by a header scan whose result is cached in ~/.cache/simmim/shard-counts.json.
+by a header scan whose result is cached in $SIMMIM_CACHE/shard-counts.json (default ~/.cache/simmim).
 """
 
 from __future__ import annotations
@@ -39,11 +39,14 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..fsutil import atomic_write, atomic_write_text
+from ..errors import UsageError
+from ..fsutil import atomic_write, atomic_write_text, read_json_cache, update_json_cache
+from ..hardware import cache_dir
 from .datasets import EpochSampler, UnreadableImage, derive_seed, load_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "pnm", "bmp", "gif", "tif", "tiff")
 INDEX_NAME = "shardindex.json"
+COUNTS_CACHE = "shard-counts.json"  # in cache_dir(): samples per shard found by a scan, by path, size and mtime
 INDEX_KIND = "wids-shard-index-v1"
 OPEN_SHARDS = 16  # per process: open files and member tables kept, least recently used dropped
 _BRACES = re.compile(r"\{([^{}]*)\}")
@@ -60,18 +63,18 @@ def expand_braces(pattern: str) -> list[str]:
     match = _BRACES.search(pattern)
     if match is None:
         if "{" in pattern or "}" in pattern:
-            raise ValueError(f"{pattern}: unbalanced or nested braces; expected e.g. train-{{000000..000099}}.tar")
+            raise UsageError(f"{pattern}: unbalanced or nested braces; expected e.g. train-{{000000..000099}}.tar")
         return [pattern]
     body = match.group(1)
     if (numbers := _RANGE.fullmatch(body)) is not None:
         first, last = numbers.groups()
         if int(last) < int(first):
-            raise ValueError(f"{pattern}: range {{{body}}} runs backwards")
+            raise UsageError(f"{pattern}: range {{{body}}} runs backwards")
         choices = [f"{i:0{len(first)}d}" for i in range(int(first), int(last) + 1)]
     elif "," in body:
         choices = body.split(",")
     else:
-        raise ValueError(f"{pattern}: {{{body}}} is neither a range like {{000..099}} nor alternatives like {{a,b}}")
+        raise UsageError(f"{pattern}: {{{body}}} is neither a range like {{000..099}} nor alternatives like {{a,b}}")
     head, tail = pattern[:match.start()], pattern[match.end():]
     return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
 
@@ -86,7 +89,7 @@ def looks_like_shards(path: str | Path) -> bool:
         return False
     suffixes = {p.suffix.lower().lstrip(".") for p in folder.iterdir() if p.is_file()}
     if "tar" in suffixes and suffixes & set(IMAGE_EXTENSIONS):
-        raise ValueError(f"{folder}: holds both .tar shards and image files; expected one kind (point data.path "
+        raise UsageError(f"{folder}: holds both .tar shards and image files; expected one kind (point data.path "
                          "at a folder of shards, a shard pattern, or an image folder)")
     return "tar" in suffixes
 
@@ -96,7 +99,7 @@ def shard_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     if not isinstance(spec, str | Path):
         paths = [path for item in spec for path in shard_paths(item)]
         if not paths:
-            raise ValueError("no shards given")
+            raise UsageError("no shards given")
         return paths
     text = str(spec)
     if _BRACES.search(text) or "{" in text or "}" in text:
@@ -114,7 +117,7 @@ def shard_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
         raise FileNotFoundError(f"no shard, shard folder or shard pattern at {text}")
     for path in paths:
         if path.suffix != ".tar":
-            raise ValueError(f"{path}: expected an uncompressed .tar shard (compressed shards cannot be read "
+            raise UsageError(f"{path}: expected an uncompressed .tar shard (compressed shards cannot be read "
                              "by random access)")
     return paths
 
@@ -158,24 +161,17 @@ def read_index(folder: Path) -> dict[str, Any]:
             return content
     except (ValueError, KeyError, TypeError):
         pass
-    raise ValueError(f"{index}: not a shard index "
+    raise UsageError(f"{index}: not a shard index "
                      '(expected {"shardlist": [{"url": ..., "nsamples": ...}, ...]})')
-
-
-def _cache_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "simmim" / "shard-counts.json"
 
 
 def shard_counts(paths: Sequence[Path]) -> list[int]:
     """Samples per shard: from shardindex.json beside the shards where its file size matches, else
     from the cache of earlier scans, else by scanning the member headers (and caching the count)."""
     indexes: dict[Path, dict[str, dict[str, Any]]] = {}
-    cache_path = _cache_file()
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    counts, scanned = [], False
+    cache_path = cache_dir() / COUNTS_CACHE
+    cache = read_json_cache(cache_path)
+    counts, scanned = [], {}
     for path in paths:
         stat = path.stat()
         folder = path.parent
@@ -191,14 +187,10 @@ def shard_counts(paths: Sequence[Path]) -> list[int]:
             counts.append(cached[2])
             continue
         samples, _ = scan_shard(path)
-        cache[key] = [stat.st_size, stat.st_mtime_ns, len(samples)]
+        cache[key] = scanned[key] = [stat.st_size, stat.st_mtime_ns, len(samples)]
         counts.append(len(samples))
-        scanned = True
     if scanned:
-        with contextlib.suppress(OSError):  # only a cache: a read-only home just means scanning again
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(cache)
-            atomic_write_text(cache_path, text, "shard count cache")
+        update_json_cache(cache_path, scanned, "shard count cache")
     return counts
 
 
@@ -222,7 +214,7 @@ class ShardedImages(Dataset):
 
     def __init__(self, paths: Sequence[str | Path], counts: Sequence[int], classes: Sequence[str] = ()):
         if len(paths) != len(counts):
-            raise ValueError(f"{len(paths)} shards but {len(counts)} sample counts")
+            raise UsageError(f"{len(paths)} shards but {len(counts)} sample counts")
         self.paths = [str(p) for p in paths]
         self.counts = [int(c) for c in counts]
         self.classes = list(classes)
@@ -258,7 +250,7 @@ class ShardedImages(Dataset):
         path = self.paths[shard]
         samples, damage = scan_shard(path)
         if damage is None and len(samples) != self._full[shard]:
-            raise ValueError(f"{path}: {len(samples)} samples, but its count says {self._full[shard]} "
+            raise UsageError(f"{path}: {len(samples)} samples, but its count says {self._full[shard]} "
                              f"(a stale {INDEX_NAME}? rewrite it or delete it to count again)")
         self._open[shard] = (os.open(path, os.O_RDONLY), samples, damage)
         if len(self._open) > OPEN_SHARDS:
@@ -362,7 +354,7 @@ def write_tar(file: BinaryIO, samples: Iterable[tuple[str, dict[str, bytes]]]) -
     with tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, members in samples:
             if not key or "." in key.rpartition("/")[2]:
-                raise ValueError(f"sample key {key!r}: expected a non-empty name without a dot in its base name")
+                raise UsageError(f"sample key {key!r}: expected a non-empty name without a dot in its base name")
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mode, info.mtime = len(data), 0o444, 0
@@ -374,7 +366,7 @@ def write_shards(samples: Iterable[tuple[str, dict[str, bytes]]], folder: str | 
     """Writes samples as `folder/PREFIX-000000.tar`, ... of `shard_size` samples each, every shard
     atomically, then `folder/shardindex.json` with the counts; returns the samples per shard."""
     if shard_size < 1:
-        raise ValueError(f"shard size {shard_size}: expected at least 1")
+        raise UsageError(f"shard size {shard_size}: expected at least 1")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []

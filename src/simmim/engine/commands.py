@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import PRESETS, TrainConfig, load_config
+from ..config import PRESETS, TrainConfig, load_config, source_recipe
+from ..errors import UsageError
 
 # the training modules are imported inside the commands: mounting them must not slow down the CLI
 
@@ -23,10 +24,12 @@ presets: {presets} (or a zoo model name: that model with its recipe)
 
 SOURCES = ("a checkpoint file or folder of any supported layout, a zoo name with published weights, or "
            "hf-hub:ORG/NAME[@REVISION][:FILE]")
+NO_PRESET = "; without --preset/--config, the architecture the source names, with its recipe"
 PRETRAINED_HELP = {
     "pretrain": f"continue pretraining from these weights: encoder, mask token and decoder ({SOURCES}); a "
-                "checkpoint without a decoder or mask token starts them fresh",
-    "finetune": f"initialize from these weights' encoder (a pretraining run's checkpoint, or {SOURCES})",
+                f"checkpoint without a decoder or mask token starts them fresh{NO_PRESET}",
+    "finetune": f"initialize from these weights' encoder (a pretraining run's folder or checkpoint, or {SOURCES})"
+                f"{NO_PRESET}",
 }
 
 
@@ -82,11 +85,15 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
              "checkpoint.resume": args.resume, "out_dir": args.out}
     overrides = list(args.overrides) + [f"{key}={value}" for key, value in flags.items() if value is not None]
     if args.resume == "auto" and not args.out:
-        raise ValueError("--resume auto needs --out RUN_DIR (the run to continue)")
+        raise UsageError("--resume auto needs --out RUN_DIR (the run to continue)")
     base = None
-    if not args.preset and not args.config:
+    pretrained = getattr(args, "pretrained", None)
+    if not args.preset and not args.config and pretrained and not args.resume:
+        base = source_recipe(pretrained, task)  # the architecture the checkpoint names, with its recipe
+        print(f"{task}: {base['model']['name']} with its recipe (the architecture of {pretrained})")
+    elif not args.preset and not args.config:
         if not args.resume:
-            raise ValueError(f"pass --preset NAME or --config FILE.yaml (presets: {', '.join(PRESETS)})")
+            raise UsageError(f"pass --preset NAME or --config FILE.yaml (presets: {', '.join(PRESETS)})")
         from ..checkpoint import training as checkpoints
 
         path = checkpoints.resume_path(args.resume, args.out or ".")
@@ -95,7 +102,7 @@ def config_from_args(args: argparse.Namespace, task: str) -> TrainConfig:
         base = checkpoints.load(path)["config"]
     cfg = load_config(args.preset, args.config, overrides, base=base)
     if cfg.task != task:
-        raise ValueError(f"{cfg.preset or args.config} is a {cfg.task} recipe; run `simmim {cfg.task}`")
+        raise UsageError(f"{cfg.preset or args.config} is a {cfg.task} recipe; run `simmim {cfg.task}`")
     return cfg
 
 
@@ -125,6 +132,7 @@ def _finetune(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation import evaluate
 
-    metrics = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device, model=args.model)
+    metrics = evaluate(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device, model=args.model,
+                       log=print)
     print(f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  "
           f"({metrics['images']} images)")

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -27,6 +29,8 @@ class DistEnv:
     local_rank: int
     local_world_size: int
     device: torch.device
+    owns_group: bool = False
+    """Whether `setup` created the process group (then `teardown` destroys it; a caller's group stays)."""
 
     @property
     def is_main(self) -> bool:
@@ -44,27 +48,32 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"runtime.device: {preference!r} requested but no CUDA device is available")
+            raise UsageError(f"runtime.device: {preference!r} requested but no CUDA device is available")
         return torch.device(preference if ":" in preference else f"cuda:{local_rank}")
     return torch.device("cpu")
 
 
 def setup(device: str = "auto") -> DistEnv:
-    """Reads the torchrun environment and joins the process group (NCCL on GPU, gloo on CPU)."""
+    """Reads the torchrun environment and joins the process group (NCCL on GPU, gloo on CPU), or takes
+    rank and world size from the group the caller already made."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    joined = dist.is_available() and dist.is_initialized()
+    if joined:  # e.g. torch.multiprocessing.spawn, which need not set RANK / WORLD_SIZE
+        rank, world_size = dist.get_rank(), dist.get_world_size()
     env = DistEnv(rank, world_size, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                  pick_device(device, local_rank))
+                  pick_device(device, local_rank), owns_group=world_size > 1 and not joined)
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    if env.distributed and not dist.is_initialized():
+    if env.owns_group:
         backend = "nccl" if env.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=env.device if env.device.type == "cuda" else None)
     return env
 
 
 def teardown(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
+    """Leaves the process group `setup` created; one the caller made stays theirs."""
+    if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

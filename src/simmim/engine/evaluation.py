@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,14 +11,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import training as checkpoints
-from ..checkpoint.sharded import consolidate
 from ..config import TrainConfig
 from ..data.datasets import EpochSampler, SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
+from ..errors import UsageError
 from ..zoo.hub import get_model, is_exported
+from ..zoo.runs import load_run
 from ..zoo.sources import parse_hub
-from .builders import build_network, eval_loader, eval_source
+from .builders import eval_loader, eval_source
 from .distributed import DistEnv, all_reduce_sum, setup, teardown
+from .machine import inference_split
 from .parallelize import autocast, resolve_precision
 
 
@@ -47,24 +50,23 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, sampler: EpochSampler,
 
 
 def load_run_model(path: str | Path) -> tuple[nn.Module, TrainConfig]:
-    """The model of a simmim training checkpoint (pretraining or fine-tuning; a file or a sharded
-    checkpoint directory), and its run's config."""
-    state = checkpoints.load(path)
-    cfg = TrainConfig.from_dict(state["config"])
-    weights = consolidate(path) if Path(path).is_dir() else state["model"]
-    num_classes = weights["head.weight"].shape[0] if cfg.task == "finetune" else None
-    model = build_network(cfg, num_classes=num_classes)
-    model.load_state_dict(weights)
-    if state.get("task", {}).get("classes"):
-        model.classes = list(state["task"]["classes"])
-    return model, cfg
+    """The model of a training run's folder (its newest checkpoint) or a simmim training checkpoint
+    (pretraining or fine-tuning; a file or a sharded checkpoint directory), and its run's config."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    found = load_run(path)
+    if found is None:
+        raise UsageError(f"{path} is not a simmim training checkpoint (no {checkpoints.FORMAT!r} format tag) or a "
+                         "training run's folder")
+    model, config = found
+    return model, TrainConfig.from_dict(config)
 
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     """The fine-tuned classifier of a simmim training checkpoint, and its run's config."""
     model, cfg = load_run_model(path)
     if cfg.task != "finetune":
-        raise ValueError(f"{path} is a {cfg.task} checkpoint; evaluate needs a fine-tuned classifier")
+        raise UsageError(f"{path} is a {cfg.task} checkpoint; evaluate needs a fine-tuned classifier")
     return model, cfg
 
 
@@ -81,22 +83,24 @@ def load_eval_classifier(path: str | Path, model: str | None, num_classes: int) 
         return get_model(str(path)), "auto"
     try:
         classifier, cfg = load_classifier(path)
-    except ValueError as err:
+    except UsageError as err:
         if "is not a simmim training checkpoint" not in str(err):
             raise
-        raise ValueError(f"{path} is neither a simmim training checkpoint nor an exported folder; for a "
+        raise UsageError(f"{path} is neither a simmim training checkpoint nor an exported folder; for a "
                          "published checkpoint (official, mmpretrain or HF layout) pass --model NAME, its zoo "
                          "architecture") from None
     return classifier, cfg.runtime.precision
 
 
 def evaluate(checkpoint_or_model: str | Path | nn.Module, data: str, batch_size: int = 64, device: str = "auto",
-             num_workers: int | None = None, model: str | None = None) -> dict[str, float]:
+             num_workers: int | None = None, model: str | None = None, threads: int | None = None,
+             log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) and mean cross-entropy of a classifier on `data`: DIR/val (or DIR
     itself) with one folder per class, or 'fashion-mnist' (its test split). The classifier is a model, a
     simmim fine-tuning checkpoint, an exported folder, or with `model` (a zoo name) a published checkpoint
     of that architecture (see `load_eval_classifier`). Images are resized to size x 256/224 and
-    center-cropped."""
+    center-cropped. On the CPU `threads` and `num_workers` (None: chosen from the measured rates,
+    `machine.split_cores`) split the cores; `log` gets the line that says how."""
     env = setup(device)
     try:
         source = eval_source(data)
@@ -105,12 +109,18 @@ def evaluate(checkpoint_or_model: str | Path | nn.Module, data: str, batch_size:
         else:
             classifier, precision = load_eval_classifier(checkpoint_or_model, model, len(source.classes))
         if not hasattr(classifier, "num_classes"):
-            raise ValueError(f"{checkpoint_or_model} is a pretraining model; evaluate needs a classifier")
+            raise UsageError(f"{checkpoint_or_model} is a pretraining model; evaluate needs a classifier")
         if len(source.classes) != classifier.num_classes:
-            raise ValueError(f"{data} has {len(source.classes)} classes, the classifier {classifier.num_classes}")
+            raise UsageError(f"{data} has {len(source.classes)} classes, the classifier {classifier.num_classes}")
         dataset = SeededSamples(source, eval_transform(classifier.encoder.cfg.img_size))
-        loader, sampler = eval_loader(dataset, collate_labelled, batch_size, env, num_workers)
         precision = resolve_precision(precision, env.device)
-        return evaluate_loader(classifier.to(env.device), loader, sampler, env, precision)
+        classifier = classifier.to(env.device)
+        split = inference_split(env, dataset, collate_labelled, batch_size, classifier, precision, threads,
+                                num_workers)
+        if split is not None and log is not None:
+            log(f"cores: {split.describe()}")
+        loader, sampler = eval_loader(dataset, collate_labelled, batch_size, env,
+                                      num_workers if split is None else split.workers)
+        return evaluate_loader(classifier, loader, sampler, env, precision)
     finally:
         teardown(env)

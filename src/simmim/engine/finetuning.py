@@ -14,6 +14,8 @@ from ..checkpoint.transfer import load_weights
 from ..config import TrainConfig
 from ..data.datasets import SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
+from ..errors import UsageError
+from ..zoo.runs import check_fits
 from ..zoo.sources import resolve
 from .builders import build_network, eval_loader, first, img_size, labelled_source, train_transform
 from .distributed import DistEnv
@@ -30,11 +32,11 @@ class FinetuneTask:
         self.cfg, self.env, self.log = cfg, env, log
         self.size = img_size(cfg)
         data, aug = cfg.data, cfg.augment
-        self.train_source = first(labelled_source(data.path, "train", data.labels_per_class, data.seed),
-                                  data.max_images)
-        val_source = first(labelled_source(data.path, "val"), data.max_images)
+        self.train_source = first(labelled_source(data.path, "train", data.labels_per_class, data.seed,
+                                                  data.classes), data.max_images)
+        val_source = first(labelled_source(data.path, "val", classes=data.classes), data.max_images)
         if list(val_source.classes) != list(self.train_source.classes):
-            raise ValueError(f"data.path: the classes of {data.path}/val differ from those of {data.path}/train")
+            raise UsageError(f"data.path: the classes of {data.path}/val differ from those of {data.path}/train")
         self.num_classes = cfg.model.num_classes or len(self.train_source.classes)
         self.val_loader, self.val_sampler = eval_loader(SeededSamples(val_source, eval_transform(self.size)),
                                                         collate_labelled, data.batch_size, env, data.num_workers)
@@ -102,7 +104,12 @@ def finetune(cfg: TrainConfig, overwrite: bool = False) -> RunResult:
     """Fine-tuning with a resolved config (see `simmim.config.load_config`); `cfg.model.pretrained`
     names the checkpoint to start from; `overwrite` as for `pretrain`."""
     if cfg.task != "finetune":
-        raise ValueError(f"task: expected 'finetune', got {cfg.task!r} (use pretrain for SimMIM recipes)")
+        raise UsageError(f"task: expected 'finetune', got {cfg.task!r} (use pretrain for SimMIM recipes)")
     if not cfg.data.path:
-        raise ValueError("data.path: expected an image folder with train/ and val/, or 'fashion-mnist' (--data)")
+        raise UsageError("data.path: expected an image folder with train/ and val/, or 'fashion-mnist' (--data)")
+    if cfg.model.pretrained:  # before any data is read: a checkpoint that names another architecture
+        with torch.device("meta"):
+            model = build_network(cfg, num_classes=1)
+        check_fits(resolve(cfg.model.pretrained), model, cfg.model.name,
+                   "set model.name={name}, or drop --preset (--pretrained alone takes its architecture)")
     return train(cfg, FinetuneTask, overwrite)

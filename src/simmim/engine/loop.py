@@ -27,12 +27,15 @@ from torch.utils.data import Dataset
 
 from ..checkpoint import training as checkpoints
 from ..config import TrainConfig
-from ..data.datasets import compute_threads, derive_seed
+from ..data.datasets import derive_seed
+from ..errors import UsageError
 from ..hardware import auto_precision
+from ..models import kernels
 from ..viz import save_curves
 from .builders import train_loader
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, setup, teardown
 from .logging import METRICS, Progress, RunLogger, format_duration, read_metrics
+from .machine import choose_split, decide_kernels, loss_step, measure_rates
 from .optim import LRSchedule, build_optimizer, group_table, scale_lrs
 from .parallelize import autocast, grad_scaler, gradient_sync, parallelize, resolve_precision
 
@@ -165,7 +168,7 @@ def check_new_run_folder(run_dir: Path, overwrite: bool) -> None:
     held = [p.name for p in run_contents(run_dir) if p.name in (CONFIG_FILE, METRICS) or
             checkpoints.NAME.match(p.name)]
     if held and not overwrite:
-        raise ValueError(f"{run_dir} already holds a run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
+        raise UsageError(f"{run_dir} already holds a run ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
                          f"continue it with --resume auto --out {run_dir}, start it over with --overwrite, "
                          f"or pick a free folder such as --out {free_folder(run_dir)}")
 
@@ -188,7 +191,8 @@ def train(cfg: TrainConfig, task_cls: type[Task], overwrite: bool = False) -> Ru
     try:
         run = Run(cfg, env, task_cls, overwrite)
         try:
-            return run.fit()
+            with kernels.using(run.kernels):
+                return run.fit()
         finally:
             run.log.close()
     except BaseException:
@@ -214,7 +218,7 @@ class Run:
         self.env, self.run_dir, self.created_dir = env, run_dir, False
         self.log = RunLogger(run_dir, env.is_main, cfg.runtime.tensorboard)
         if overwrite and cfg.checkpoint.resume:
-            raise ValueError("--overwrite starts a new run and --resume continues one: pass one of them")
+            raise UsageError("--overwrite starts a new run and --resume continues one: pass one of them")
         resume = checkpoints.resume_path(cfg.checkpoint.resume, run_dir)
         if cfg.checkpoint.resume == "auto" and resume is None:
             self.log.print(f"no checkpoint in {run_dir} yet: starting from scratch")
@@ -225,10 +229,16 @@ class Run:
         self.task = task_cls(cfg, env, self.log)  # reads the data: a wrong path fails before anything is written
         self.model = self.task.build_model(resuming=resume is not None)
         self.dataset = self.task.train_dataset(self.model)
-        self.loader, self.sampler = train_loader(self.dataset, self.task.collate(self.model), cfg, env)
-        if env.device.type == "cpu":
-            torch.set_num_threads(compute_threads(cfg.runtime.threads, self.loader.num_workers, env.local_world_size))
         self.precision = resolve_precision(cfg.runtime.precision, env.device)
+        collate = self.task.collate(self.model)
+        self.split = choose_split(env, cfg.runtime.threads, cfg.data.num_workers,
+                                  lambda counts: self.measure_rates(collate, counts))
+        self.kernels = decide_kernels(cfg.runtime, env)  # at the run's thread count
+        # config.yaml and the checkpoints record the kernels taken
+        self.cfg = cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(
+            cfg.runtime, gemm_route=self.kernels.gemm_route, recompute=self.kernels.recompute))
+        workers = cfg.data.num_workers if self.split is None else self.split.workers
+        self.loader, self.sampler = train_loader(self.dataset, collate, cfg, env, workers)
         self.wrapped = parallelize(self.model, env, cfg.runtime.parallel, cfg.runtime.compile, self.precision)
         # by default sharded exactly when FSDP2 shards the model: gathering its full state is what FSDP avoids
         self.sharded = cfg.checkpoint.sharded if cfg.checkpoint.sharded is not None else \
@@ -258,6 +268,20 @@ class Run:
         else:  # dropout, drop path and mixup differ between ranks, as in the official code
             seed_all(derive_seed(cfg.runtime.seed, env.rank, 1))
 
+    def measure_rates(self, collate: Callable, thread_counts: list[int]) -> tuple[float, dict[int, float]]:
+        """(images/s loaded by one process, {threads: images/s of a training step}), with the run's
+        kernels and precision; the weights and random streams left as they were."""
+        cfg, device = self.cfg, self.env.device
+
+        def loss(batch: tuple) -> torch.Tensor:
+            with autocast(self.precision, device):
+                return self.task.loss(self.model, batch[0].to(device), batch[1].to(device))
+
+        self.model.train()
+        with kernels.using(kernels.resolve(cfg.runtime.gemm_route, cfg.runtime.recompute)):
+            return measure_rates(self.dataset, collate, cfg.data.batch_size,
+                                 loss_step(loss, list(self.model.parameters())), thread_counts)
+
     # -- reporting ------------------------------------------------------------------------------------
 
     def describe(self) -> None:
@@ -266,8 +290,7 @@ class Run:
         procs = f"{env.world_size} processes ({cfg.runtime.parallel})" if env.distributed else "1 process"
         self.log.print(f"simmim {cfg.task}: {cfg.model.name} ({params:,} params) on {len(self.dataset):,} images "
                        f"from {cfg.data.path} -> {self.run_dir}")
-        threads = f" ({torch.get_num_threads()} threads, {self.loader.num_workers} loader workers)" \
-            if env.device.type == "cpu" else ""
+        threads = f" ({self.split.threads} threads, {self.split.workers} loader workers)" if self.split else ""
         why = f" ({auto_precision(env.device)[1]})" if cfg.runtime.precision == "auto" else ""
         self.log.print(f"{procs} on {env.device.type}{threads}, {self.precision}{why}; effective batch "
                        f"{s.effective_batch} = {cfg.data.batch_size} per process x {env.world_size} x "
@@ -277,6 +300,9 @@ class Run:
         self.log.print(f"lr {s.lr:.4g} (base {cfg.optim.lr:g} x {s.effective_batch}/{cfg.optim.lr_batch}), warmup "
                        f"from {s.warmup_lr:.3g} over {self.schedule.warmup_steps} steps, {sched}; "
                        f"{self.steps_per_epoch} steps/epoch x {cfg.schedule.epochs} epochs")
+        if self.split:
+            self.log.print(f"cores: {self.split.describe()}")
+        self.log.print(f"kernels: {self.kernels.describe()}")
         if cfg.optim.layer_decay != 1.0:
             self.log.print(f"layer-wise lr decay {cfg.optim.layer_decay}:\n{group_table(self.optimizer)}")
 

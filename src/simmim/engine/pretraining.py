@@ -13,6 +13,7 @@ from ..checkpoint.transfer import load_weights
 from ..config import TrainConfig
 from ..data.datasets import MaskCollate, SeededSamples
 from ..data.transforms import eval_transform
+from ..errors import UsageError
 from ..models import SimMIM
 from ..viz import reconstruction_panels, save_curves, save_grid
 from ..zoo.sources import resolve
@@ -50,9 +51,9 @@ class PretrainTask:
 
     def train_dataset(self, model: nn.Module) -> Dataset:
         # the data is read here, after the model: a bad model.pretrained stops the run before it
-        cfg = self.cfg
-        self.source = first(unlabelled_source(cfg.data.path), cfg.data.max_images)
-        heldout = first(heldout_source(cfg.data.path), cfg.data.max_images) if cfg.data.heldout_images else None
+        cfg, data = self.cfg, self.cfg.data
+        self.source = first(unlabelled_source(data.path, data.classes), data.max_images)
+        heldout = first(heldout_source(data.path, data.classes), data.max_images) if data.heldout_images else None
         self.heldout = SeededSamples(heldout or self.source, eval_transform(self.size))
         self.heldout_count = min(cfg.data.heldout_images, len(heldout)) if heldout else 0
         self.knn_sets = knn_monitor_sets(cfg) if cfg.eval.knn_every else None
@@ -148,9 +149,8 @@ def load_pretrained(model: SimMIM, source: str) -> str:
     try:
         path = resolve(source)
         report = load_weights(model, path)
-    except (ValueError, KeyError, OSError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        raise ValueError(f"model.pretrained: {message}") from None
+    except (UsageError, OSError) as err:  # bad input only: anything else is a bug and keeps its traceback
+        raise UsageError(f"model.pretrained: {err}") from None
     fresh = {"decoder": any(k.startswith("decoder.") for k in report.initialized),
              "mask token": "encoder.mask_token" in report.initialized}
     loaded = ["encoder"] + [part for part, new in fresh.items() if not new]
@@ -173,8 +173,10 @@ def _and(parts: list[str]) -> str:
 def knn_monitor_sets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     """The k-NN monitor's neighbour bank (a balanced labelled subset) and validation images."""
     path = cfg.eval.knn_data or cfg.data.path
-    bank = labelled_source(path, "train", cfg.eval.knn_labels_per_class, seed=cfg.data.seed)
-    val = eval_source(path)
+    classes = None if cfg.eval.knn_data else cfg.data.classes  # another dataset has classes of its own
+    bank = labelled_source(path, "train", cfg.eval.knn_labels_per_class, seed=cfg.data.seed, classes=classes,
+                           key="eval.knn_labels_per_class")
+    val = eval_source(path, classes)
     return bank, first(val, cfg.eval.knn_val_images)
 
 
@@ -182,7 +184,7 @@ def pretrain(cfg: TrainConfig, overwrite: bool = False) -> RunResult:
     """SimMIM pretraining with a resolved config (see `simmim.config.load_config`); a new run into a
     folder that holds a run is refused unless `overwrite` (which removes the old run's files)."""
     if cfg.task != "pretrain":
-        raise ValueError(f"task: expected 'pretrain', got {cfg.task!r} (use finetune for classification recipes)")
+        raise UsageError(f"task: expected 'pretrain', got {cfg.task!r} (use finetune for classification recipes)")
     if not cfg.data.path:
-        raise ValueError("data.path: expected an image folder, a list file or 'fashion-mnist' (--data)")
+        raise UsageError("data.path: expected an image folder, a list file or 'fashion-mnist' (--data)")
     return train(cfg, PretrainTask, overwrite)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import SeededSamples, collate_labelled
 from ..data.transforms import eval_transform
+from .distributed import DistEnv
+from .machine import inference_split
 from .parallelize import autocast
 
 
@@ -128,11 +131,21 @@ def probe_features(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Te
 
 def probe_encoder(encoder: nn.Module, train: Dataset, val: Dataset, num_classes: int,
                   settings: ProbeSettings = DEFAULTS, device: str | torch.device = "cpu",
-                  batch_size: int = 64, num_workers: int = 0) -> dict:
-    """Features of both sets extracted once, then both read-outs."""
+                  batch_size: int = 64, num_workers: int | None = None, threads: int | None = None,
+                  log: Callable[[str], None] | None = None) -> dict:
+    """Features of both sets extracted once, then both read-outs. On the CPU `threads` and
+    `num_workers` (None: chosen from the measured rates, `machine.split_cores`) split the cores; `log`
+    gets the line that says how."""
+    device = torch.device(device)
     encoder.to(device)
-    train_cached = extract_features(encoder, train, batch_size, device, num_workers)
-    val_cached = extract_features(encoder, val, batch_size, device, num_workers)
+    samples = SeededSamples(train, eval_transform(encoder.cfg.img_size))
+    split = inference_split(DistEnv(0, 1, 0, 1, device), samples, collate_labelled, batch_size, encoder, "fp32",
+                            threads, num_workers)
+    if split is not None and log is not None:
+        log(f"cores: {split.describe()}")
+    workers = split.workers if split is not None else num_workers or 0
+    train_cached = extract_features(encoder, train, batch_size, device, workers)
+    val_cached = extract_features(encoder, val, batch_size, device, workers)
     return probe_features(train_cached, val_cached, num_classes, settings)
 
 
@@ -154,16 +167,7 @@ def load_encoder(source: str, model_name: str | None = None) -> nn.Module:
     """The encoder of a simmim training checkpoint, an exported folder, a zoo name with published
     weights, or any supported checkpoint file with `model_name` naming its architecture."""
     from ..zoo.hub import get_model
-    from .evaluation import load_run_model
 
-    path = Path(source)
-    if model_name:
-        return get_model(model_name, pretrained=source).encoder
-    if path.is_dir() and (path / "config.json").is_file():
-        return get_model(path).encoder
-    if path.exists():
-        try:
-            return load_run_model(path)[0].encoder
-        except ValueError as err:
-            raise ValueError(f"{err}; name the architecture of other checkpoints with --model") from None
-    return get_model(source, pretrained=True).encoder
+    if model_name:  # the encoder alone is read: a file without a decoder is fine
+        return get_model(model_name, pretrained=source, random_decoder=True).encoder
+    return get_model(source, pretrained=True).encoder  # a zoo name's published weights, else the source's own

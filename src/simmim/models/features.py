@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UsageError
+
 
 class FeatureMaps(nn.Module):
     """An encoder that returns a list of NCHW maps, one per chosen stage (Swin, Swin V2) or block
@@ -18,7 +20,7 @@ class FeatureMaps(nn.Module):
         indices = tuple(range(count)) if out_indices is None else tuple(out_indices)
         bad = [i for i in indices if not -count <= i < count]
         if bad or not indices:
-            raise ValueError(f"out_indices {indices}: expected indices in [{-count}, {count}) of the encoder's "
+            raise UsageError(f"out_indices {indices}: expected indices in [{-count}, {count}) of the encoder's "
                              f"{count} {'stages' if hasattr(encoder, 'layers') else 'blocks'}")
         self.encoder = encoder
         self.out_indices = tuple(sorted({i % count for i in indices}))

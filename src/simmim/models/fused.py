@@ -3,8 +3,8 @@ or with less memory saved for the backward. Each falls back to the plain op wher
 
 - `Linear` / `linear`: float32 GEMMs on the CPU through the faster of two routes on this machine:
   oneDNN, or torch's BLAS (MKL's sgemm, which on AMD CPUs takes its AVX2 path and runs at about half
-  the rate oneDNN reaches with AVX-512, while on Intel AMX CPUs it beats oneDNN's fp32). `gemm_route`
-  decides by a short calibration, cached per machine; SIMMIM_GEMM_ROUTE=onednn|aten|auto forces it.
+  the rate oneDNN reaches with AVX-512, while on Intel AMX CPUs it beats oneDNN's fp32). kernels.py
+  holds both routes (`matmul_nt`) and the choice (`runtime.gemm_route`, decided once per run).
 - `PointwiseConv`: a 1x1 convolution (SimMIM's decoder) computed by `linear`.
 - `gelu_linear`: fc2(gelu(h)) keeping only h for the backward in fp32 (gelu(h), as large, is recomputed there).
 - `norm_linear`: linear(layer_norm(x)), optionally with the tokens reordered between the two, keeping
@@ -16,167 +16,19 @@ or with less memory saved for the backward. Each falls back to the plain op wher
   the probabilities.
 
 The private torch APIs used each have a public fallback taken where they are missing: oneDNN's
-linear (-> F.linear), the dispatch-mode probe (-> assume a mode is active, i.e. F.linear) and the
-softmax backward (-> its formula).
+linear and the dispatch-mode probe (kernels.py) and the softmax backward (-> its formula).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import time
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import hardware
-from ..fsutil import atomic_write_text
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-ROUTE_ENV, ROUTES = hardware.GEMM_ROUTE_ENV, hardware.GEMM_ROUTES
-RECOMPUTE_ENV = "SIMMIM_RECOMPUTE"
-"""Environment variable: auto (default), 1 (recompute norm and GELU outputs in the backward) or 0 (keep them)."""
-CACHE_FILE = "gemm-route.json"
-_CALIBRATION = ((4096, 96), (512, 384))
-"""(tokens, width) of the calibration's Swin blocks: the widths of Swin-T/B's first and third stages,
-fewer tokens than a batch holds so that the calibration takes a fraction of a second."""
-
-
-def recompute(output: str, dtype: torch.dtype) -> bool:
-    """Whether `norm_linear` ("norm") or `gelu_linear` ("gelu") recomputes its GEMM's input of `dtype` in
-    the backward instead of keeping it. SIMMIM_RECOMPUTE=1 recomputes both, 0 keeps both (more memory: an
-    activation the size of x per norm, 4x the width per MLP), auto (the default) keeps only a 16-bit GELU
-    output: under bf16 the GELU's recompute is a larger share of a faster step and the kept activation
-    half the bytes, while a norm's recompute is cheap everywhere (docs/kernels.md has the measurements)."""
-    value = os.environ.get(RECOMPUTE_ENV, "auto")
-    if value not in ("auto", "0", "1"):
-        raise ValueError(f"{RECOMPUTE_ENV}={value!r}: expected auto, 1 (recompute) or 0 (keep)")
-    if value == "auto":
-        return output == "norm" or dtype.itemsize > 2
-    return value == "1"
-
-
-def _dispatch_probe() -> Callable[[], bool]:
-    """Whether a dispatch mode (the MAC counter, fake tensors) is active: they expect aten.linear. Where
-    torch's private probe is missing, a mode is assumed, which only costs the oneDNN route."""
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-    except ImportError:
-        return lambda: True
-    return lambda: _get_current_dispatch_mode() is not None
-
-
-_dispatch_mode_active = _dispatch_probe()
-_routes: dict[tuple[str | None, int], str] = {}  # ($SIMMIM_CACHE, threads) -> calibrated route
-
-
-def forced_route() -> str | None:
-    """The route SIMMIM_GEMM_ROUTE forces, None for 'auto' or unset; a ValueError for a bad value."""
-    forced = hardware.requested_gemm_route()
-    if forced == "onednn" and not _ONEDNN:
-        raise ValueError(f"{ROUTE_ENV}=onednn: this torch build has no oneDNN linear "
-                         "(torch.ops.mkldnn._linear_pointwise)")
-    return forced
-
-
-def gemm_route() -> str:
-    """The float32 CPU GEMM route of this process: 'onednn' or 'aten' (torch's BLAS), as forced by
-    SIMMIM_GEMM_ROUTE or, with 'auto' (the default), measured on this machine at first use and cached
-    in $SIMMIM_CACHE/gemm-route.json under the CPU model, ISA flags, torch version and thread count."""
-    forced = forced_route()
-    if forced is not None:
-        return forced
-    if not _ONEDNN:
-        return "aten"
-    # what can change within a process: the cache directory and the thread count
-    seen = os.environ.get("SIMMIM_CACHE"), torch.get_num_threads()
-    if seen not in _routes:
-        _routes[seen] = _cached_or_calibrated(str(hardware.cache_dir() / CACHE_FILE), hardware.machine_key())
-    return _routes[seen]
-
-
-def _cached_or_calibrated(path: str, key: str) -> str:
-    try:
-        with open(path) as f:
-            cache = json.load(f)
-    except (OSError, ValueError):
-        cache = {}
-    route = cache.get(key, {}).get("route") if isinstance(cache, dict) else None
-    if route in ROUTES:
-        return route
-    seconds = calibrate()
-    route = min(ROUTES, key=seconds.__getitem__)
-    cache = {**(cache if isinstance(cache, dict) else {}), key: {"route": route, "seconds": seconds}}
-    with contextlib.suppress(OSError):  # only a cache: an unwritable one means calibrating again
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write_text(path, json.dumps(cache, indent=1), "GEMM route cache")
-    return route
-
-
-def calibrate(repeats: int = 3) -> dict[str, float]:
-    """Seconds per route of the float32 GEMMs of a Swin block's linear layers (qkv, proj, fc1, fc2;
-    forward, input and weight gradients, as `linear` runs them) at the widths of _CALIBRATION: the
-    best of `repeats` passes after one warm-up, the routes alternating. Fixed shapes and inputs from a
-    private generator, so that the global random state is untouched."""
-    gen = torch.Generator().manual_seed(0)
-    layers = [(torch.rand(m, k, generator=gen), torch.rand(n, k, generator=gen), torch.rand(n, generator=gen),
-               torch.rand(m, n, generator=gen))
-              for m, c in _CALIBRATION for k, n in ((c, 3 * c), (c, c), (c, 4 * c), (4 * c, c))]
-
-    def run(route: str) -> float:
-        start = time.perf_counter()
-        for x, w, b, g in layers:
-            matmul_nt(x, w, b, route)
-            matmul_nt(g, w.t(), route=route)
-            _weight_grads(x, g, (True, False), route)
-        return time.perf_counter() - start
-
-    best = {route: float("inf") for route in ROUTES}
-    for i in range(repeats + 1):
-        for route in ROUTES[::-1] if i % 2 else ROUTES:
-            seconds = run(route)
-            if i:  # the first pass warms up (oneDNN builds its primitives)
-                best[route] = min(best[route], seconds)
-    return best
-
-
-def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # torch.compile, autocast and dispatch modes (the MAC counter, fake tensors) expect aten.linear,
-    # and inductor and bf16 reach oneDNN through it
-    return (_ONEDNN and not torch.compiler.is_compiling() and a.device.type == "cpu"
-            and a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not _dispatch_mode_active() and gemm_route() == "onednn")
-
-
-def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, route: str | None = None
-              ) -> torch.Tensor:
-    """a @ b.T (+ bias) for a (..., K) and b (N, K); either may be a transposed view. `route` forces
-    'onednn' or 'aten'; by default oneDNN where `gemm_route` chose it and it applies."""
-    if route == "onednn" or (route is None and _use_onednn(a, b)):
-        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
-    return F.linear(a, b, bias)
-
-
-def _weight_grads(x: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, ...], route: str | None = None
-                  ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of W and b in y = x W^T + b, with x (M, K) and grad (M, N). oneDNN copies its first
-    operand when it is a transposed view (the second it reads as it is), so x goes first where it is
-    the narrower one by far; W's gradient then comes out transposed, and the strided copy that makes it
-    contiguous (in bf16 a strided cast, several times slower than a plain one) is worth it only where it
-    is small beside the copy it saves: N x K elements against M x (N - K)."""
-    grad_weight = grad_bias = None
-    if needs[0]:
-        (m, k), n = x.shape, grad.shape[1]
-        x_first = k < n and m * (n - k) > 4 * n * k
-        grad_weight = (matmul_nt(x.t(), grad.t(), route=route).t() if x_first
-                       else matmul_nt(grad.t(), x.t(), route=route))
-    if needs[1]:
-        grad_bias = grad.sum(0)
-    return grad_weight, grad_bias
+from . import kernels
+from .kernels import matmul_nt, use_onednn, weight_grads
 
 
 class _Linear(torch.autograd.Function):
@@ -190,12 +42,12 @@ class _Linear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         flat = grad.reshape(-1, grad.shape[-1])
         grad_x = matmul_nt(flat, weight.t()).view(x.shape) if ctx.needs_input_grad[0] else None
-        return grad_x, *_weight_grads(x.reshape(-1, x.shape[-1]), flat, ctx.needs_input_grad[1:])
+        return grad_x, *weight_grads(x.reshape(-1, x.shape[-1]), flat, ctx.needs_input_grad[1:])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the float32 CPU GEMMs of forward and backward in oneDNN where `gemm_route` chose it."""
-    if _use_onednn(x, weight):
+    """F.linear, with the float32 CPU GEMMs of forward and backward in oneDNN where `kernels.gemm_route` chose it."""
+    if use_onednn(x, weight):
         return _Linear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -271,7 +123,7 @@ class _NormLinear(torch.autograd.Function):
         y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)
         w = weight.to(dtype)
         y = _gathered(y.to(dtype), gather)
-        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, w, None if recompute("norm", dtype) else y)
+        ctx.save_for_backward(x, norm_weight, norm_bias, mean, rstd, w, None if kernels.recompute("norm", dtype) else y)
         ctx.eps, ctx.gather, ctx.dtypes = eps, gather, (weight.dtype, None if bias is None else bias.dtype)
         return matmul_nt(y, w, _cast(bias, dtype))
 
@@ -283,7 +135,7 @@ class _NormLinear(torch.autograd.Function):
             y = _gathered(y.to(grad.dtype), ctx.gather)
         flat = grad.reshape(-1, grad.shape[-1])
         y = y.reshape(flat.shape[0], -1)
-        grad_weight, grad_bias = _weight_grads(y, flat, ctx.needs_input_grad[4:6])
+        grad_weight, grad_bias = weight_grads(y, flat, ctx.needs_input_grad[4:6])
         grad_y = matmul_nt(grad, weight.t())
         if ctx.gather is not None:
             grad_y = take_tokens(grad_y, ctx.gather.inverse, ctx.gather.inverse_pad)
@@ -301,7 +153,7 @@ def _gathered(y: torch.Tensor, gather: TokenGather | None) -> torch.Tensor:
 def norm_linear(x: torch.Tensor, norm: nn.LayerNorm, layer: nn.Linear, gather: TokenGather | None = None
                 ) -> torch.Tensor:
     """layer(gather(norm(x))), the norm's output recomputed in the backward instead of kept: one cheap
-    elementwise pass for an activation the size of x (kept with SIMMIM_RECOMPUTE=0)."""
+    elementwise pass for an activation the size of x (kept with runtime.recompute=keep)."""
     return _NormLinear.apply(x, norm.weight, norm.bias, norm.eps, layer.weight, layer.bias, gather)
 
 
@@ -326,7 +178,7 @@ class _GeluLinear(torch.autograd.Function):
         dtype = _gemm_dtype(h)
         w = weight.to(dtype)
         act = F.gelu(h).to(dtype)
-        ctx.save_for_backward(h, w, None if recompute("gelu", dtype) else act)
+        ctx.save_for_backward(h, w, None if kernels.recompute("gelu", dtype) else act)
         ctx.dtypes = weight.dtype, bias.dtype
         return matmul_nt(act, w, bias.to(dtype))
 
@@ -339,14 +191,14 @@ class _GeluLinear(torch.autograd.Function):
             grad_h = torch.ops.aten.gelu_backward(matmul_nt(grad, weight.t()).to(h.dtype), h)
         if ctx.needs_input_grad[1]:
             act = (F.gelu(h).to(grad.dtype) if act is None else act).reshape(flat.shape[0], -1)
-        grad_weight, grad_bias = _weight_grads(act, flat, ctx.needs_input_grad[1:])
+        grad_weight, grad_bias = weight_grads(act, flat, ctx.needs_input_grad[1:])
         return grad_h, _cast(grad_weight, ctx.dtypes[0]), _cast(grad_bias, ctx.dtypes[1])
 
 
 def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """F.linear(F.gelu(h), weight, bias) that saves h alone for the backward: the MLP's largest
     activation (4x the width) is held once instead of twice, for one more elementwise pass (both held
-    under bf16 or with SIMMIM_RECOMPUTE=0: `recompute`)."""
+    under bf16 or with runtime.recompute=keep: `kernels.recompute`)."""
     return _GeluLinear.apply(h, weight, bias)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from .fused import Linear, gelu_linear, norm_linear
 
 
@@ -52,7 +53,7 @@ def apply_mask_token(tokens: torch.Tensor, mask: torch.Tensor, mask_token: torch
     tokens: (B, L, C); mask: (B, h, w) or (B, L), 1 = masked."""
     b, length, _ = tokens.shape
     if mask.numel() != b * length:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not cover the {length} patches of the image")
+        raise UsageError(f"mask of shape {tuple(mask.shape)} does not cover the {length} patches of the image")
     w = mask.reshape(b, length, 1).to(tokens.dtype)
     # one fused pass; lerp returns either end exactly for w in {0, 1}
     return torch.lerp(tokens, mask_token.to(tokens.dtype), w)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.masking import MaskGenerator
+from ..errors import UsageError
 from .fused import PointwiseConv
 
 LOSSES = ("l1", "l2")
@@ -34,7 +35,7 @@ def local_moments(images: torch.Tensor, window: int) -> tuple[torch.Tensor, torc
     """Per pixel and channel: mean and unbiased variance (clamped at 0) of the `window` x `window`
     neighbourhood inside the image (zero padding not counted), as the official `norm_targets`."""
     if window < 3 or window % 2 == 0:
-        raise ValueError(f"normalized-target window {window}: expected an odd size >= 3 (the releases use 47)")
+        raise UsageError(f"normalized-target window {window}: expected an odd size >= 3 (the releases use 47)")
     x = images.float()
     pool = dict(kernel_size=window, stride=1, padding=window // 2)
     mean = F.avg_pool2d(x, **pool, count_include_pad=False)
@@ -62,7 +63,7 @@ def masked_reconstruction_loss(images: torch.Tensor, reconstruction: torch.Tenso
     elif kind == "l2":
         err = F.mse_loss(rec, target, reduction="none")
     else:
-        raise ValueError(f"loss kind {kind!r}: expected 'l1' or 'l2'")
+        raise UsageError(f"loss kind {kind!r}: expected 'l1' or 'l2'")
     return (err * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / images.shape[1]
 
 
@@ -84,7 +85,7 @@ class SimMIM(nn.Module):
         self.encoder = encoder
         self.patch_size, self.encoder_stride = encoder.patch_size, encoder.encoder_stride
         if loss not in LOSSES:  # refused here, not at the first forward
-            raise ValueError(f"loss {loss!r}: expected {' or '.join(map(repr, LOSSES))}")
+            raise UsageError(f"loss {loss!r}: expected {' or '.join(map(repr, LOSSES))}")
         self.loss_kind, self.decoder_kind = loss, decoder
         self.mask_generator = MaskGenerator(encoder.cfg.img_size, mask_patch_size, encoder.patch_size, mask_ratio)
         out = self.encoder_stride**2 * in_chans
@@ -94,7 +95,7 @@ class SimMIM(nn.Module):
         elif decoder == "mlp":
             layers = [PointwiseConv(dim, dim), nn.GELU(), PointwiseConv(dim, out)]
         else:
-            raise ValueError(f"decoder {decoder!r}: expected 'linear' or 'mlp'")
+            raise UsageError(f"decoder {decoder!r}: expected 'linear' or 'mlp'")
         self.decoder = nn.Sequential(*layers, nn.PixelShuffle(self.encoder_stride))
 
     def no_weight_decay(self) -> set[str]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UsageError
 from .fused import TokenGather, biased_attention, linear, norm_linear
 from .layers import (
     DropPath,
@@ -68,16 +69,16 @@ class SwinConfig:
     def __post_init__(self) -> None:
         self.depths, self.num_heads = tuple(self.depths), tuple(self.num_heads)
         if len(self.depths) != len(self.num_heads):
-            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
+            raise UsageError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+            raise UsageError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
         grid = self.img_size // self.patch_size
         if not 1 <= self.window_size <= grid:
-            raise ValueError(f"window_size={self.window_size}: expected 1 to {grid}, the first stage's "
+            raise UsageError(f"window_size={self.window_size}: expected 1 to {grid}, the first stage's "
                              f"{grid}x{grid} feature map at img_size={self.img_size}")
         for i, heads in enumerate(self.num_heads):
             if (self.embed_dim * 2**i) % heads:
-                raise ValueError(f"stage {i} width {self.embed_dim * 2**i} is not divisible by {heads} heads")
+                raise UsageError(f"stage {i} width {self.embed_dim * 2**i} is not divisible by {heads} heads")
 
     @property
     def num_features(self) -> int:
@@ -409,7 +410,7 @@ class SwinTransformer(nn.Module):
         b, h, w, c = x.shape
         if mask is not None:
             if self.mask_token is None:
-                raise ValueError("this encoder has no mask token: build it with use_mask_token=True")
+                raise UsageError("this encoder has no mask token: build it with use_mask_token=True")
             x = apply_mask_token(x.view(b, h * w, c), mask, self.mask_token).view(b, h, w, c)
         if self.absolute_pos_embed is not None:
             x = x + resize_pos_grid(self.absolute_pos_embed, (h, w))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from .fused import linear, window_mask
 from .layers import DropPath, Mlp, linear_layer, on_default_device, relative_position_index
 from .swin import SwinConfig, SwinStage, SwinTransformer, Windows, attend_in_windows, merge_neighbours
@@ -49,12 +50,12 @@ class SwinV2Config(SwinConfig):
         super().__post_init__()
         self.pretrained_window_sizes = tuple(self.pretrained_window_sizes)
         if self.pretrained_window_sizes and len(self.pretrained_window_sizes) != len(self.depths):
-            raise ValueError(f"pretrained_window_sizes {self.pretrained_window_sizes}: expected one per stage "
+            raise UsageError(f"pretrained_window_sizes {self.pretrained_window_sizes}: expected one per stage "
                              f"({len(self.depths)}) or none")
         if any(w < 0 for w in self.pretrained_window_sizes):
-            raise ValueError(f"pretrained_window_sizes {self.pretrained_window_sizes}: expected sizes >= 0")
+            raise UsageError(f"pretrained_window_sizes {self.pretrained_window_sizes}: expected sizes >= 0")
         if self.extra_norm_period < 0:
-            raise ValueError(f"extra_norm_period={self.extra_norm_period}: expected 0 (none) or a block count")
+            raise UsageError(f"extra_norm_period={self.extra_norm_period}: expected 0 (none) or a block count")
 
     def pretrained_window(self, stage: int) -> int:
         return self.pretrained_window_sizes[stage] if self.pretrained_window_sizes else 0

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UsageError
 from .layers import (
     DropPath,
     Mlp,
@@ -62,9 +63,9 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
-            raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+            raise UsageError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+            raise UsageError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
 
     @property
     def grid(self) -> int:
@@ -223,12 +224,12 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed.proj(x)
         b, c, h, w = x.shape
         if (h, w) != (self.cfg.grid,) * 2:
-            raise ValueError(f"input of {h * self.patch_size}x{w * self.patch_size} px, this ViT is built for "
+            raise UsageError(f"input of {h * self.patch_size}x{w * self.patch_size} px, this ViT is built for "
                              f"{self.cfg.img_size} px")
         x = x.flatten(2).transpose(1, 2)
         if mask is not None:
             if self.mask_token is None:
-                raise ValueError("this encoder has no mask token: build it with use_mask_token=True")
+                raise UsageError("this encoder has no mask token: build it with use_mask_token=True")
             x = apply_mask_token(x, mask, self.mask_token)
         x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:

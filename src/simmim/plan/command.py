@@ -7,6 +7,7 @@ import json
 import shlex
 from pathlib import Path
 
+from ..errors import UsageError
 from .estimate import PlanConfig, plan, profile_model
 from .hardware import GPUS
 from .report import as_json, markdown, text
@@ -17,7 +18,7 @@ def gpu_counts(value: str) -> list[int]:
     try:
         counts = [int(v) for v in value.split(",")]
     except ValueError:
-        raise ValueError(f"--gpus {value!r}: expected a count or comma-separated counts, e.g. 8,16,32") from None
+        raise UsageError(f"--gpus {value!r}: expected a count or comma-separated counts, e.g. 8,16,32") from None
     return counts
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.parallelize import transformer_blocks
+from ..errors import UsageError
 from ..zoo import get_spec
 from ..zoo.flops import count_macs
 from .activations import SavedBytes, StepMemory, example_inputs, meta_model, saved_bytes, step_memory
@@ -39,15 +40,15 @@ class PlanConfig:
     """Assumed fraction of the peak FLOP rate a step reaches."""
     def __post_init__(self) -> None:
         if self.gpus < 1:
-            raise ValueError(f"gpus={self.gpus}: expected at least 1")
+            raise UsageError(f"gpus={self.gpus}: expected at least 1")
         if self.batch < 1:
-            raise ValueError(f"batch={self.batch}: expected at least 1 image per GPU")
+            raise UsageError(f"batch={self.batch}: expected at least 1 image per GPU")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+            raise UsageError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.gpu not in GPUS:
-            raise ValueError(f"gpu {self.gpu!r}: expected one of {', '.join(GPUS)}")
+            raise UsageError(f"gpu {self.gpu!r}: expected one of {', '.join(GPUS)}")
         if not 0 < self.utilization <= 1:
-            raise ValueError(f"utilization={self.utilization}: expected a fraction in (0, 1]")
+            raise UsageError(f"utilization={self.utilization}: expected a fraction in (0, 1]")
         get_spec(self.model)  # an unknown name fails here, with the closest ones
 
 
@@ -181,7 +182,7 @@ def plan(cfg: PlanConfig, profile: ModelProfile | None = None) -> Plan:
     """The per-GPU memory and step time of `cfg` under each strategy (measures the model if no profile)."""
     profile = profile or profile_model(cfg.model, cfg.batch, cfg.precision)
     if (profile.name, profile.batch, profile.precision) != (get_spec(cfg.model).name, cfg.batch, cfg.precision):
-        raise ValueError(f"the profile of {profile.name} at batch {profile.batch} in {profile.precision} does not "
+        raise UsageError(f"the profile of {profile.name} at batch {profile.batch} in {profile.precision} does not "
                          f"match the plan's {cfg.model} at batch {cfg.batch} in {cfg.precision}")
     gpu = GPUS[cfg.gpu]
     gather = gather_bytes(cfg.precision)

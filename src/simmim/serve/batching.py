@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import UsageError
+
 
 @dataclass
 class _Job:
@@ -25,7 +27,7 @@ class Batcher:
 
     def __init__(self, run: Callable[[list], list], window_s: float = 0.005, max_batch: int = 16):
         if max_batch < 1 or window_s < 0:
-            raise ValueError(f"max_batch={max_batch}, window_s={window_s}: expected >= 1 and >= 0")
+            raise UsageError(f"max_batch={max_batch}, window_s={window_s}: expected >= 1 and >= 0")
         self.run, self.window_s, self.max_batch = run, window_s, max_batch
         self.batch_sizes: list[int] = []
         self._queue: queue.Queue[_Job | None] = queue.Queue()

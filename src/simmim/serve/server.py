@@ -1,7 +1,8 @@
 """The HTTP side of `simmim serve`: the page, `/v1/reconstruct`, `/v1/predict`, `/v1/model`, `/health`.
 
 Inputs are decoded and checked in the request's thread; the forward pass runs through a `Batcher`,
-so requests arriving together share one forward. Every bad input is a 4xx with a one-line JSON error."""
+so requests arriving together share one forward. Every bad input is a 4xx with a one-line JSON error;
+a bug is a 500 with the same, and its traceback on stderr."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import io
 import json
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -25,11 +27,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..checkpoint.training import list_checkpoints
 from ..data.masking import MaskGenerator
+from ..errors import UsageError
 from ..inference import check_mask, class_names, classify, load_model, mask_shape, preprocess, reconstruct
 from ..models import SimMIM
-from ..zoo.hub import CONFIG_FILE, model_config
+from ..zoo.hub import model_config
+from ..zoo.runs import architecture_of, newest_checkpoint
 from .batching import Batcher
 
 PANELS = ("original", "masked", "reconstruction", "pasted")
@@ -65,25 +68,13 @@ def load_served_model(source: str, weights: str | None = None,
                       random_weights: bool = False) -> tuple[nn.Module, str, str]:
     """(model, name, where its weights came from) for a zoo name, an exported directory, a simmim
     training checkpoint, or a training run's folder (its newest checkpoint)."""
-    path = Path(source)
-    run_checkpoints = list_checkpoints(path) if not (path / CONFIG_FILE).is_file() else []
-    if run_checkpoints:
-        path = run_checkpoints[-1]
-    if path.is_file() or run_checkpoints:
-        from ..engine.evaluation import load_run_model
-
-        model, cfg = load_run_model(path)
-        return model.eval(), cfg.model.name, str(path)
-    if random_weights:
-        if weights:
-            raise ValueError("--weights and --random-weights exclude each other")
-        from ..zoo.hub import get_model
-
-        return get_model(source), source, "random (untrained)"
-    model = load_model(source, weights)
-    if path.is_dir():  # an exported directory names its model in its config
-        return model, json.loads((path / CONFIG_FILE).read_text()).get("name") or path.name, str(weights or path)
-    return model, source, str(weights or "published")
+    model = load_model(source, weights, random_weights=random_weights)
+    if not Path(source).exists():
+        return model, source, "random (untrained)" if random_weights else str(weights or "published")
+    # a run folder, training checkpoint or exported directory names its model
+    found = architecture_of(source)
+    path = newest_checkpoint(source)
+    return model, found.name if found and found.name else path.name, str(path)
 
 
 def model_info(model: nn.Module, name: str, weights: str, settings: ServeSettings) -> dict:
@@ -175,7 +166,7 @@ def request_mask(model: SimMIM, fields: dict) -> torch.Tensor:
         generator = MaskGenerator(gen.input_size, _number(fields, "mask_patch_size", int, gen.mask_patch_size),
                                   gen.model_patch_size, _number(fields, "mask_ratio", float, gen.mask_ratio))
         return generator(np.random.default_rng(_number(fields, "seed", int, 0))).unsqueeze(0)
-    except (ValueError, TypeError) as err:
+    except (UsageError, json.JSONDecodeError) as err:
         raise BadRequest(HTTPStatus.BAD_REQUEST, f"mask: {err}") from None
 
 
@@ -324,7 +315,9 @@ class Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.OK, self.server.app.handle(endpoint, fields))
         except BadRequest as err:
             self._error(err.status, str(err))
-        except Exception as err:  # a bug must not take the server down; the client gets a 500
+        except Exception as err:  # a bug must not take the server down; the client gets a 500, the log the traceback
+            print(f"simmim serve: 500 on POST {path} (a bug in simmim, please report it):\n{traceback.format_exc()}",
+                  file=sys.stderr, end="", flush=True)
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(err).__name__}: {err}")
 
 
@@ -340,7 +333,7 @@ class _Server(ThreadingHTTPServer):
 def make_server(model: nn.Module, name: str, weights: str, settings: ServeSettings) -> _Server:
     """A bound server (not yet serving): call `serve_forever()`, or run it in a thread."""
     if settings.max_upload_mb <= 0 or settings.max_pixels <= 0:
-        raise ValueError(f"--max-upload-mb {settings.max_upload_mb}, --max-pixels {settings.max_pixels}: expected > 0")
+        raise UsageError(f"--max-upload-mb {settings.max_upload_mb}, --max-pixels {settings.max_pixels}: expected > 0")
     server = _Server((settings.host, settings.port), Handler)
     server.app = App(model, name, weights, settings)
     return server

@@ -4,16 +4,14 @@ Importing this needs no torch (`simmim models` reads cached figures without it).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..fsutil import atomic_write_text
+from ..fsutil import read_json_cache, update_json_cache
 from ..hardware import cache_dir
 from .registry import SPECS, ModelSpec, build_model, get_spec, list_models
 
@@ -86,16 +84,12 @@ def measured(specs: Sequence[ModelSpec]) -> list[dict]:
     version and model code, so a change of either measures afresh); measuring every zoo model takes
     tens of seconds on a small CPU, and `simmim models` would pay them at every call."""
     path = cache_dir() / f"measured-{_measure_key()}.json"
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
+    cached = read_json_cache(path)
     missing = [s for s in specs if s.name not in cached]
     if missing:  # said on stderr: stdout may be --json
         print(f"measuring the parameters and FLOPs of {len(missing)} model{'s' if len(missing) > 1 else ''} "
               f"(once; kept in {path})", file=sys.stderr, flush=True)
-        cached.update({s.name: measure(s) for s in missing})
-        with contextlib.suppress(OSError):  # a read-only cache only costs the time
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(cached), "measured figures")
+        fresh = {s.name: measure(s) for s in missing}
+        update_json_cache(path, fresh, "measured figures")
+        cached.update(fresh)
     return [cached[s.name] for s in specs]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING
 
+from ..errors import BadArgument, UnknownName
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -252,7 +254,7 @@ def get_spec(name: str) -> ModelSpec:
     if spec is None:
         close = difflib.get_close_matches(name.lower(), _BY_NAME, n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(_BY_NAME[c].name for c in close)}?" if close else ""
-        raise KeyError(f"unknown model {name!r}{hint} (`simmim models` lists them)")
+        raise UnknownName(f"unknown model {name!r}{hint} (`simmim models` lists them)")
     return spec
 
 
@@ -296,7 +298,7 @@ def build_model(spec: ModelSpec, **overrides) -> nn.Module:
         key = unknown[0]
         close = difflib.get_close_matches(key, allowed, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise TypeError(f"{spec.name}: unknown setting {key!r}{hint}")
+        raise BadArgument(f"{spec.name}: unknown setting {key!r}{hint}")
     head = {k: overrides.pop(k) for k in head_keys if k in overrides}
     encoder = arch.encoder(encoder_config(spec, **overrides))
     if spec.task == "pretrain":

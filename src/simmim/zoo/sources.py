@@ -31,9 +31,11 @@ from torch.hub import download_url_to_file
 
 from ..checkpoint.io import hash_in_name, sha256_prefix_matches
 from ..checkpoint.sharded import is_sharded_checkpoint
+from ..errors import UsageError
 from ..fsutil import fsync_directory
 from ..hardware import cache_dir
 from .registry import get_spec
+from .runs import newest_checkpoint
 
 PYTHON_HINT = "pass pretrained=PATH to a local file"
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -81,7 +83,7 @@ def download(url: str, cache: Path | None = None) -> Path:
         os.replace(tmp, target)
         fsync_directory(cache)
     except RuntimeError as err:  # torch.hub's "invalid hash value"
-        raise ValueError(f"{url}: sha256 does not start with {prefix!r} from its name (a transfer cut short, or not "
+        raise UsageError(f"{url}: sha256 does not start with {prefix!r} from its name (a transfer cut short, or not "
                          f"the published file); nothing was kept, try again ({err})") from None
     except WeightsUnavailable:
         raise
@@ -121,16 +123,10 @@ def published_weights(name: str) -> Path:
 
 
 def folder_weights(path: Path) -> Path:
-    """The checkpoint of a folder: itself for a sharded training checkpoint, the newest checkpoint of
-    a training run's folder, else its weights file (an exported or HF folder)."""
-    from ..checkpoint.training import list_checkpoints  # imports DCP, slow: only for folders
-
+    """The checkpoint of a folder: itself for a sharded training checkpoint, else its weights file."""
     if is_sharded_checkpoint(path):
         return path
     found = next((path / name for name in FOLDER_WEIGHTS if (path / name).is_file()), None)
-    run = list_checkpoints(path) if found is None else []
-    if run:
-        return run[-1]
     if found is None:
         raise FileNotFoundError(f"{path}: a folder without weights; expected a training run (ckpt-<step>.pt), a "
                                 f"sharded training checkpoint (.metadata) or {' / '.join(FOLDER_WEIGHTS)} (an "
@@ -159,7 +155,7 @@ def parse_hub(source: str) -> HubFile | None:
         return None
     match = _HUB.fullmatch(source.removeprefix(HUB_PREFIX))
     if match is None:
-        raise ValueError(f"{source}: expected {HUB_PREFIX}ORG/NAME, optionally @REVISION and :FILE "
+        raise UsageError(f"{source}: expected {HUB_PREFIX}ORG/NAME, optionally @REVISION and :FILE "
                          f"(e.g. {HUB_PREFIX}microsoft/swin-base-simmim-window6-192@main:model.safetensors)")
     return HubFile(match["repo"], match["revision"], match["filename"])
 
@@ -214,7 +210,7 @@ def resolve(source: str | Path) -> Path:
     hub = parse_hub(str(source))
     if hub is not None:
         return hub_download(hub)
-    path = Path(source)
+    path = newest_checkpoint(source)  # a training run's folder: its newest checkpoint
     if path.is_dir():
         return folder_weights(path)
     if path.exists():

@@ -1,0 +1,234 @@
+"""The kernels of the fused functions (fused.py) and the choices between them: the two routes of
+float32 CPU GEMMs (oneDNN's linear, or torch's BLAS through F.linear; a dispatch-mode probe, where
+torch's private one is missing, assumes a mode is active and takes F.linear), and whether activations
+are recomputed in the backward.
+
+A training run decides them once, at its start, from `runtime.gemm_route` and `runtime.recompute`
+(SIMMIM_GEMM_ROUTE and SIMMIM_RECOMPUTE, when set, override them), calibrating an 'auto' route then,
+and installs the result with `use`: its header, config.yaml and checkpoints record what it chose.
+Code that builds a model and runs its own loop gets `resolve()` with the defaults (the environment
+variables honoured) at first use, once per process, thread count and cache directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import hardware
+from ..errors import UsageError
+from ..fsutil import read_json_cache, update_json_cache
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+"""Whether this torch build has oneDNN's linear, the 'onednn' route."""
+ROUTE_ENV, ROUTES = hardware.GEMM_ROUTE_ENV, hardware.GEMM_ROUTES
+RECOMPUTE_ENV = "SIMMIM_RECOMPUTE"
+"""Environment variable: auto, 1 (recompute norm and GELU outputs in the backward) or 0 (keep them)."""
+_RECOMPUTE_ENV_VALUES = {"auto": "auto", "1": "recompute", "0": "keep"}
+CACHE_FILE = "gemm-route.json"
+_CALIBRATION = ((4096, 96), (512, 384))
+"""(tokens, width) of the calibration's Swin blocks: the widths of Swin-T/B's first and third stages,
+fewer tokens than a batch holds so that the calibration takes a fraction of a second."""
+
+
+def _dispatch_probe() -> Callable[[], bool]:
+    """Whether a dispatch mode (the MAC counter, fake tensors) is active: they expect aten.linear. Where
+    torch's private probe is missing, a mode is assumed, which only costs the oneDNN route."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:
+        return lambda: True
+    return lambda: _get_current_dispatch_mode() is not None
+
+
+_dispatch_mode_active = _dispatch_probe()
+
+
+def use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # torch.compile, autocast and dispatch modes (the MAC counter, fake tensors) expect aten.linear,
+    # and inductor and bf16 reach oneDNN through it
+    return (not torch.compiler.is_compiling() and a.device.type == "cpu"
+            and a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not _dispatch_mode_active() and gemm_route() == "onednn")
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, route: str | None = None
+              ) -> torch.Tensor:
+    """a @ b.T (+ bias) for a (..., K) and b (N, K); either may be a transposed view. `route` forces
+    'onednn' or 'aten'; by default oneDNN where `gemm_route` chose it and it applies."""
+    if route == "onednn" or (route is None and use_onednn(a, b)):
+        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return F.linear(a, b, bias)
+
+
+def weight_grads(x: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, ...], route: str | None = None
+                  ) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of W and b in y = x W^T + b, with x (M, K) and grad (M, N). oneDNN copies its first
+    operand when it is a transposed view (the second it reads as it is), so x goes first where it is
+    the narrower one by far; W's gradient then comes out transposed, and the strided copy that makes it
+    contiguous (in bf16 a strided cast, several times slower than a plain one) is worth it only where it
+    is small beside the copy it saves: N x K elements against M x (N - K)."""
+    grad_weight = grad_bias = None
+    if needs[0]:
+        (m, k), n = x.shape, grad.shape[1]
+        x_first = k < n and m * (n - k) > 4 * n * k
+        grad_weight = (matmul_nt(x.t(), grad.t(), route=route).t() if x_first
+                       else matmul_nt(grad.t(), x.t(), route=route))
+    if needs[1]:
+        grad_bias = grad.sum(0)
+    return grad_weight, grad_bias
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What the fused functions compute with, and how each choice was made (for the run's header)."""
+
+    gemm_route: str
+    """'onednn' or 'aten' (torch's BLAS): the route of float32 CPU GEMMs."""
+    recompute: str
+    """'recompute' (norm and GELU outputs recomputed in the backward), 'keep' (kept), or 'auto' (kept
+    only for a 16-bit GELU output)."""
+    route_why: str = ""
+    recompute_why: str = ""
+
+    def describe(self) -> str:
+        return (f"fp32 GEMM route {self.gemm_route} ({self.route_why}), "
+                f"recompute {self.recompute} ({self.recompute_why})")
+
+
+_chosen: Kernels | None = None  # installed by a run
+_defaults: dict[tuple, Kernels] = {}  # the lazy default, per what can change within a process
+_calibrated: dict[tuple[str | None, int], tuple[str, str]] = {}  # ($SIMMIM_CACHE, threads) -> (route, why)
+
+
+def _requested(name: str, configured: str, env: str, values: dict[str, str]) -> tuple[str, str]:
+    """(value, where it came from, e.g. 'runtime.gemm_route=auto'): the environment variable `env`
+    where it is set, else the config's `configured`."""
+    raw = os.environ.get(env)
+    if raw is None:
+        return configured, f"runtime.{name}={configured}"
+    if raw not in values:
+        expected = "'onednn', 'aten' or 'auto'" if env == ROUTE_ENV else "auto, 1 (recompute) or 0 (keep)"
+        raise UsageError(f"{env}={raw!r}: expected {expected}")
+    return values[raw], f"{env}={raw}, overriding runtime.{name}={configured}"
+
+
+def resolve(gemm_route: str = "auto", recompute: str = "auto", calibrate_route: bool = True) -> Kernels:
+    """The choices for these config values, the environment variables overriding them; an 'auto'
+    route is read from $SIMMIM_CACHE/gemm-route.json for this machine and thread count or calibrated
+    (without `calibrate_route`, as for a GPU run, where no float32 CPU GEMMs are routed: 'aten')."""
+    route, route_why = _requested("gemm_route", gemm_route, ROUTE_ENV, {r: r for r in ("auto", *ROUTES)})
+    mode, mode_why = _requested("recompute", recompute, RECOMPUTE_ENV, _RECOMPUTE_ENV_VALUES)
+    if route == "onednn" and not ONEDNN:
+        raise UsageError(f"{route_why.split(',')[0]}: this torch build has no oneDNN linear "
+                         "(torch.ops.mkldnn._linear_pointwise)")
+    if route == "auto":
+        if not ONEDNN:
+            route, how = "aten", "this torch build has no oneDNN linear"
+        elif not calibrate_route:
+            route, how = "aten", "no CPU GEMMs to route"
+        else:
+            route, how = calibrated_route()
+        route_why = f"{route_why}: {how}"
+    return Kernels(route, mode, route_why, mode_why)
+
+
+def calibrated_route() -> tuple[str, str]:
+    """(route, how it was found) for this machine at the current thread count: remembered in the
+    process, else read from the cache file, else calibrated and written there."""
+    seen = os.environ.get("SIMMIM_CACHE"), torch.get_num_threads()
+    if seen not in _calibrated:
+        _calibrated[seen] = _cached_or_calibrated(str(hardware.cache_dir() / CACHE_FILE), hardware.machine_key())
+    return _calibrated[seen]
+
+
+def _cached_or_calibrated(path: str, key: str) -> tuple[str, str]:
+    threads = torch.get_num_threads()
+    route = read_json_cache(path).get(key, {}).get("route")
+    if route in ROUTES:
+        return route, f"cached in {path} for {threads} thread{'s' if threads > 1 else ''}"
+    seconds = calibrate()
+    route = min(ROUTES, key=seconds.__getitem__)
+    update_json_cache(path, {key: {"route": route, "seconds": seconds}}, "GEMM route cache")
+    measured = ", ".join(f"{r} {s * 1e3:.0f} ms" for r, s in seconds.items())
+    return route, f"calibrated at {threads} thread{'s' if threads > 1 else ''}: {measured}"
+
+
+def calibrate(repeats: int = 3) -> dict[str, float]:
+    """Seconds per route of the float32 GEMMs of a Swin block's linear layers (qkv, proj, fc1, fc2;
+    forward, input and weight gradients, as `fused.linear` runs them) at the widths of _CALIBRATION:
+    the best of `repeats` passes after one warm-up, the routes alternating. Fixed shapes and inputs from
+    a private generator, so that the global random state is untouched."""
+    gen = torch.Generator().manual_seed(0)
+    layers = [(torch.rand(m, k, generator=gen), torch.rand(n, k, generator=gen), torch.rand(n, generator=gen),
+               torch.rand(m, n, generator=gen))
+              for m, c in _CALIBRATION for k, n in ((c, 3 * c), (c, c), (c, 4 * c), (4 * c, c))]
+
+    def run(route: str) -> float:
+        start = time.perf_counter()
+        for x, w, b, g in layers:
+            matmul_nt(x, w, b, route)
+            matmul_nt(g, w.t(), route=route)
+            weight_grads(x, g, (True, False), route)
+        return time.perf_counter() - start
+
+    best = {route: float("inf") for route in ROUTES}
+    for i in range(repeats + 1):
+        for route in ROUTES[::-1] if i % 2 else ROUTES:
+            seconds = run(route)
+            if i:  # the first pass warms up (oneDNN builds its primitives)
+                best[route] = min(best[route], seconds)
+    return best
+
+
+def use(kernels: Kernels | None) -> Kernels | None:
+    """Installs `kernels` as this process's choice (None goes back to the lazy default); returns the
+    one it replaces, for the caller to put back."""
+    global _chosen
+    previous, _chosen = _chosen, kernels
+    return previous
+
+
+@contextlib.contextmanager
+def using(kernels: Kernels):
+    """`kernels` installed for the duration of the block."""
+    previous = use(kernels)
+    try:
+        yield kernels
+    finally:
+        use(previous)
+
+
+def current() -> Kernels:
+    """The installed choice, else the default one (`resolve()`), resolved once per cache directory,
+    thread count and value of the environment variables."""
+    if _chosen is not None:
+        return _chosen
+    seen = (os.environ.get("SIMMIM_CACHE"), torch.get_num_threads(), os.environ.get(ROUTE_ENV),
+            os.environ.get(RECOMPUTE_ENV))
+    if seen not in _defaults:
+        _defaults[seen] = resolve()
+    return _defaults[seen]
+
+
+def gemm_route() -> str:
+    """The float32 CPU GEMM route of this process: 'onednn' or 'aten'."""
+    return current().gemm_route
+
+
+def recompute(output: str, dtype: torch.dtype) -> bool:
+    """Whether `norm_linear` ("norm") or `gelu_linear` ("gelu") recomputes its GEMM's input of `dtype` in
+    the backward instead of keeping it. 'recompute' recomputes both, 'keep' keeps both (more memory: an
+    activation the size of x per norm, 4x the width per MLP), 'auto' keeps only a 16-bit GELU output:
+    under bf16 the GELU's recompute is a larger share of a faster step and the kept activation half the
+    bytes, while a norm's recompute is cheap everywhere (docs/kernels.md has the measurements)."""
+    mode = current().recompute
+    if mode == "auto":
+        return output == "norm" or dtype.itemsize > 2
+    return mode == "recompute"
