@@ -129,6 +129,8 @@ def test_encoder_only_and_fine_tuned_checkpoints_start_decoder_and_mask_token_fr
     model = _task(images, tmp_path / "run2", settings, f"model.pretrained={finetuned}").build_model(resuming=False)
     assert torch.equal(model.encoder.layers[0].blocks[0].attn.qkv.weight,
                        classifier.encoder.layers[0].blocks[0].attn.qkv.weight)
+    assert load_pretrained(simmim.get_model(PRE), str(finetuned)).endswith(
+        "official layout; left out head); decoder and mask token start fresh")
 
 
 def test_the_header_says_what_starts_fresh_and_what_is_resampled(source, images, tmp_path, settings):
@@ -182,3 +184,24 @@ def test_a_resumed_run_keeps_its_own_weights(source, images, tmp_path, settings,
     a, b = params_of(kept.checkpoint), params_of(resumed.checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(b["decoder.0.weight"], torch.zeros_like(b["decoder.0.weight"]))
+
+
+def test_a_run_folder_is_its_newest_checkpoint(images, tmp_path, settings, params_of):
+    run = pretrain(load_config("nano-pretrain", overrides=settings("pretrain", images, tmp_path / "a",
+                                                                   "schedule.epochs=1")))
+    model = _task(images, tmp_path / "b", settings, f"model.pretrained={tmp_path / 'a'}").build_model(resuming=False)
+    assert all(torch.equal(v, params_of(run.checkpoint)[k]) for k, v in model.state_dict().items())
+
+
+def test_another_input_size_resamples_the_position_tables(tmp_path, randomize):
+    vit = "simmim_vit-nano_test-64px"
+    source = randomize(simmim.get_model(vit))
+    path = tmp_path / "vit.safetensors"
+    atomic_save_safetensors(dict(source.state_dict()), path)
+    run_model = simmim.get_model(vit, img_size=96)  # a 4x4 grid of 16 px patches -> 6x6
+    assert load_pretrained(run_model, str(path)) == (
+        f"pretrained: encoder, decoder and mask token from {path} ({len(source.state_dict())} tensors, official "
+        "layout; 1 position table resampled)")
+    key = "encoder.rel_pos_bias.relative_position_bias_table"  # BEiT's shared table, with its 3 cls rows
+    assert torch.equal(run_model.state_dict()[key], resample_rel_pos_bias(source.state_dict()[key], 4, 6, 3))
+    assert torch.equal(run_model.decoder[0].weight, source.decoder[0].weight)

@@ -10,6 +10,7 @@ import json
 import threading
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 
@@ -248,6 +249,8 @@ def test_the_hubs_own_errors_become_one_line(source, message, tmp_path, monkeypa
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{httpd.server_port}")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # huggingface_hub read the variable when it was imported (maybe by an offline test before this one)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     try:
         with pytest.raises(OSError, match=message) as failed:
             sources.resolve(source)

@@ -215,14 +215,16 @@ def _add_weights_arguments(parser: argparse.ArgumentParser,
                            ) -> None:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", metavar="PATH",
-                         help="checkpoint of any supported format (default: the published weights)")
+                         help="checkpoint of any supported format or hf-hub:ORG/NAME[@REVISION][:FILE] "
+                              "(default: the published weights)")
     weights.add_argument("--random-weights", action="store_true", help=random_help)
 
 
 Subparsers = argparse._SubParsersAction
 
 
-MODEL_HELP = "zoo name, exported directory, training run folder (its newest checkpoint) or training checkpoint"
+MODEL_HELP = ("zoo name, exported directory (or hf-hub:ORG/NAME holding one), training run folder (its newest "
+              "checkpoint) or training checkpoint")
 
 
 def _models_parser(sub: Subparsers) -> None:
@@ -322,8 +324,8 @@ def _export_parser(sub: Subparsers) -> None:
 
 def _probe_parser(sub: Subparsers) -> None:
     p = sub.add_parser("probe", help="frozen-encoder k-NN and linear probe of a checkpoint or zoo model")
-    p.add_argument("checkpoint", help="simmim run folder or checkpoint, exported folder, zoo name (published "
-                                      "weights) or any supported checkpoint with --model")
+    p.add_argument("checkpoint", help="simmim run folder or checkpoint, exported folder (or hf-hub:ORG/NAME "
+                                      "holding one), zoo name (published weights) or any weights source with --model")
     p.add_argument("--data", required=True, help="DIR with train/ and val/ class folders, or fashion-mnist")
     p.add_argument("--model", help="zoo name of the checkpoint's architecture (not needed for simmim runs)")
     p.add_argument("--labels-per-class", type=int, help="a balanced subset of the training images")

@@ -89,9 +89,9 @@ class ModelConfig(_Section):
     pretrained: str | None = None
     """Weights to start from (`simmim.zoo.sources`: a checkpoint file or folder of any supported layout,
     a training run's folder or checkpoint, an exported folder, a zoo name with published weights,
-    `hf-hub:ORG/NAME`). Fine-tuning takes the encoder; pretraining the encoder, mask token and decoder
-    (the last two fresh where the checkpoint has none). A resumed run keeps its own weights and does
-    not read it."""
+    `hf-hub:ORG/NAME[@REVISION][:FILE]`). Fine-tuning takes the encoder; pretraining the encoder, mask
+    token and decoder (the last two fresh where the checkpoint has none). A resumed run keeps its own
+    weights and does not read it."""
 
     def check(self) -> None:
         from ..zoo import get_spec

@@ -22,7 +22,8 @@ presets: {presets} (or a zoo model name: that model with its recipe)
 """
 
 
-SOURCES = "a checkpoint file or folder of any supported layout, or a zoo name with published weights"
+SOURCES = ("a checkpoint file or folder of any supported layout, a zoo name with published weights, or "
+           "hf-hub:ORG/NAME[@REVISION][:FILE]")
 NO_PRESET = "; without --preset/--config, the architecture the source names, with its recipe"
 PRETRAINED_HELP = {
     "pretrain": f"continue pretraining from these weights: encoder, mask token and decoder ({SOURCES}); a "
@@ -65,8 +66,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help="top-1 / top-5 accuracy of a fine-tuned classifier",
                               description="top-1 / top-5 accuracy and loss of a fine-tuned classifier")
     p.add_argument("checkpoint", metavar="CKPT",
-                   help="a checkpoint written by `simmim finetune`, a folder written by `simmim export`, or "
-                        "with --model a published checkpoint (official, mmpretrain or HF layout)")
+                   help="a checkpoint written by `simmim finetune`, a folder written by `simmim export` (or "
+                        "hf-hub:ORG/NAME holding one), or with --model any weights source: a published "
+                        "checkpoint (official, mmpretrain or HF layout), hf-hub:ORG/NAME[@REVISION][:FILE]")
     p.add_argument("--model", metavar="NAME", help="zoo name of a published checkpoint's architecture")
     p.add_argument("--data", required=True, metavar="DIR|fashion-mnist",
                    help="DIR/val (or DIR) with one folder per class, or fashion-mnist (its test split)")

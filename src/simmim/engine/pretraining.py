@@ -159,7 +159,8 @@ def load_pretrained(model: SimMIM, source: str) -> str:
     where = str(source) if str(path) == str(source) else f"{source} ({path})"
     details = [f"{report.loaded} tensors, {report.format} layout"]
     if report.resampled:
-        details.append(f"{len(report.resampled)} position tables resampled")
+        count = len(report.resampled)
+        details.append(f"{count} position table{'s' if count > 1 else ''} resampled")
     if report.dropped:
         details.append(f"left out {', '.join(sorted({k.split('.')[0] for k in report.dropped}))}")
     line = f"pretrained: {_and(loaded)} from {where} ({'; '.join(details)})"

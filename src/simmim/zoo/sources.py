@@ -3,8 +3,8 @@ checkpoint that `checkpoint.transfer.read_checkpoint` reads.
 
 A source is one of
 - a checkpoint file of any supported layout (official, mmpretrain, HF, ours; a training checkpoint);
-- a folder: a training run's (its newest checkpoint), a sharded training checkpoint, an exported folder
-  (`simmim export`) or an HF folder (`config.json` + `model.safetensors` or `pytorch_model.bin`);
+- a folder: a training run's (its newest checkpoint), a sharded training checkpoint, an exported
+  folder (`simmim export`) or an HF folder (`config.json` + `model.safetensors` or `pytorch_model.bin`);
 - a zoo name: its published weights, downloaded into the cache on first use;
 - `hf-hub:ORG/NAME[@REVISION][:FILE]`, a file of a Hugging Face Hub repository (timm's spelling,
   with a revision, a branch, tag or commit, after `@`, and a file inside the repository after `:`;
@@ -85,9 +85,9 @@ def download(url: str, cache: Path | None = None) -> Path:
     except RuntimeError as err:  # torch.hub's "invalid hash value"
         raise UsageError(f"{url}: sha256 does not start with {prefix!r} from its name (a transfer cut short, or not "
                          f"the published file); nothing was kept, try again ({err})") from None
+    except WeightsUnavailable:
+        raise
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-        if isinstance(err, WeightsUnavailable):
-            raise
         reason = getattr(err, "reason", None) or err or type(err).__name__
         raise WeightsUnavailable(f"could not download {url} ({reason}); fetch it on a connected machine "
                                  f"(or put it in {cache})") from None
@@ -98,12 +98,16 @@ def download(url: str, cache: Path | None = None) -> Path:
 
 
 def _announced_size(url: str) -> int | None:
-    """The Content-Length a server gives for `url` (a HEAD request); None where it gives none."""
+    """The Content-Length a server gives for `url` (a HEAD request); None where it gives none or
+    answers no HEAD."""
     if not url.startswith(("http://", "https://")):
         return None
     request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "torch.hub"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        length = response.headers.get("Content-Length")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            length = response.headers.get("Content-Length")
+    except (urllib.error.URLError, http.client.HTTPException, OSError):  # no HEAD here: the GET will tell
+        return None
     return int(length) if length and length.isdigit() else None
 
 
@@ -124,8 +128,9 @@ def folder_weights(path: Path) -> Path:
         return path
     found = next((path / name for name in FOLDER_WEIGHTS if (path / name).is_file()), None)
     if found is None:
-        raise FileNotFoundError(f"{path}: a folder without weights; expected a sharded training checkpoint "
-                                f"(.metadata) or {' / '.join(FOLDER_WEIGHTS)} (an exported or HF folder)")
+        raise FileNotFoundError(f"{path}: a folder without weights; expected a training run (ckpt-<step>.pt), a "
+                                f"sharded training checkpoint (.metadata) or {' / '.join(FOLDER_WEIGHTS)} (an "
+                                "exported or HF folder)")
     return found
 
 
@@ -166,8 +171,9 @@ def hub_download(hub: HubFile) -> Path:
         RevisionNotFoundError,
     )
 
-    # read at each call, not only when huggingface_hub was imported: a caller may set them later
-    offline = constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported; set later (a test, a notebook), it
+    # still keeps its requests off the network here
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
     cache, endpoint = os.environ.get("HF_HUB_CACHE") or None, os.environ.get("HF_ENDPOINT") or None
     at = f" at revision {hub.revision}" if hub.revision else ""
     names = [hub.filename] if hub.filename else list(FOLDER_WEIGHTS)
