@@ -183,8 +183,12 @@ def test_study_continue_part_runs_four_arms_resumes_and_reruns_what_a_change_tou
     assert set(summary["arms"]) == set(ARMS) and summary["seeds"] == [0, 1]
     assert summary["arms"]["continued"]["finetune"]["seeds"] == [
         by_key[f"finetune/domains-continued/4-per-class/seed{s}"]["top1"] for s in (0, 1)]
+    gap = [round(by_key[f"finetune/domains-continued/4-per-class/seed{s}"]["top1"]
+                 - by_key[f"finetune/domains-as-is/4-per-class/seed{s}"]["top1"], 2) for s in (0, 1)]
+    assert summary["finetune_differences"]["continued - as-is"]["seeds"] == gap
     text = (out / "continue.md").read_text()
     assert "| (b) continued on the second domain | " in text and "Precision: " in text
+    assert f"| (b) continued - (a) as-is | {summary['finetune_differences']['continued - as-is']['mean']:.2f}" in text
     assert (out / "continue.png").read_bytes()[:4] == b"\x89PNG"
 
     assert main(argv) == 0  # resumed: everything is recorded, nothing runs again

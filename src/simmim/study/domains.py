@@ -25,6 +25,10 @@ ARMS = {
 }
 """The arms, by record name, with their table rows."""
 
+PAIRS = (("continued", "as-is"), ("continued", "target-only"), ("continued", "scratch"), ("as-is", "scratch"),
+         ("target-only", "scratch"))
+"""The differences the report gives per seed: what continuing adds, and what each start adds to none."""
+
 
 def _data(classes: tuple[str, ...], *more: str) -> tuple[str, ...]:
     return (f"data.classes={','.join(classes)}", *more)
@@ -60,13 +64,16 @@ def write_continue(runs: Runs, per_seed: dict[int, dict[str, dict]]) -> dict:
     measures = {"finetune": ("finetune", "top1"), "knn": ("probe", "knn_top1"), "linear": ("probe", "linear_top1")}
     summary = {arm: {m: stats([per_seed[seed][arm][kind][field] for seed in s.seeds])
                      for m, (kind, field) in measures.items()} for arm in ARMS}
+    gaps = {f"{a} - {b}": stats([round(per_seed[seed][a]["finetune"]["top1"] - per_seed[seed][b]["finetune"]["top1"],
+                                       2) for seed in s.seeds]) for a, b in PAIRS}
     _, per_class, epochs = d.budget
     machine = f"{cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__}"
     command = " ".join(["simmim study --only continue", *(f"--set {o}" for o in s.extra)])
     full = {"command": command, "machine": machine, "precision": precision_of(s), "seeds": list(s.seeds),
             "source": list(d.source), "target": list(d.target), "source_epochs": d.source_epochs,
             "target_images": d.target_images, "target_epochs": d.target_epochs, "labels_per_class": per_class,
-            "finetune_epochs": epochs, "compute_hours": round(runs.hours(), 2), "arms": summary}
+            "finetune_epochs": epochs, "compute_hours": round(runs.hours(), 2), "arms": summary,
+            "finetune_differences": gaps}
     s.out.mkdir(parents=True, exist_ok=True)
     (s.out / "continue.json").write_text(json.dumps(full, indent=2) + "\n")
     names = {"finetune": "fine-tuned", "knn": "k-NN (frozen)", "linear": "linear probe (frozen)"}
@@ -78,7 +85,8 @@ def write_continue(runs: Runs, per_seed: dict[int, dict[str, dict]]) -> dict:
              f"Produced by `{command}` (report written {date}) on {machine}. Fashion-MNIST split by class: the "
              f"first domain is {', '.join(d.source)} (its training images pretrain for {d.source_epochs} epochs, "
              f"labels unused); the second is {', '.join(d.target)}, with {d.target_images:,} unlabelled training "
-             f"images and {per_class} labels per class. Arms (b) and (c) pretrain {d.target_epochs} epochs on those "
+             f"images and {per_class} labels per class (drawn from its whole training split). Arms (b) and (c) "
+             f"pretrain {d.target_epochs} epochs on those "
              f"images, (b) from the first domain's model, (c) from random weights; every arm is then fine-tuned "
              f"with the same recipe ({epochs} epochs) and tested on the second domain's test images, and its frozen "
              f"encoder is probed on the same labels (k-NN and linear probe, as `simmim probe`). Top-1, mean ± "
@@ -87,6 +95,10 @@ def write_continue(runs: Runs, per_seed: dict[int, dict[str, dict]]) -> dict:
              f"up to {runs.hours():.1f} h.", "",
              "| arm | fine-tuned top-1 | k-NN top-1 | linear probe top-1 |", "|---|---|---|---|"]
     lines += [f"| {ARMS[arm]} | " + " | ".join(mean_std(summary[arm][m]) for m in measures) + " |" for arm in ARMS]
+    lines += ["", "Differences of fine-tuned top-1 between arms, paired by seed:", "",
+              "| difference | mean ± std | per seed |", "|---|---|---|"]
+    lines += [f"| {ARMS[a].split(' ')[0]} {a} - {ARMS[b].split(' ')[0]} {b} | {mean_std(v)} | "
+              f"{', '.join(f'{g:+.2f}' for g in v['seeds'])} |" for (a, b), v in zip(PAIRS, gaps.values(), strict=True)]
     lines += ["", "![continuation](continue.png)", ""]
     (s.out / "continue.md").write_text("\n".join(lines))
     print(f"continuation study written to {s.out / 'continue.md'}")

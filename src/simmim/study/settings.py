@@ -21,7 +21,9 @@ class DomainSettings:
     source_epochs: int = 2
     """Pretraining epochs on the first domain's training images."""
     target_images: int = 4000
-    """Unlabelled images of the second domain (the first of its training split); also caps its test images."""
+    """Unlabelled images of the second domain (the first of its training split; data.max_images, which also
+    caps its test images); its labelled subset is drawn from the whole training split, as data.max_images
+    cuts after data.labels_per_class."""
     target_epochs: int = 10
     """Epochs of the continuation on them, and of the pretraining on them alone (the same steps)."""
     budget: tuple[str, int, int] = ("100-per-class", 100, 60)
