@@ -17,6 +17,7 @@ from simmim.models import (
     VisionTransformer,
     ViTConfig,
     fused,
+    kernels,
     swin,
 )
 from simmim.models.swin import Windows
@@ -166,11 +167,11 @@ def test_the_plain_simmim_model_equals_the_fused_one_and_runs_no_fused_or_privat
     for (name, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
         assert q.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-10, rtol=1e-8), name
     # float32 on the CPU, where the fused path takes oneDNN's private linear if the route says so
-    monkeypatch.setenv("SIMMIM_GEMM_ROUTE", "onednn" if fused._ONEDNN else "aten")
+    monkeypatch.setenv("SIMMIM_GEMM_ROUTE", "onednn" if kernels.ONEDNN else "aten")
     fast, plain = _simmim_pair(decoder, torch.float32)
     names = _ops_run(plain, images.float(), mask)
     assert not [n for n in names if n.startswith("mkldnn::") or any(f in n for f in ours)]
-    if fused._ONEDNN:  # what the scan looks for is there on the fused path
+    if kernels.ONEDNN:  # what the scan looks for is there on the fused path
         assert "mkldnn::_linear_pointwise" in _ops_run(fast, images.float(), mask)
 
 

@@ -218,9 +218,17 @@ def current() -> Kernels:
     return _defaults[seen]
 
 
+# read once while torch.compile traces, not traced: the lazy default calibrates and reads the thread count
+@torch.compiler.assume_constant_result
 def gemm_route() -> str:
     """The float32 CPU GEMM route of this process: 'onednn' or 'aten'."""
     return current().gemm_route
+
+
+@torch.compiler.assume_constant_result
+def recompute_mode() -> str:
+    """runtime.recompute as decided for this process: 'auto', 'recompute' or 'keep'."""
+    return current().recompute
 
 
 def recompute(output: str, dtype: torch.dtype) -> bool:
@@ -229,7 +237,7 @@ def recompute(output: str, dtype: torch.dtype) -> bool:
     activation the size of x per norm, 4x the width per MLP), 'auto' keeps only a 16-bit GELU output:
     under bf16 the GELU's recompute is a larger share of a faster step and the kept activation half the
     bytes, while a norm's recompute is cheap everywhere (docs/kernels.md has the measurements)."""
-    mode = current().recompute
+    mode = recompute_mode()
     if mode == "auto":
         return output == "norm" or dtype.itemsize > 2
     return mode == "recompute"
