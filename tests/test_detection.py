@@ -112,6 +112,7 @@ def test_vit_goes_through_a_simple_pyramid_to_strides_4_to_32():
         simmim.detection_backbone("vit-nano_test-64px", out_indices=(0,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masks", [False, True], ids=["faster_rcnn", "mask_rcnn"])
 def test_torchvision_rcnn_trains_and_predicts_on_the_backbone(masks):
     backbone = simmim.detection_backbone(SWIN, out_channels=32)
@@ -143,6 +144,7 @@ def test_torchvision_rcnn_trains_and_predicts_on_the_backbone(masks):
             assert p["masks"].shape == (len(p["boxes"]), 1, SIZE, SIZE)
 
 
+@pytest.mark.slow
 def test_retinanet_and_defaults_take_the_backbone():
     # the detectors' own defaults: five levels for their anchors, '0'..'3' for RoI pooling
     backbone = simmim.detection_backbone(SWIN, out_channels=16)
@@ -172,6 +174,7 @@ def test_a_checkpoint_of_each_format_loads(fmt, tmp_path, randomize):
     _encoder_equal(simmim.detection_backbone(tmp_path / f"{fmt}.pth", model=SWIN), model)
 
 
+@pytest.mark.slow
 def test_training_checkpoints_run_folders_and_exported_folders_load(tmp_path, image_folder, settings):
     run = tmp_path / "run"
     cfg = load_config("nano-pretrain", overrides=settings("pretrain", image_folder(tmp_path / "data"), run,

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint.io import atomic_save
 from .config import load_config
 from .data.mosaics import FashionMosaics, MosaicConfig, collate_detection
 from .demo import PRETRAIN_PRESET, DemoSettings, pretrain_run
@@ -237,7 +238,7 @@ def run_study(s: DetectionStudySettings) -> dict:
         print(f"== {i + 1}/{len(runs)} {key}", flush=True)
         train = FashionMosaics("train", s.train_mosaics, s.mosaics, seed)
         metrics, pictured = train_run(task, arm, seed, checkpoint if arm == "simmim" else None, s, train, held)
-        torch.save(pictured, picture_file(s, key))
+        atomic_save(pictured, picture_file(s, key))
         done[key] = _record(results, {"key": key, **expected, **metrics,
                                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         print(f"   {key}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()), flush=True)
@@ -346,7 +347,7 @@ def draw_predictions(s: DetectionStudySettings, path: Path, scale: int = 2, thre
     from PIL import Image, ImageDraw
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
-    held = FashionMosaics("test", PICTURED, s.mosaics, EVAL_SEED)
+    held = FashionMosaics("test", min(PICTURED, s.eval_mosaics), s.mosaics, EVAL_SEED)
     names = [n.split("/")[0] for n in held.classes]
     palette = [(0, 0, 0)] + [tuple(int(255 * v) for v in c) for c in
                              ((.9, .1, .1), (.1, .7, .1), (.2, .3, 1), (1, .7, 0), (.8, .2, .9), (0, .8, .8),
@@ -370,7 +371,7 @@ def draw_predictions(s: DetectionStudySettings, path: Path, scale: int = 2, thre
         return draw_segmentation_masks(upscale((image * 255).to(torch.uint8)), upscale(masks), alpha=0.6,
                                        colors=palette[1:])
 
-    items = [held[i] for i in range(PICTURED)]
+    items = [held[i] for i in range(len(held))]
     rows = [("labels", [detections(im, t["boxes"], t["labels"], t["masks"]) for im, t in items])]
     for arm in ARMS:
         label = "SimMIM" if arm == "simmim" else "random"
@@ -379,7 +380,7 @@ def draw_predictions(s: DetectionStudySettings, path: Path, scale: int = 2, thre
                                                          det["scores"][i]) for i, (im, _) in enumerate(items)]))
         seg = torch.load(picture_file(s, f"segmentation/{arm}/seed{s.seeds[0]}"), weights_only=True)
         rows.append((f"{label}: semantic FPN", [semantic(im, seg["semantic"][i]) for i, (im, _) in enumerate(items)]))
-    grid = make_grid(torch.stack([p for _, panels in rows for p in panels]), nrow=PICTURED, padding=4, pad_value=255)
+    grid = make_grid(torch.stack([p for _, panels in rows for p in panels]), nrow=len(held), padding=4, pad_value=255)
     side, margin = s.mosaics.canvas * scale + 4, 150
     picture = Image.new("RGB", (grid.shape[2] + margin, grid.shape[1]), "white")
     picture.paste(Image.fromarray(grid.permute(1, 2, 0).numpy()), (margin, 0))
