@@ -100,3 +100,18 @@ def test_the_command_refuses_bad_seeds(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--seeds", "0,x"])
     assert exit_info.value.code == 2 and "--seeds '0,x': expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_the_report_alone_names_the_runs_not_recorded(tmp_path):
+    s = DetectionStudySettings(out=tmp_path / "out", work=tmp_path / "work", seeds=(0, 1), eval_mosaics=2,
+                               report=True)
+    s.work.mkdir()
+    records = [{"key": f"segmentation/random/seed{seed}", "settings": s.shaping(), "weights": "random",
+                "seconds": 1.0, "miou": value} for seed, value in ((0, 20.0), (1, 22.0))]
+    (s.work / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = run_study(s)
+    assert summary["table"]["random"]["miou"] == {"mean": 21.0, "std": 1.41, "seeds": [20.0, 22.0]}
+    assert "segmentation/simmim/seed0" in summary["missing"] and len(summary["missing"]) == 6
+    report = (s.out / "detection.md").read_text()
+    assert "| random weights | not run | not run | not run | not run | 21.00 ± 1.41 |" in report
+    assert "Not recorded yet" in report and (s.out / "detection.png").is_file()

@@ -78,11 +78,13 @@ class DetectionStudySettings:
     arm: str | None = None
     """'simmim' or 'random' runs that arm only and writes no report (processes can share the work and
     results.jsonl; the random arm needs no pretraining, so it may start before it ends)."""
+    report: bool = False
+    """Write the report from the runs recorded so far, running nothing (missing runs are named in it)."""
     log_every: int = 50
 
     def shaping(self) -> dict:
         """The settings that shape a run's result: recorded beside it and compared on resume."""
-        skip = {"out", "work", "pretrained", "seeds", "threads", "only", "arm", "log_every"}
+        skip = {"out", "work", "pretrained", "seeds", "threads", "only", "arm", "report", "log_every"}
         return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(self), default=str)).items() if k not in skip}
 
 
@@ -224,6 +226,8 @@ def run_study(s: DetectionStudySettings) -> dict:
     s.work.mkdir(parents=True, exist_ok=True)
     results = s.work / "results.jsonl"
     done = _done(results)
+    if s.report:
+        return write_report(s, done)
     arms = ARMS if s.arm is None else (s.arm,)
     checkpoint = _pretrained(s, done, results) if "simmim" in arms else None
     digest, shaping = file_digest(checkpoint) if checkpoint else None, s.shaping()
@@ -277,17 +281,20 @@ def _stats(values: list[float]) -> dict:
 
 
 def summarize(s: DetectionStudySettings, done: dict) -> dict:
-    """Mean and spread over the seeds of each arm's metrics, and the runs' added-up wall time."""
+    """Mean and spread over the recorded seeds of each arm's metrics, the runs' added-up wall time, and
+    the runs not recorded (yet)."""
     table: dict[str, dict] = {arm: {} for arm in ARMS}
-    seconds = 0.0
+    seconds, missing = 0.0, []
     for task in TASKS:
         for arm in ARMS:
-            records = [done[f"{task}/{arm}/seed{seed}"] for seed in s.seeds]
+            keys = [f"{task}/{arm}/seed{seed}" for seed in s.seeds]
+            missing += [k for k in keys if k not in done]
+            records = [done[k] for k in keys if k in done]
             seconds += sum(r["seconds"] for r in records)
             for metric, _ in METRICS:
-                if metric in records[0]:
+                if records and metric in records[0]:
                     table[arm][metric] = _stats([r[metric] for r in records])
-    return {"table": table, "run_seconds": round(seconds, 1)}
+    return {"table": table, "run_seconds": round(seconds, 1), "missing": missing}
 
 
 def write_report(s: DetectionStudySettings, done: dict) -> dict:
@@ -299,11 +306,21 @@ def write_report(s: DetectionStudySettings, done: dict) -> dict:
                "seeds": list(s.seeds), "settings": s.shaping(), **summarize(s, done)}
     if "pretrain" in done:
         summary["pretrain_seconds"] = done["pretrain"]["seconds"]
+    summary["pretrained"] = str(s.pretrained or done.get("pretrain", {}).get("checkpoint"))
     atomic_write_text(s.out / "detection.json", json.dumps(summary, indent=2) + "\n", "study results")
     draw_predictions(s, s.out / "detection.png")
     table = summary["table"]
-    cell = lambda arm, m: f"{table[arm][m]['mean']:.2f} ± {table[arm][m]['std']:.2f}"  # noqa: E731
-    diff = lambda m: f"{table['simmim'][m]['mean'] - table['random'][m]['mean']:+.2f}"  # noqa: E731
+    def cell(arm: str, m: str) -> str:
+        if m not in table[arm]:
+            return "not run"
+        stats = table[arm][m]
+        return f"{stats['mean']:.2f} ± {stats['std']:.2f}" + (f" ({len(stats['seeds'])} seeds)"
+                                                              if len(stats["seeds"]) != len(s.seeds) else "")
+
+    def diff(m: str) -> str:
+        both = m in table["simmim"] and m in table["random"]
+        return f"{table['simmim'][m]['mean'] - table['random'][m]['mean']:+.2f}" if both else "-"
+
     heads = [label for _, label in METRICS]
     c, m = s.mosaics, summary["settings"]
     lines = [
@@ -324,6 +341,8 @@ def write_report(s: DetectionStudySettings, done: dict) -> dict:
         "| random weights | " + " | ".join(cell("random", k) for k, _ in METRICS) + " |",
         "| difference | " + " | ".join(diff(k) for k, _ in METRICS) + " |",
         "",
+        *([f"Not recorded yet (the table leaves them out; rerun the command to add them): "
+           f"{', '.join(summary['missing'])}.", ""] if summary["missing"] else []),
         "![predictions](detection.png)",
         "",
         f"Held-out mosaics (seed {s.seeds[0]}): the labels, then each encoder's Mask R-CNN (boxes and masks "
@@ -332,7 +351,7 @@ def write_report(s: DetectionStudySettings, done: dict) -> dict:
         f"Produced by `{summary['command']}` on {summary['date']} ({summary['machine']}); the runs took "
         f"{format_duration(summary['run_seconds'])} added up"
         + (f", the pretraining {format_duration(summary['pretrain_seconds'])}" if "pretrain_seconds" in summary else "")
-        + f". Settings: `{json.dumps(m)}`.",
+        + f". SimMIM encoder: `{summary['pretrained']}`. Settings: `{json.dumps(m)}`.",
     ]
     atomic_write_text(s.out / "detection.md", "\n".join(lines) + "\n", "study report")
     print(f"report: {s.out / 'detection.md'}")
@@ -375,11 +394,14 @@ def draw_predictions(s: DetectionStudySettings, path: Path, scale: int = 2, thre
     rows = [("labels", [detections(im, t["boxes"], t["labels"], t["masks"]) for im, t in items])]
     for arm in ARMS:
         label = "SimMIM" if arm == "simmim" else "random"
-        det = torch.load(picture_file(s, f"detection/{arm}/seed{s.seeds[0]}"), weights_only=True)
-        rows.append((f"{label}: Mask R-CNN", [detections(im, det["boxes"][i], det["labels"][i], det["masks"][i],
-                                                         det["scores"][i]) for i, (im, _) in enumerate(items)]))
-        seg = torch.load(picture_file(s, f"segmentation/{arm}/seed{s.seeds[0]}"), weights_only=True)
-        rows.append((f"{label}: semantic FPN", [semantic(im, seg["semantic"][i]) for i, (im, _) in enumerate(items)]))
+        if (found := picture_file(s, f"detection/{arm}/seed{s.seeds[0]}")).is_file():
+            det = torch.load(found, weights_only=True)
+            rows.append((f"{label}: Mask R-CNN", [detections(im, det["boxes"][i], det["labels"][i], det["masks"][i],
+                                                             det["scores"][i]) for i, (im, _) in enumerate(items)]))
+        if (found := picture_file(s, f"segmentation/{arm}/seed{s.seeds[0]}")).is_file():
+            seg = torch.load(found, weights_only=True)
+            rows.append((f"{label}: semantic FPN", [semantic(im, seg["semantic"][i])
+                                                    for i, (im, _) in enumerate(items)]))
     grid = make_grid(torch.stack([p for _, panels in rows for p in panels]), nrow=len(held), padding=4, pad_value=255)
     side, margin = s.mosaics.canvas * scale + 4, 150
     picture = Image.new("RGB", (grid.shape[2] + margin, grid.shape[1]), "white")
@@ -404,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--only", choices=TASKS, help="run that part only, without the report")
     p.add_argument("--arm", choices=ARMS, help="run that arm only, without the report")
+    p.add_argument("--report", action="store_true", help="write the report from the recorded runs, running nothing")
     args = p.parse_args(argv)
     try:
         seeds = tuple(int(v) for v in args.seeds.split(","))
@@ -412,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = DetectionStudySettings(out=args.out, work=args.work, pretrained=args.pretrained, seeds=seeds,
                                       steps=args.steps, train_mosaics=args.train_mosaics,
                                       eval_mosaics=args.eval_mosaics, threads=args.threads, only=args.only,
-                                      arm=args.arm)
+                                      arm=args.arm, report=args.report)
     start = time.perf_counter()
     run_study(settings)
     print(f"detection study: {format_duration(time.perf_counter() - start)}")
