@@ -345,8 +345,8 @@ def write_report(s: DetectionStudySettings, done: dict) -> dict:
            f"{', '.join(summary['missing'])}.", ""] if summary["missing"] else []),
         "![predictions](detection.png)",
         "",
-        f"Held-out mosaics (seed {s.seeds[0]}): the labels, then each encoder's Mask R-CNN (boxes and masks "
-        "with score > 0.5) and semantic head.",
+        "Held-out mosaics: the labels, then each encoder's Mask R-CNN (boxes and masks with score > 0.5) and "
+        "semantic head (of the first seed whose run is recorded).",
         "",
         f"Produced by `{summary['command']}` on {summary['date']} ({summary['machine']}); the runs took "
         f"{format_duration(summary['run_seconds'])} added up"
@@ -360,9 +360,17 @@ def write_report(s: DetectionStudySettings, done: dict) -> dict:
     return summary
 
 
+def _pictured(s: DetectionStudySettings, task: str, arm: str) -> tuple[int, dict] | None:
+    """(seed, pictured predictions) of the first of the study's seeds whose run saved them."""
+    for seed in s.seeds:
+        if (path := picture_file(s, f"{task}/{arm}/seed{seed}")).is_file():
+            return seed, torch.load(path, weights_only=True)
+    return None
+
+
 def draw_predictions(s: DetectionStudySettings, path: Path, scale: int = 2, threshold: float = 0.5) -> None:
     """Rows: ground truth, then per arm its Mask R-CNN's boxes and masks and its semantic map; columns:
-    the first PICTURED held-out mosaics (seed s.seeds[0]'s runs)."""
+    the first PICTURED held-out mosaics."""
     from PIL import Image, ImageDraw
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
@@ -394,21 +402,22 @@ def draw_predictions(s: DetectionStudySettings, path: Path, scale: int = 2, thre
     rows = [("labels", [detections(im, t["boxes"], t["labels"], t["masks"]) for im, t in items])]
     for arm in ARMS:
         label = "SimMIM" if arm == "simmim" else "random"
-        if (found := picture_file(s, f"detection/{arm}/seed{s.seeds[0]}")).is_file():
-            det = torch.load(found, weights_only=True)
-            rows.append((f"{label}: Mask R-CNN", [detections(im, det["boxes"][i], det["labels"][i], det["masks"][i],
-                                                             det["scores"][i]) for i, (im, _) in enumerate(items)]))
-        if (found := picture_file(s, f"segmentation/{arm}/seed{s.seeds[0]}")).is_file():
-            seg = torch.load(found, weights_only=True)
-            rows.append((f"{label}: semantic FPN", [semantic(im, seg["semantic"][i])
-                                                    for i, (im, _) in enumerate(items)]))
+        if (det := _pictured(s, "detection", arm)) is not None:
+            seed, det = det
+            rows.append((f"{label}: Mask R-CNN\n(seed {seed})", [
+                detections(im, det["boxes"][i], det["labels"][i], det["masks"][i], det["scores"][i])
+                for i, (im, _) in enumerate(items)]))
+        if (seg := _pictured(s, "segmentation", arm)) is not None:
+            seed, seg = seg
+            rows.append((f"{label}: semantic FPN\n(seed {seed})", [semantic(im, seg["semantic"][i])
+                                                                  for i, (im, _) in enumerate(items)]))
     grid = make_grid(torch.stack([p for _, panels in rows for p in panels]), nrow=len(held), padding=4, pad_value=255)
     side, margin = s.mosaics.canvas * scale + 4, 150
     picture = Image.new("RGB", (grid.shape[2] + margin, grid.shape[1]), "white")
     picture.paste(Image.fromarray(grid.permute(1, 2, 0).numpy()), (margin, 0))
     draw = ImageDraw.Draw(picture)
     for r, (title, _) in enumerate(rows):
-        draw.text((6, r * side + side // 2 - 6), title, fill="black")
+        draw.multiline_text((6, r * side + side // 2 - 12), title, fill="black")
     atomic_write(path, lambda f: picture.save(f, format="PNG"), "picture")
 
 
