@@ -19,8 +19,8 @@ LAYERS = (
     {"zoo"},
     {"config", "inference"},
     {"engine"},  # training and evaluation
-    {"measure", "demo", "serve"},
-    {"plan", "study", "bench"},
+    {"measure", "demo", "serve", "detection"},
+    {"plan", "study", "bench", "detection_study"},
     {"cli", "__init__"},  # the entry points
 )
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}

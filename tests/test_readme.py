@@ -229,3 +229,16 @@ def test_readme_quotes_the_committed_study_and_precision_results():
         arms = json.loads(continuation.read_text())["arms"]
         for arm, row in arms.items():
             assert f"| {ARMS[arm]} | {pm(row['finetune'])} | {pm(row['knn'])} | {pm(row['linear'])} |" in readme, arm
+
+
+def test_readme_quotes_the_committed_detection_study():
+    """The README's detection table is docs/results/detection.json's (a rerun of the study must update both)."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    table = json.loads((root / "docs" / "results" / "detection.json").read_text())["table"]
+    readme = (root / "README.md").read_text()
+    for arm, label in (("simmim", "SimMIM-pretrained"), ("random", "random weights")):
+        row = " | ".join(f"{table[arm][k]['mean']:.2f} ± {table[arm][k]['std']:.2f}"
+                         for k in ("bbox_map", "bbox_map_50", "segm_map", "miou"))
+        assert f"| {label} | {row} |" in readme, arm

@@ -6,11 +6,12 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["get_model", "inference_model", "list_models", "__version__"]
+__all__ = ["detection_backbone", "get_model", "inference_model", "list_models", "__version__"]
 
 # imported on first use, so that `simmim --help` starts without torch; inference_model also pulls in
 # the image stack and timm
-_HOMES = {"get_model": ".zoo.hub", "inference_model": ".inference", "list_models": ".zoo"}
+_HOMES = {"detection_backbone": ".detection", "get_model": ".zoo.hub", "inference_model": ".inference",
+          "list_models": ".zoo"}
 
 
 def __getattr__(name: str) -> Any:

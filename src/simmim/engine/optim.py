@@ -54,17 +54,20 @@ def decays(name: str, param: torch.Tensor, skip: set[str]) -> bool:
     return not no
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 encoder: str = "encoder") -> list[dict]:
     """AdamW groups keyed by (layer, decay or not), each with its `lr_scale`; with layer_decay == 1
-    all layers share one scale and fold into two groups."""
-    encoder = model.encoder
-    n = num_layers(encoder)
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    all layers share one scale and fold into two groups. `encoder` is the dotted path of the encoder
+    in `model` (a detector's is deeper, e.g. 'backbone.body.encoder'); the rest counts as the head."""
+    enc, prefix = model.get_submodule(encoder), encoder + "."
+    n = num_layers(enc)
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else {prefix + k for k in enc.no_weight_decay()}
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer = layer_id(name, encoder) if layer_decay != 1.0 else n + 1
+        inside = "encoder." + name.removeprefix(prefix) if name.startswith(prefix) else "head"
+        layer = layer_id(inside, enc) if layer_decay != 1.0 else n + 1
         decay = decays(name, param, skip)
         group = groups.setdefault((layer, decay), {
             "params": [], "layer": layer, "lr_scale": layer_decay ** (n + 1 - layer),
