@@ -266,7 +266,11 @@ def test_a_compiled_row_compiles_each_side_cold_then_measures_them_warm(tmp_path
                                img_size=128)
     assert calls == [("cold_first_step", "ours"), ("cold_first_step", "ref"), ("compare", None)]
     assert caches == ["ours", "ref", "ours", "ref"]  # cold, then the row's first (warm) steps
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ref")
+    folder = tmp_path / f"{NANO}-img_size128-b2-fp32-eager"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder / "ref")
+    cold = {side: json.loads((folder / f"{side}.cold.json").read_text()) for side in ("ours", "ref")}
+    assert row["ours_compile_cold_s"] == pytest.approx(cold["ours"]["first_step_s"] - row["ours_step_s"])
+    assert row["ref_compile_cold_at"]["date"] == cold["ref"]["date"]
     assert row["mode"] == "compiled" and row["compile"] == "eager"
     for side in ("ours", "ref"):
         assert row[f"{side}_compile_warm_s"] == pytest.approx(row[f"{side}_first_step_s"] - row[f"{side}_step_s"])
@@ -275,6 +279,21 @@ def test_a_compiled_row_compiles_each_side_cold_then_measures_them_warm(tmp_path
     assert eager["mode"] == "eager" and eager["compile"] is None
     assert row["ours_loss"] == pytest.approx(eager["ours_loss"], abs=1e-6)
     assert row["ref_loss"] == pytest.approx(eager["ref_loss"], abs=1e-6)
+
+
+def test_a_cold_compile_recorded_before_is_not_run_again(tmp_path):
+    folder = tmp_path / f"{NANO}-b2-bf16-inductor"
+    folder.mkdir()  # as the run that recorded ref's cold compile left it
+    record = {"first_step_s": 150.0, "date": "2026-12-07T23:50:00+00:00", "load_average": 4.0}
+    (folder / "ref.cold.json").write_text(json.dumps(record))
+
+    def fresh(fn, *args, **kwargs):
+        assert fn is run.cold_first_step and args[-1] == "ours", "only ours has no record"
+        return 9.0
+
+    cold = run.cold_compiles(fresh, ["ours", "ref"], NANO, 2, "bf16", CPU, "inductor", tmp_path)
+    assert cold["folder"] == folder and cold["ref"] == record and cold["ours"]["first_step_s"] == 9.0
+    assert json.loads((folder / "ours.cold.json").read_text()) == cold["ours"]
 
 
 def test_a_cold_compile_refuses_a_filled_cache(tmp_path):
@@ -292,8 +311,8 @@ def test_inductor_fills_each_sides_cache_and_computes_the_eager_loss(tmp_path):
     plan = run.BenchPlan(2, (), 0, 0, 0, 0, 1)
     row = run.compiled_compare(isolated, NANO, 2, "fp32", CPU, plan, "inductor", cache_root=str(tmp_path),
                                img_size=128)
-    for side in ("ours", "ref"):
-        assert any((tmp_path / side).rglob("*.so")), side  # its kernels compiled into its own folder
+    for side in ("ours", "ref"):  # its kernels compiled into its own folder
+        assert any((tmp_path / f"{NANO}-img_size128-b2-fp32-inductor" / side).rglob("*.so")), side
         assert row[f"{side}_compile_cold_s"] > 0
     eager = run.compare(NANO, 2, "fp32", CPU, plan, img_size=128)
     assert row["ours_loss"] == pytest.approx(eager["ours_loss"], abs=1e-5)

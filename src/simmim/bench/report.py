@@ -24,6 +24,11 @@ def isa_caps() -> dict[str, str]:
     return {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}
 
 
+def now() -> str:
+    """The local time with its offset, to the second, as the page dates runs."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
 def environment(device: torch.device) -> dict:
     """Date, machine (the CPU by name, family/model and ISA; `cpu_key` without the ISA is what tells one CPU's
     runs from another's on the page), library versions and allocator of this run."""
@@ -45,7 +50,7 @@ def environment(device: torch.device) -> dict:
     capped = f", instruction sets capped ({', '.join(f'{k}={v}' for k, v in caps.items())})" if caps else ""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "date": now(),
         "cpu": cpu_model(fields) + capped,
         "cpu_key": cpu_model(fields, isa=False) + capped,
         "isa": isa_names(fields),

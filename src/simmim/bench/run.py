@@ -215,29 +215,54 @@ def runners(venv: str, here: Callable[..., dict]) -> Runners:
     return Runners(peer, isolated if peer is here else peer, True)
 
 
+def cold_compiles(fresh: Callable[..., T], sides: list[str], name: str, batch_size: int, precision: str,
+                  device: torch.device, backend: str, root: str | Path, **overrides) -> dict[str, dict]:
+    """Each side's cold first compile (`cold_first_step`, a fresh process per side) for one configuration,
+    its caches in root/CONFIGURATION/SIDE, the record of each ({first_step_s, date, load_average}) beside
+    them as SIDE.cold.json: a side recorded there by an earlier run is taken from its record, not
+    compiled again (its cache is no longer empty)."""
+    folder = Path(root, "-".join([name, *(f"{k}{v}" for k, v in sorted(overrides.items())), f"b{batch_size}",
+                                  precision, backend]))
+    folder.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for side in sides:
+        path = folder / f"{side}.cold.json"
+        if not path.exists():
+            load = os.getloadavg()[0]
+            seconds = fresh(cold_first_step, name, batch_size, precision, device, backend, str(folder), side,
+                            **overrides)
+            atomic_write_text(path, json.dumps({"first_step_s": seconds, "date": report.now(),
+                                                "load_average": max(load, os.getloadavg()[0])}), "cold compile")
+        records[side] = json.loads(path.read_text())
+    return {"folder": folder, **records}
+
+
 def compiled_compare(fresh: Callable[..., T], name: str, batch_size: int, precision: str, device: torch.device,
                      plan: BenchPlan, backend: str, peer: bool = False, cache_root: str | None = None,
                      **overrides) -> dict:
-    """A compiled row: each side's cold first compile (`cold_first_step`, a fresh process per side), then
-    the row `compare` measures, compiled, in one more process on the caches those filled; per side the
-    cold and warm compile times (the first step less the steady one). The caches live in cache_root
+    """A compiled row: each side's cold first compile (`cold_compiles`), then the row `compare` measures,
+    compiled, in one more process on the caches those filled; per side the cold and warm compile times (the
+    first step less the steady one) and when the cold one was measured. The caches live in cache_root
     (default: a temporary folder, removed after)."""
     sides = ["ours", "ref", *(["mm"] if peer else [])]
     with tempfile.TemporaryDirectory(prefix="simmim-inductor-") as tmp:
-        root = cache_root or tmp
-        cold = {side: fresh(cold_first_step, name, batch_size, precision, device, backend, root, side, **overrides)
-                for side in sides}
-        row = fresh(compare, name, batch_size, precision, device, plan, backend, peer, root, **overrides)
+        cold = cold_compiles(fresh, sides, name, batch_size, precision, device, backend, cache_root or tmp,
+                             **overrides)
+        row = fresh(compare, name, batch_size, precision, device, plan, backend, peer, str(cold["folder"]),
+                    **overrides)
     for side in sides:
         steady = row[f"{side}_step_s"]
-        row[f"{side}_compile_cold_s"] = cold[side] - steady
+        row[f"{side}_compile_cold_s"] = cold[side]["first_step_s"] - steady
+        row[f"{side}_compile_cold_at"] = {k: cold[side][k] for k in ("date", "load_average")}
         row[f"{side}_compile_warm_s"] = row[f"{side}_first_step_s"] - steady
     return row
 
 
 def comparison(modes: tuple[str, ...], runs: Runners, name: str, batch_size: int, precision: str,
-               device: torch.device, plan: BenchPlan, backend: str, **overrides) -> list[dict]:
-    """The comparison's rows of one configuration, one per mode (eager, compiled)."""
+               device: torch.device, plan: BenchPlan, backend: str, compile_cache: str | None = None,
+               **overrides) -> list[dict]:
+    """The comparison's rows of one configuration, one per mode (eager, compiled; its caches in compile_cache,
+    default a temporary folder)."""
     rows = []
     for mode in modes:
         print(f"ours against HF{' and mmpretrain' if runs.peer else ''}: {SHORT.get(name, name)} batch {batch_size} "
@@ -246,20 +271,26 @@ def comparison(modes: tuple[str, ...], runs: Runners, name: str, batch_size: int
             rows.append(runs.eager(compare, name, batch_size, precision, device, plan, None, runs.peer, **overrides))
         else:
             rows.append(compiled_compare(runs.fresh, name, batch_size, precision, device, plan, backend, runs.peer,
-                                         **overrides))
+                                         compile_cache, **overrides))
     return rows
 
 
 def quick(device: torch.device, runs: Runners, precisions: tuple[str, ...] = ("fp32",),
           modes: tuple[str, ...] = ("eager",), name: str = TINY, batch_size: int = 8, backend: str = "inductor",
-          warmup: int = 1, repeats: int = 3, **overrides) -> dict:
+          warmup: int = 1, repeats: int = 3, compile_cache: str | None = None,
+          progress: Callable[[dict], None] | None = None, **overrides) -> dict:
     """Ours against HF (and mmpretrain where `runs` has it) on one configuration (Swin-T 192/w6, batch 8 by
     default) in each precision and mode: about a minute per eager row; overrides change the zoo model's
-    encoder (e.g. img_size)."""
+    encoder (e.g. img_size); `progress` sees the results so far after each row."""
     plan = BenchPlan(batch_size, (), 0, 0, 0, warmup, repeats)
-    rows = [row for precision in precisions
-            for row in comparison(modes, runs, name, batch_size, precision, device, plan, backend, **overrides)]
-    return {"environment": runs.eager(report.environment, device), "rows": rows}
+    results = {"environment": runs.eager(report.environment, device), "rows": []}
+    for precision in precisions:
+        for mode in modes:
+            results["rows"] += comparison((mode,), runs, name, batch_size, precision, device, plan, backend,
+                                          compile_cache, **overrides)
+            if progress:
+                progress(results)
+    return results
 
 
 def isolated(fn: Callable[..., T], *args, **kwargs) -> T:
@@ -287,7 +318,7 @@ def row_runner(device: torch.device) -> Callable[..., dict]:
 
 
 def full(device: torch.device, precisions: list[str], runs: Runners, modes: tuple[str, ...] = ("eager",),
-         backend: str = "inductor") -> dict:
+         backend: str = "inductor", compile_cache: str | None = None) -> dict:
     """Comparison (Swin-T and Swin-B in every precision and mode; compiled, the plan's models only), cost
     curve and data pipeline; on the CPU each row and point measured in a process of its own; where `runs`
     has mmpretrain (`peers.in_peers`) the comparison rows run there, with it as a third side."""
@@ -298,7 +329,7 @@ def full(device: torch.device, precisions: list[str], runs: Runners, modes: tupl
     results["comparison"] = [
         row for name in (TINY, BASE) for precision in precisions
         for row in comparison(tuple(m for m in modes if m == "eager" or name in plan.compiled), runs, name,
-                              plan.batch, precision, device, plan, backend)]
+                              plan.batch, precision, device, plan, backend, compile_cache)]
     print("cost curve", flush=True)
     results["cost_curve"] = cost_curve(precisions[0], device, plan)
     print("data pipeline", flush=True)
@@ -381,6 +412,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", default=peers.VENV, help="the venv holding mmpretrain, the third side "
                                                              "(`make bench-peers` builds it; default %(default)s; "
                                                              "'none': HF only)")
+    parser.add_argument("--compile-cache", help="the compiled mode's Inductor caches, one folder per configuration "
+                                                "and side, each with the record of its cold compile: a side "
+                                                "recorded there is not compiled cold again (default: a temporary "
+                                                "folder)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--model", default=TINY, help="--quick or --ops: the zoo model to compare")
     parser.add_argument("--batch", type=int, default=8, help="--quick or --ops: the batch size")
@@ -426,17 +461,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.quick:
         overrides = {"img_size": args.img_size} if args.img_size else {}
         results = quick(device, runners(args.peers, _here), tuple(precisions), modes, args.model, args.batch,
-                        args.backend, repeats=args.repeats, **overrides)
-        results["command"] = _command(args)
+                        args.backend, repeats=args.repeats, compile_cache=args.compile_cache,
+                        progress=lambda so_far: _write_quick(args, so_far), **overrides)
         _print_comparison(results["rows"])
-        if args.json:
-            report.write_json(results, args.json)
-        if args.page:
-            section = {"environment": results["environment"], "method": METHOD, "command": results["command"],
-                       "comparison": results["rows"], **({"note": args.note} if args.note else {})}
-            _write_page(args, section)
         return results
-    results = full(device, precisions, runners(args.peers, row_runner(device)), modes, args.backend)
+    results = full(device, precisions, runners(args.peers, row_runner(device)), modes, args.backend,
+                   args.compile_cache)
     results["command"] = _command(args)
     if args.note:
         results["note"] = args.note
@@ -444,6 +474,18 @@ def run(args: argparse.Namespace) -> dict:
     _print_rows(results["cost_curve"], report.CURVE)
     _write_page(args, results)
     return results
+
+
+def _write_quick(args: argparse.Namespace, results: dict) -> None:
+    """A --quick run's files (--json; with --page its CPU's section of the page), rewritten after each
+    row, so that a long run interrupted keeps the rows it measured."""
+    results["command"] = _command(args)
+    if args.json:
+        report.write_json(results, args.json)
+    if args.page:
+        section = {"environment": results["environment"], "method": METHOD, "command": results["command"],
+                   "comparison": results["rows"], **({"note": args.note} if args.note else {})}
+        _write_page(args, section)
 
 
 def _write_page(args: argparse.Namespace, section: dict) -> None:
