@@ -111,3 +111,27 @@ def test_a_reported_cpu_and_a_quick_run_have_sections_without_the_full_runs_tabl
     assert "### Ours against the references" in text and "Cost curve" not in text and "Dense GEMM" not in text
     assert [line for line in text.splitlines() if line.startswith("## ")][1:] == [
         "## Xeon (family 6, model 207; AVX-512)", "## EPYC (family 25, model 1; AVX2)"]
+
+
+def test_a_quick_run_puts_its_rows_into_its_cpus_section():
+    def row(precision, mode, step):
+        return {"model": "Swin-T", "img_size": 192, "window": 6, "batch": 8, "precision": precision, "mode": mode,
+                "ours_step_s": step}
+
+    def section(date, rows, command="simmim bench --quick"):
+        return {"environment": {"cpu_key": "EPYC (family 25, model 17)", "date": date, "load_average": 2.0},
+                "command": command, "comparison": rows}
+
+    other = _run("Intel Xeon (family 6, model 207)", "2026-12-01")
+    first = section("00:00", [row("fp32", "eager", 1.0), row("bf16", "eager", 0.5)])
+    page = report.merge_rows({"runs": [other]}, first)
+    assert page == {"runs": [other, first]}  # a new section
+    page = report.merge_rows(page, first)  # the same run rewriting its rows
+    assert page == {"runs": [other, first]}
+    later = section("00:40", [row("fp32", "compiled", 1.2), row("bf16", "eager", 0.6)],
+                    "simmim bench --quick --mode both")
+    page = report.merge_rows(page, later)
+    merged = page["runs"][1]
+    assert merged["comparison"] == [row("fp32", "eager", 1.0), row("fp32", "compiled", 1.2), row("bf16", "eager", 0.6)]
+    assert merged["also"] == [{"command": "simmim bench --quick --mode both", "date": "00:40", "load_average": 2.0}]
+    assert merged["environment"]["date"] == "00:00" and page["runs"][0] == other

@@ -197,6 +197,31 @@ def merge_runs(page: dict | None, results: dict) -> dict:
     return {"runs": kept[:at] + [results] + kept[at:]}
 
 
+def row_key(row: dict) -> tuple:
+    """What a comparison row measured: model, size, window, batch, precision and mode."""
+    return row["model"], row["img_size"], row.get("window"), row["batch"], row["precision"], row.get("mode", "eager")
+
+
+def merge_rows(page: dict | None, section: dict) -> dict:
+    """The page with a --quick run's rows (`section`) put into its CPU's section: replacing the rows that
+    measured the same (`row_key`), kept beside the others, its command added to the section's; a new
+    section where the CPU has none (or only a reported one)."""
+    runs = [] if page is None else page.get("runs", [page])
+    at = next((i for i, run in enumerate(runs) if cpu_key(run) == cpu_key(section) and "reported" not in run), None)
+    if at is None:
+        return merge_runs(page, section)
+    run = runs[at]
+    keys = {row_key(row) for row in section["comparison"]}
+    also = {"command": section["command"], "date": section["environment"]["date"],
+            "load_average": section["environment"]["load_average"]}
+    seen = [{"command": run.get("command"), "date": run["environment"]["date"]},
+            *({"command": a["command"], "date": a["date"]} for a in run.get("also", []))]
+    merged = {**run, "comparison": [r for r in run["comparison"] if row_key(r) not in keys] + section["comparison"]}
+    if {"command": also["command"], "date": also["date"]} not in seen:  # a run rewrites its rows after each one
+        merged["also"] = [*run.get("also", []), also]
+    return {"runs": [*runs[:at], merged, *runs[at + 1:]]}
+
+
 def _run_section(results: dict) -> list[str]:
     """A CPU's section: as reported elsewhere (`_reported_section`), or as measured; a --quick run recorded with
     --page has its comparison only, without the GEMM rates, cost curve and pipelines of a full run."""
@@ -210,7 +235,9 @@ def _run_section(results: dict) -> list[str]:
         f"Run {env['date']}, {env['cores']} cores (torch threads: {env['threads']}), device {env['device']}; "
         f"{libraries}; allocator {env['allocator']}; load average {env['load_average']:.2f} at the start"
         + (f"; fp32 GEMM route {env['gemm_route']}." if env.get("gemm_route") else "."),
-        f"Produced by `{results.get('command', 'simmim bench')}`.",
+        f"Produced by `{results.get('command', 'simmim bench')}`"
+        + "".join(f"; rows added by `{also['command']}` (run {also['date']}, load average {also['load_average']:.2f} "
+                  "at the start)" for also in results.get("also", [])) + ".",
         *([results["note"]] if results.get("note") else []),
         "",
         *([] if "gemm_tflops" not in results else [

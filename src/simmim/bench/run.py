@@ -397,8 +397,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--note", help="full run or --quick --page: a line under this CPU's heading on the page "
                                        "(e.g. the machine was shared)")
     parser.add_argument("--page", action="store_true",
-                        help="--quick: record its rows on the benchmark page as this CPU's section (--page-json, "
-                             "--markdown; default docs/benchmark.json and .md), as a full run does")
+                        help="--quick: record its rows in this CPU's section of the benchmark page (replacing rows "
+                             "of the same model, size, batch, precision and mode; --page-json, --markdown; default "
+                             "docs/benchmark.json and .md)")
     parser.add_argument("--page-json", help="--quick --page: the page's JSON (default docs/benchmark.json)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when there is one)")
     parser.add_argument("--precision", help="fp32, bf16 or both comma-separated (default: fp32 with --quick, "
@@ -490,9 +491,10 @@ def _write_quick(args: argparse.Namespace, results: dict) -> None:
 
 def _write_page(args: argparse.Namespace, section: dict) -> None:
     """The benchmark page (--json, --markdown; a --quick run: --page-json, the defaults) with `section` as its
-    CPU's."""
+    CPU's (a full run), or with its rows in its CPU's section (a --quick run: `report.merge_rows`)."""
     json_path = Path((args.page_json if args.quick else args.json) or "docs/benchmark.json")
-    page = report.merge_runs(json.loads(json_path.read_text()) if json_path.exists() else None, section)
+    merge = report.merge_rows if args.quick else report.merge_runs
+    page = merge(json.loads(json_path.read_text()) if json_path.exists() else None, section)
     report.write_json(page, json_path)
     markdown_path = Path(args.markdown or "docs/benchmark.md")
     atomic_write_text(markdown_path, report.markdown(page), "benchmark page")
