@@ -241,7 +241,7 @@ def _run_section(results: dict) -> list[str]:
         *([results["note"]] if results.get("note") else []),
         "",
         *([] if "gemm_tflops" not in results else [
-            "Dense GEMM on this device in the same run (TFLOP/s): "
+            f"Dense GEMM ({_gemm_size(results)}) on this device in the same run (TFLOP/s): "
             + ", ".join(f"{k} {v:.3f}" for k, v in results["gemm_tflops"].items()) + ".", ""]),
         "### Ours against the references (same configuration, weights, input and mask)",
         "",
@@ -275,6 +275,11 @@ def _run_section(results: dict) -> list[str]:
         "",
         *_demo_pipeline(results.get("demo_pipeline")),
     ]
+
+
+def _gemm_size(results: dict) -> str:
+    n = results.get("gemm_size") or results.get("plan", {}).get("gemm_size")
+    return f"{n}x{n} by {n}x{n}" if n else "size unrecorded"
 
 
 def _reported_section(results: dict) -> list[str]:
