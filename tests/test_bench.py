@@ -1,6 +1,7 @@
 """The benchmark at test size: its JSON, that both sides compute the same numbers (loss and gradients of
 a training step, so the comparison is apples to apples), its memory measure, and the allocator helper."""
 
+import importlib
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from simmim.models.kernels import matmul_nt
 pytest.importorskip("transformers")
 
 NANO = "simmim_swin-nano_test-64px"
+run = importlib.import_module("simmim.bench.run")  # the module: the package's `run` is the function
 CPU = torch.device("cpu")
 
 
@@ -33,19 +35,20 @@ def test_quick_benchmark_writes_the_comparison(tmp_path, monkeypatch, capsys):
     main(["--quick", "--model", NANO, "--img-size", "128", "--batch", "2", "--repeats", "2", "--json", str(out),
           "--peers", str(tmp_path / "absent")])
     assert f"mmpretrain: skipped (no {tmp_path / 'absent'}; `make bench-peers` builds it)" in capsys.readouterr().out
-    row = json.loads(out.read_text())
-    assert "mm_step_s" not in row
+    results = json.loads(out.read_text())
+    [row] = results["rows"]
+    assert "mm_step_s" not in row and row["mode"] == "eager"
     for key in ("ours_step_s", "ref_step_s", "ours_peak_mb", "ref_peak_mb"):
         assert 0 < row[key] < 1e4, key
     for side in ("ours", "ref"):  # a part of the profiled step (the timed steps may have seen another load)
         assert 0 < row[f"{side}_gemm_s"] < row[f"{side}_profiled_s"], side
     assert row["speedup"] == pytest.approx(row["ref_step_s"] / row["ours_step_s"])
     assert row["ours_loss"] == pytest.approx(row["ref_loss"], abs=1e-5)
-    assert row["environment"]["allocator"] and row["environment"]["torch"] == torch.__version__
+    assert results["environment"]["allocator"] and results["environment"]["torch"] == torch.__version__
 
     # the full run's page, from this row standing in for every table
     page = report.markdown({"runs": [{
-        "environment": row.pop("environment"), "method": METHOD, "gemm_tflops": {"bf16": 0.5}, "comparison": [row],
+        "environment": results["environment"], "method": METHOD, "gemm_tflops": {"bf16": 0.5}, "comparison": [row],
         "cost_curve": [row], "pipeline": {"skipped": "no photos"}, "command": "simmim bench --threads 1"}]})
     assert "`simmim bench --threads 1`" in page and "| ours GEMM s | HF GEMM s |" in page
     assert f"| {row['ours_gemm_s']:.3f} | {row['ref_gemm_s']:.3f} |" in page
@@ -234,3 +237,121 @@ def test_peer_runner_leaves_mmpretrain_out_when_asked_or_absent(tmp_path, monkey
     monkeypatch.setattr(peers, "has_mmpretrain", lambda: False)
     assert peer_runner(str(tmp_path / "absent"), here) is None
     assert f"no {tmp_path / 'absent'}" in capsys.readouterr().out
+
+
+def _in_process(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+@pytest.mark.slow  # dynamo traces every block of both sides, twice: minutes on two shared cores
+def test_a_compiled_row_compiles_each_side_cold_then_measures_them_warm(tmp_path, monkeypatch):
+    """The compiled mode's row: a cold first compile per side, each in its own Inductor cache folder, before
+    the row that measures the compiled steps on those folders; its losses are the eager ones."""
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
+    calls, caches = [], []
+    real_use = run.use_compile_cache
+
+    def recording(fn, *args, **kwargs):
+        calls.append((fn.__name__, args[-1] if fn is run.cold_first_step else None))
+        return fn(*args, **kwargs)
+
+    def use(root, side):
+        caches.append(side)
+        return real_use(root, side)
+
+    monkeypatch.setattr(run, "use_compile_cache", use)
+    plan = run.BenchPlan(2, (), 0, 0, 0, 0, 1)
+    row = run.compiled_compare(recording, NANO, 2, "fp32", CPU, plan, "eager", cache_root=str(tmp_path),
+                               img_size=128)
+    assert calls == [("cold_first_step", "ours"), ("cold_first_step", "ref"), ("compare", None)]
+    assert caches == ["ours", "ref", "ours", "ref"]  # cold, then the row's first (warm) steps
+    folder = tmp_path / f"{NANO}-img_size128-b2-fp32-eager"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder / "ref")
+    cold = {side: json.loads((folder / f"{side}.cold.json").read_text()) for side in ("ours", "ref")}
+    assert row["ours_compile_cold_s"] == pytest.approx(cold["ours"]["first_step_s"] - row["ours_step_s"])
+    assert row["ref_compile_cold_at"]["date"] == cold["ref"]["date"]
+    assert row["mode"] == "compiled" and row["compile"] == "eager"
+    for side in ("ours", "ref"):
+        assert row[f"{side}_compile_warm_s"] == pytest.approx(row[f"{side}_first_step_s"] - row[f"{side}_step_s"])
+        assert row[f"{side}_compile_cold_s"] > -row[f"{side}_step_s"]  # a step's time less the steady step
+    eager = run.compare(NANO, 2, "fp32", CPU, plan, img_size=128)
+    assert eager["mode"] == "eager" and eager["compile"] is None
+    assert row["ours_loss"] == pytest.approx(eager["ours_loss"], abs=1e-6)
+    assert row["ref_loss"] == pytest.approx(eager["ref_loss"], abs=1e-6)
+
+
+def test_a_cold_compile_recorded_before_is_not_run_again(tmp_path):
+    folder = tmp_path / f"{NANO}-b2-bf16-inductor"
+    folder.mkdir()  # as the run that recorded ref's cold compile left it
+    record = {"first_step_s": 150.0, "date": "2026-12-07T23:50:00+00:00", "load_average": 4.0}
+    (folder / "ref.cold.json").write_text(json.dumps(record))
+
+    def fresh(fn, *args, **kwargs):
+        assert fn is run.cold_first_step and args[-1] == "ours", "only ours has no record"
+        return 9.0
+
+    cold = run.cold_compiles(fresh, ["ours", "ref"], NANO, 2, "bf16", CPU, "inductor", tmp_path)
+    assert cold["folder"] == folder and cold["ref"] == record and cold["ours"]["first_step_s"] == 9.0
+    assert json.loads((folder / "ours.cold.json").read_text()) == cold["ours"]
+
+
+def test_a_cold_compile_refuses_a_filled_cache(tmp_path):
+
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "fxgraph").write_text("")
+    with pytest.raises(RuntimeError, match="a cold compile needs an empty Inductor cache"):
+        run.cold_first_step(NANO, 2, "fp32", CPU, "eager", str(tmp_path), "ours", img_size=128)
+
+
+@pytest.mark.slow
+def test_inductor_fills_each_sides_cache_and_computes_the_eager_loss(tmp_path):
+    """Inductor for real, each process fresh (`isolated`): minutes on two cores."""
+
+    plan = run.BenchPlan(2, (), 0, 0, 0, 0, 1)
+    row = run.compiled_compare(isolated, NANO, 2, "fp32", CPU, plan, "inductor", cache_root=str(tmp_path),
+                               img_size=128)
+    for side in ("ours", "ref"):  # its kernels compiled into its own folder
+        assert any((tmp_path / f"{NANO}-img_size128-b2-fp32-inductor" / side).rglob("*.so")), side
+        assert row[f"{side}_compile_cold_s"] > 0
+    eager = run.compare(NANO, 2, "fp32", CPU, plan, img_size=128)
+    assert row["ours_loss"] == pytest.approx(eager["ours_loss"], abs=1e-5)
+
+
+def test_the_mode_table_sets_each_sides_eager_step_against_its_compiled_one():
+    def row(mode, **steps):
+        return {"model": "Swin-T", "img_size": 192, "batch": 8, "precision": "fp32", "mode": mode,
+                "compile": "inductor" if mode == "compiled" else None, **steps}
+
+    eager = row("eager", ours_step_s=1.0, ref_step_s=1.5)
+    compiled = row("compiled", ours_step_s=1.25, ref_step_s=1.2, ours_compile_cold_s=160.0,
+                   ours_compile_warm_s=7.0, ref_compile_cold_s=140.0, ref_compile_warm_s=6.0)
+    assert report.mode_rows([eager]) == []  # eager only: no table
+    [modes] = report.mode_rows([eager, compiled, row("eager", ours_step_s=9.0) | {"precision": "bf16"}])
+    assert modes["ours_mode_ratio"] == pytest.approx(0.8) and modes["ref_mode_ratio"] == pytest.approx(1.25)
+    assert modes["ref_best_speedup"] == pytest.approx(1.2)  # HF compiled (1.2 s) against ours eager (1.0 s)
+    assert modes["ours_cold_s"] == 160.0 and modes["ref_warm_s"] == 6.0
+    headers = [h for h, _, _ in report.mode_columns([modes])]
+    assert "HF 1st compile cold s" in headers and not any(h.startswith("mmpretrain") for h in headers)
+    [alone] = report.mode_rows([compiled])  # compiled only: no eager figures, the compiled steps compared
+    assert alone["ours_eager_s"] is None and alone["ref_best_speedup"] == pytest.approx(1.2 / 1.25)
+    assert [h for h, _, _ in report.comparison_columns([eager, compiled])][4] == "mode"
+    assert "mode" not in [h for h, _, _ in report.comparison_columns([eager])]
+
+
+@pytest.mark.slow
+def test_quick_runs_every_precision_and_mode_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(runtime.OPT_OUT, "1")
+    out, page = tmp_path / "quick.json", tmp_path / "page.json"
+    main(["--quick", "--model", NANO, "--img-size", "128", "--batch", "2", "--repeats", "1", "--json", str(out),
+          "--peers", "none", "--mode", "both", "--backend", "eager", "--precision", "fp32,bf16", "--page",
+          "--page-json", str(page), "--markdown", str(tmp_path / "page.md"), "--note", "A test."])
+    results = json.loads(out.read_text())
+    assert results["command"].startswith("simmim bench --quick --precision fp32,bf16 --mode both --backend eager")
+    assert [(r["precision"], r["mode"]) for r in results["rows"]] == [
+        ("fp32", "eager"), ("fp32", "compiled"), ("bf16", "eager"), ("bf16", "compiled")]
+    assert "| ours eager s | ours compiled s | ours eager/compiled |" in capsys.readouterr().out
+    [section] = json.loads(page.read_text())["runs"]
+    assert section["comparison"] == results["rows"]
+    text = (tmp_path / "page.md").read_text()
+    assert "### Eager against compiled" in text and "A test." in text and "### Cost curve" not in text

@@ -80,3 +80,15 @@ def test_the_command_prints_and_writes_the_tables(tmp_path, monkeypatch, capsys)
     data = json.loads(js.read_text())
     assert set(data["fp32"]) == {"ours", "ref"}
     assert {op["name"] for op in data["fp32"]["ours"]["ops"]} >= {"aten::mm", "_NormLinear"}
+
+
+def test_the_operator_page_keeps_one_section_per_cpu():
+    intel = ["## Xeon (family 6, model 167; AVX2, AMX-BF16), 1 threads, torch 2.14", "", "Intel tables"]
+    amd = ["## EPYC (family 25, model 17; AVX-512), 2 threads, torch 2.14", "", "AMD tables"]
+    page = ops.merge_page(None, intel, "Xeon (family 6, model 167)")
+    assert page.startswith(f"{ops.TITLE}\n\n{ops.INTRO}\n\n## Xeon") and page.endswith("Intel tables\n")
+    page = ops.merge_page(page, amd, "EPYC (family 25, model 17)")
+    rerun = [intel[0].replace("1 threads", "2 threads"), "", "Intel again"]
+    page = ops.merge_page(page, rerun, "Xeon (family 6, model 167)")
+    assert page == "\n".join([ops.TITLE, "", ops.INTRO, "", *rerun, "", *amd]) + "\n"  # in place, the other kept
+    assert ops.section_cpu(amd[0]) == "EPYC (family 25, model 17)"

@@ -77,3 +77,61 @@ def test_a_section_shows_mmpretrain_and_the_demo_pipeline_where_measured():
     with_mm = report.markdown({"runs": [{**run, "comparison": [{**row, "mm_step_s": 0.46, "mm_speedup": 1.15}]}]})
     assert "| HF img/s | mmpretrain s/step | speedup mmpretrain/ours |" in with_mm
     assert "| 0.460 | 1.15 |" in with_mm and "mmpretrain 1.2.0" in with_mm
+
+
+def test_a_run_with_capped_instruction_sets_is_a_section_of_its_own(monkeypatch):
+    import torch
+
+    for name in report.ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    plain = report.environment(torch.device("cpu"))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    capped = report.environment(torch.device("cpu"))
+    assert capped["isa_caps"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    suffix = ", instruction sets capped (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2)"
+    assert capped["cpu"] == plain["cpu"] + suffix and capped["cpu_key"] == plain["cpu_key"] + suffix
+    page = report.merge_runs({"runs": [{"environment": plain}]}, {"environment": capped})
+    assert [run["environment"]["cpu_key"] for run in page["runs"]] == [plain["cpu_key"], capped["cpu_key"]]
+
+
+def test_a_reported_cpu_and_a_quick_run_have_sections_without_the_full_runs_tables():
+    env = {"cpu": "Xeon (family 6, model 207; AVX-512)", "cpu_key": "Xeon (family 6, model 207)",
+           "date": "2026-12-03", "cores": 2, "threads": 2, "device": "cpu", "torch": "2.14.1", "allocator": "jemalloc",
+           "load_average": 3.0}
+    row = {"model": "Swin-T", "img_size": 192, "batch": 8, "precision": "fp32", "ours_step_s": 1.0,
+           "ref_step_s": 1.1, "speedup": 1.1}
+    quick = {"environment": env, "method": ["- how"], "command": "simmim bench --quick", "comparison": [row]}
+    reported = {"environment": {"cpu": "EPYC (family 25, model 1; AVX2)", "cpu_key": "EPYC (family 25, model 1)",
+                                "date": "2026-12-07"},
+                "reported": {"intro": "Reported in issue 27, not re-measured.",
+                             "figures": [["fp32 step over HF, eager", "1.04x"]], "note": "No mmpretrain there."}}
+    text = report.markdown({"runs": [quick, reported]})
+    assert "| fp32 step over HF, eager | 1.04x |" in text and "Reported in issue 27, not re-measured." in text
+    assert "### Ours against the references" in text and "Cost curve" not in text and "Dense GEMM" not in text
+    assert [line for line in text.splitlines() if line.startswith("## ")][1:] == [
+        "## Xeon (family 6, model 207; AVX-512)", "## EPYC (family 25, model 1; AVX2)"]
+
+
+def test_a_quick_run_puts_its_rows_into_its_cpus_section():
+    def row(precision, mode, step):
+        return {"model": "Swin-T", "img_size": 192, "window": 6, "batch": 8, "precision": precision, "mode": mode,
+                "ours_step_s": step}
+
+    def section(date, rows, command="simmim bench --quick"):
+        return {"environment": {"cpu_key": "EPYC (family 25, model 17)", "date": date, "load_average": 2.0},
+                "command": command, "comparison": rows}
+
+    other = _run("Intel Xeon (family 6, model 207)", "2026-12-01")
+    first = section("00:00", [row("fp32", "eager", 1.0), row("bf16", "eager", 0.5)])
+    page = report.merge_rows({"runs": [other]}, first)
+    assert page == {"runs": [other, first]}  # a new section
+    page = report.merge_rows(page, first)  # the same run rewriting its rows
+    assert page == {"runs": [other, first]}
+    later = section("00:40", [row("fp32", "compiled", 1.2), row("bf16", "eager", 0.6)],
+                    "simmim bench --quick --mode both")
+    page = report.merge_rows(page, later)
+    merged = page["runs"][1]
+    assert merged["comparison"] == [row("fp32", "eager", 1.0), row("fp32", "compiled", 1.2), row("bf16", "eager", 0.6)]
+    assert merged["also"] == [{"command": "simmim bench --quick --mode both", "date": "00:40", "load_average": 2.0}]
+    assert merged["environment"]["date"] == "00:00" and page["runs"][0] == other

@@ -6,12 +6,14 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
 from ..measure import cpu_profile
 from ..models.kernels import ONEDNN, matmul_nt
+
+T = TypeVar("T")
 
 
 def _sync(device: torch.device) -> None:
@@ -19,13 +21,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall-clock seconds of one call, the device's queue drained before and after."""
+def timed_call(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """fn's result and the wall-clock seconds of the call, the device's queue drained before and after."""
     _sync(device)
     start = time.perf_counter()
-    fn()
+    out = fn()
     _sync(device)
-    return time.perf_counter() - start
+    return out, time.perf_counter() - start
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one call, the device's queue drained before and after."""
+    return timed_call(fn, device)[1]
 
 
 def _system_seconds() -> float:

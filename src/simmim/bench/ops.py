@@ -7,6 +7,7 @@ so the times of a step add up without double counting). The sides alternate in b
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -148,4 +149,37 @@ def markdown(profiles: dict[str, StepProfile], title: str, top: int = 15) -> lis
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {op} | {category(op)} | {a.seconds:.4f} | {a.calls} | {b.seconds:.4f} | {b.calls} | "
                   f"{a.seconds - b.seconds:+.4f} |" for op, a, b in differences(ours, profiles[peer], top)]
+    return lines
+
+
+TITLE = "# Each side's step by operator"
+INTRO = ("One section per CPU (`simmim bench --ops --markdown docs/ops.md` replaces only the section of the CPU it "
+         "runs on). Self CPU seconds per step, median of the profiled steps per side, sides alternated; the step "
+         "times above each table are unprofiled, as the comparison on [benchmark.md](benchmark.md) times them. "
+         "[kernels.md](kernels.md) reads them.")
+
+
+def section_cpu(heading: str) -> str:
+    """The CPU of a section heading ('## NAME (family F, model M; ISA...), ...') as `cpu_model(isa=False)`
+    names it."""
+    match = re.match(r"## (.*?\(family \d+, model \d+)", heading)
+    return f"{match.group(1)})" if match else heading
+
+
+def merge_page(text: str | None, section: list[str], cpu: str) -> str:
+    """The operator page `text` (None: a new one) with `section` (its lines, from its '## ' heading on) in place
+    of the section of the same CPU (`cpu`: `cpu_model(isa=False)`), or added after the others."""
+    lines = (text or f"{TITLE}\n\n{INTRO}\n").rstrip("\n").split("\n")
+    starts = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    head = lines[:starts[0]] if starts else lines
+    sections = [lines[a:b] for a, b in zip(starts, [*starts[1:], len(lines)][:len(starts)], strict=True)]
+    body = [s for s in sections if section_cpu(s[0]) != cpu]
+    at = next((i for i, s in enumerate(sections) if section_cpu(s[0]) == cpu), len(body))
+    merged = [*_trimmed(head), ""] + [line for s in [*body[:at], section, *body[at:]] for line in [*_trimmed(s), ""]]
+    return "\n".join(merged).rstrip("\n") + "\n"
+
+
+def _trimmed(lines: list[str]) -> list[str]:
+    while lines and not lines[-1]:
+        lines = lines[:-1]
     return lines

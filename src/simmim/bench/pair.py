@@ -4,6 +4,7 @@ own environment, `make bench-peers`) mmpretrain's SimMIM holding the same weight
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -143,6 +144,15 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
     for module in model.modules():
         if type(module).__name__ in ("SwinBlock", "SwinLayer"):
             module.compile(backend=backend)
+
+
+def use_compile_cache(root: str | Path, side: str) -> Path:
+    """Points Inductor's on-disk caches (its FX graphs, AOT autograd graphs and compiled kernels) at
+    root/side, which it reads at each compilation: a side's first compile in an empty folder is a cold one,
+    in the folder an earlier process filled a warm one, and no side finds the kernels of another."""
+    folder = Path(root, side)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
 
 
 def build_sides(name: str, batch_size: int, precision: str, device: torch.device, reference: bool,

@@ -15,6 +15,19 @@ from ..hardware import cpu_fields, cpu_model, isa_names
 from ..models.kernels import gemm_route
 from ..runtime import allocator_description
 
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+"""The variables that cap the instruction sets torch's own kernels, MKL and oneDNN dispatch to."""
+
+
+def isa_caps() -> dict[str, str]:
+    """The ISA caps (ISA_CAPS) set for this process."""
+    return {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}
+
+
+def now() -> str:
+    """The local time with its offset, to the second, as the page dates runs."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
 
 def environment(device: torch.device) -> dict:
     """Date, machine (the CPU by name, family/model and ISA; `cpu_key` without the ISA is what tells one CPU's
@@ -32,12 +45,16 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         mm_version = None
     fields = cpu_fields()
+    caps = isa_caps()
+    # a run with its kernels capped to fewer instruction sets emulates another CPU: a section of its own
+    capped = f", instruction sets capped ({', '.join(f'{k}={v}' for k, v in caps.items())})" if caps else ""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_model(fields),
-        "cpu_key": cpu_model(fields, isa=False),
+        "date": now(),
+        "cpu": cpu_model(fields) + capped,
+        "cpu_key": cpu_model(fields, isa=False) + capped,
         "isa": isa_names(fields),
+        "isa_caps": caps,
         "cores": cpus,
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -84,11 +101,66 @@ SIDES = {"ours": "ours", "ref": "HF", "mm": "mmpretrain"}
 """Key prefix of each side's figures in a comparison row, and its name."""
 
 
+def _without_absent_sides(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """columns without mmpretrain's where no row has them (its environment was absent)."""
+    if any(row.get("mm_step_s") is not None or row.get("mm_compiled_s") is not None for row in rows):
+        return columns
+    return [column for column in columns if not column[1].startswith("mm_")]
+
+
 def comparison_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
-    """COMPARISON, without mmpretrain's columns where no row has them (its environment was absent)."""
-    if any(row.get("mm_step_s") is not None for row in rows):
-        return COMPARISON
-    return [column for column in COMPARISON if not column[1].startswith("mm_")]
+    """COMPARISON, with the mode where a row was compiled, without mmpretrain's columns where no row has them."""
+    columns = _without_absent_sides(rows, COMPARISON)
+    if any(row.get("compile") for row in rows):
+        columns.insert(4, ("mode", "mode", ""))
+    return columns
+
+
+def mode_rows(rows: list[dict]) -> list[dict]:
+    """Per configuration that has a compiled row: each side's eager and compiled step, eager/compiled (above 1:
+    compiling pays), its cold- and warm-cache first compile, and the speedup over each peer with every side
+    in its faster mode."""
+    configs: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        key = (row["model"], row["img_size"], row["batch"], row["precision"])
+        configs.setdefault(key, {})["compiled" if row.get("compile") else "eager"] = row
+    out = []
+    for (model, img_size, batch, precision), by_mode in configs.items():
+        compiled, eager = by_mode.get("compiled"), by_mode.get("eager", {})
+        if compiled is None:
+            continue
+        row = {"model": model, "img_size": img_size, "batch": batch, "precision": precision,
+               "backend": compiled["compile"]}
+        best = {}
+        for side in SIDES:
+            if compiled.get(f"{side}_step_s") is None:
+                continue
+            e, c = eager.get(f"{side}_step_s"), compiled[f"{side}_step_s"]
+            best[side] = min(c, e) if e is not None else c
+            row.update({f"{side}_eager_s": e, f"{side}_compiled_s": c, f"{side}_mode_ratio": e / c if e else None,
+                        f"{side}_cold_s": compiled.get(f"{side}_compile_cold_s"),
+                        f"{side}_warm_s": compiled.get(f"{side}_compile_warm_s")})
+        for side in ("ref", "mm"):
+            if side in best:
+                row[f"{side}_best_speedup"] = best[side] / best["ours"]
+        out.append(row)
+    return out
+
+
+def mode_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The columns of `mode_rows`' table."""
+    columns = [("model", "model", ""), ("px", "img_size", "d"), ("batch", "batch", "d"),
+               ("precision", "precision", ""), ("backend", "backend", "")]
+    for side, label in SIDES.items():
+        columns += [(f"{label} eager s", f"{side}_eager_s", ".3f"),
+                    (f"{label} compiled s", f"{side}_compiled_s", ".3f"),
+                    (f"{label} eager/compiled", f"{side}_mode_ratio", ".2f")]
+    for side, label in SIDES.items():
+        columns += [(f"{label} 1st compile cold s", f"{side}_cold_s", ".1f"),
+                    (f"{label} 1st compile warm s", f"{side}_warm_s", ".1f")]
+    columns += [("HF/ours, faster modes", "ref_best_speedup", ".2f"),
+                ("mmpretrain/ours, faster modes", "mm_best_speedup", ".2f")]
+    return _without_absent_sides(rows, columns)
 CURVE = [
     ("model", "model", ""), ("px", "img_size", "d"), ("window", "window", "d"), ("batch", "batch", "d"),
     ("precision", "precision", ""), ("s/step", "step_s", ".3f"), ("img/s", "images_per_s", ".1f"),
@@ -125,8 +197,37 @@ def merge_runs(page: dict | None, results: dict) -> dict:
     return {"runs": kept[:at] + [results] + kept[at:]}
 
 
+def row_key(row: dict) -> tuple:
+    """What a comparison row measured: model, size, window, batch, precision and mode."""
+    return row["model"], row["img_size"], row.get("window"), row["batch"], row["precision"], row.get("mode", "eager")
+
+
+def merge_rows(page: dict | None, section: dict) -> dict:
+    """The page with a --quick run's rows (`section`) put into its CPU's section: replacing the rows that
+    measured the same (`row_key`), kept beside the others, its command added to the section's; a new
+    section where the CPU has none (or only a reported one)."""
+    runs = [] if page is None else page.get("runs", [page])
+    at = next((i for i, run in enumerate(runs) if cpu_key(run) == cpu_key(section) and "reported" not in run), None)
+    if at is None:
+        return merge_runs(page, section)
+    run = runs[at]
+    keys = {row_key(row) for row in section["comparison"]}
+    also = {"command": section["command"], "date": section["environment"]["date"],
+            "load_average": section["environment"]["load_average"]}
+    seen = [{"command": run.get("command"), "date": run["environment"]["date"]},
+            *({"command": a["command"], "date": a["date"]} for a in run.get("also", []))]
+    merged = {**run, "comparison": [r for r in run["comparison"] if row_key(r) not in keys] + section["comparison"]}
+    if {"command": also["command"], "date": also["date"]} not in seen:  # a run rewrites its rows after each one
+        merged["also"] = [*run.get("also", []), also]
+    return {"runs": [*runs[:at], merged, *runs[at + 1:]]}
+
+
 def _run_section(results: dict) -> list[str]:
-    env, gemm = results["environment"], results["gemm_tflops"]
+    """A CPU's section: as reported elsewhere (`_reported_section`), or as measured; a --quick run recorded with
+    --page has its comparison only, without the GEMM rates, cost curve and pipelines of a full run."""
+    if "reported" in results:
+        return _reported_section(results)
+    env = results["environment"]
     libraries = ", ".join(f"{name} {env[name]}" for name in ("torch", "transformers", "mmpretrain") if env.get(name))
     lines = [
         f"## {env['cpu']}",
@@ -134,18 +235,25 @@ def _run_section(results: dict) -> list[str]:
         f"Run {env['date']}, {env['cores']} cores (torch threads: {env['threads']}), device {env['device']}; "
         f"{libraries}; allocator {env['allocator']}; load average {env['load_average']:.2f} at the start"
         + (f"; fp32 GEMM route {env['gemm_route']}." if env.get("gemm_route") else "."),
-        f"Produced by `{results.get('command', 'simmim bench')}`.",
+        f"Produced by `{results.get('command', 'simmim bench')}`"
+        + "".join(f"; rows added by `{also['command']}` (run {also['date']}, load average {also['load_average']:.2f} "
+                  "at the start)" for also in results.get("also", [])) + ".",
         *([results["note"]] if results.get("note") else []),
         "",
-        "Dense GEMM on this device in the same run (TFLOP/s): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in gemm.items()) + ".",
-        "",
+        *([] if "gemm_tflops" not in results else [
+            f"Dense GEMM ({_gemm_size(results)}) on this device in the same run (TFLOP/s): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in results["gemm_tflops"].items()) + ".", ""]),
         "### Ours against the references (same configuration, weights, input and mask)",
         "",
         *table(results["comparison"], comparison_columns(results["comparison"])),
         "",
         *kernel_time_notes(results["comparison"]),
         "",
+        *_modes_section(results["comparison"]),
+    ]
+    if "cost_curve" not in results:
+        return lines
+    lines += [
         "### Cost curve (ours)",
         "",
         *table(results["cost_curve"], CURVE),
@@ -167,6 +275,31 @@ def _run_section(results: dict) -> list[str]:
         "",
         *_demo_pipeline(results.get("demo_pipeline")),
     ]
+
+
+def _gemm_size(results: dict) -> str:
+    n = results.get("gemm_size") or results.get("plan", {}).get("gemm_size")
+    return f"{n}x{n} by {n}x{n}" if n else "size unrecorded"
+
+
+def _reported_section(results: dict) -> list[str]:
+    """A CPU the benchmark has not run on, with the figures another account (an issue) reported for it."""
+    reported = results["reported"]
+    return [f"## {results['environment']['cpu']}", "", reported["intro"], "",
+            "| measurement | reported |", "|---|---|",
+            *(f"| {what} | {figure} |" for what, figure in reported["figures"]), "",
+            *([reported["note"], ""] if reported.get("note") else [])]
+
+
+def _modes_section(rows: list[dict]) -> list[str]:
+    """The eager-against-compiled table, where the run had compiled rows."""
+    modes = mode_rows(rows)
+    if not modes:
+        return []
+    return ["### Eager against compiled (training step; first compile cold and warm)", "",
+            *table(modes, mode_columns(modes)), "",
+            "eager/compiled above 1: the compiled step is the faster. First compile: the side's first step less "
+            "its steady step, cold on an empty Inductor cache, warm in a new process on the filled one.", ""]
 
 
 def _started(pipe: dict) -> str:
@@ -194,7 +327,7 @@ def _demo_pipeline(demo: dict | None) -> list[str]:
 def markdown(page: dict) -> str:
     """The benchmark page: how it is measured (as the newest run states it), then one section per CPU."""
     runs = page["runs"]
-    newest = max(runs, key=lambda run: run["environment"]["date"])
+    newest = max((run for run in runs if "method" in run), key=lambda run: run["environment"]["date"])
     return "\n".join([
         "# Benchmark: SimMIM pretraining step, ours against HF transformers (and mmpretrain)",
         "",
