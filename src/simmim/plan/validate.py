@@ -27,7 +27,7 @@ CASES = (  # (model, batch, precision, activation checkpointing): seconds each o
     ("simmim_swinv2-nano_test-64px", 32, "fp32", False),
     ("simmim_swinv2-nano_test-64px", 32, "bf16", True),
 )
-SHARDED_CASES = (  # (model, batch, precision) in 2 processes under FSDP2: about 15 s each
+SHARDED_CASES = (  # (model, batch, precision) in 2 processes under FSDP2, each a run of its own
     ("simmim_swin-nano_test-64px", 32, "fp32"),
     ("simmim_swin-micro-w6_fashion-mnist-48px", 32, "bf16"),
 )
