@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo study study-continue bench bench-peers test test-fast lint venv system-deps
+.PHONY: demo study study-continue bench bench-peers test test-fast test-compile lint venv system-deps
 
 venv: $(STAMP)
 
@@ -65,11 +65,15 @@ bench-peers: venv system-deps $(PEERS_STAMP)
 	$(VENV)/bin/simmim bench
 
 test: venv system-deps
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not compiles"
 
 # the inner loop: everything but the tests marked slow (training runs, full-size models) or distributed
 test-fast: venv system-deps
-	$(PY) -m pytest tests -m "not slow and not distributed"
+	$(PY) -m pytest tests -m "not slow and not distributed and not compiles"
+
+# Inductor's C++ compilation of each benchmark side: minutes per model on two CPU cores
+test-compile: venv system-deps
+	$(PY) -m pytest tests -m compiles
 
 lint: venv
 	$(VENV)/bin/ruff check src tests

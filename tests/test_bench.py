@@ -304,7 +304,7 @@ def test_a_cold_compile_refuses_a_filled_cache(tmp_path):
         run.cold_first_step(NANO, 2, "fp32", CPU, "eager", str(tmp_path), "ours", img_size=128)
 
 
-@pytest.mark.slow
+@pytest.mark.compiles
 def test_inductor_fills_each_sides_cache_and_computes_the_eager_loss(tmp_path):
     """Inductor for real, each process fresh (`isolated`): minutes on two cores."""
 
