@@ -71,7 +71,7 @@ test: venv system-deps
 test-fast: venv system-deps
 	$(PY) -m pytest tests -m "not slow and not distributed and not compiles"
 
-# Inductor's C++ compilation of each benchmark side: minutes per model on two CPU cores
+# the benchmark's compiled rows (each side compiled in fresh processes): minutes on two CPU cores
 test-compile: venv system-deps
 	$(PY) -m pytest tests -m compiles
 

@@ -243,7 +243,7 @@ def _in_process(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-@pytest.mark.slow  # dynamo traces every block of both sides, twice: minutes on two shared cores
+@pytest.mark.compiles  # dynamo traces every block of both sides, twice: minutes on two shared cores
 def test_a_compiled_row_compiles_each_side_cold_then_measures_them_warm(tmp_path, monkeypatch):
     """The compiled mode's row: a cold first compile per side, each in its own Inductor cache folder, before
     the row that measures the compiled steps on those folders; its losses are the eager ones."""
@@ -339,7 +339,7 @@ def test_the_mode_table_sets_each_sides_eager_step_against_its_compiled_one():
     assert "mode" not in [h for h, _, _ in report.comparison_columns([eager])]
 
 
-@pytest.mark.slow
+@pytest.mark.compiles
 def test_quick_runs_every_precision_and_mode_asked(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(runtime.OPT_OUT, "1")
     out, page = tmp_path / "quick.json", tmp_path / "page.json"

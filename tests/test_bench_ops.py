@@ -76,10 +76,14 @@ def test_the_command_prints_and_writes_the_tables(tmp_path, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert f"mmpretrain: skipped (no {tmp_path / 'absent'}" in out
     text = md.read_text()
-    assert text in out and "| category | ours s | HF s | ours - HF |" in text
+    # the page is its title and introduction, then this CPU's section: the tables the command printed
+    assert text.startswith(f"{ops.TITLE}\n\n{ops.INTRO}\n\n## ") and "| category | ours s | HF s | ours - HF |" in text
+    tables = [line for line in out.splitlines() if line.startswith("|")]
+    assert tables and all(line in text for line in tables)
     data = json.loads(js.read_text())
     assert set(data["fp32"]) == {"ours", "ref"}
-    assert {op["name"] for op in data["fp32"]["ours"]["ops"]} >= {"aten::mm", "_NormLinear"}
+    names = {op["name"] for op in data["fp32"]["ours"]["ops"]}
+    assert "_NormLinear" in names and names & {"aten::mm", "mkldnn::_linear_pointwise"}  # either GEMM route
 
 
 def test_the_operator_page_keeps_one_section_per_cpu():

@@ -4,6 +4,7 @@ non-finite steps, crash-safe checkpoints, robust data loading and the CLI subcom
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -216,7 +217,11 @@ def test_pretraining_overfits_one_batch_and_writes_its_run_folder(images, tmp_pa
     assert result.checkpoint == out / "ckpt-00000030.pt" and [p.name for p in ckpt.list_checkpoints(out)] == [
         "ckpt-00000010.pt", "ckpt-00000020.pt", "ckpt-00000030.pt"]
     state = ckpt.load(result.checkpoint)
-    assert state["config"] == load_config(path=out / "config.yaml").to_dict() == cfg.to_dict()
+    # the run records the kernels it decided (runtime.gemm_route=auto becomes the route it took)
+    decided = state["config"]["runtime"]
+    assert decided["gemm_route"] in ("onednn", "aten") and decided["recompute"] == cfg.runtime.recompute
+    ran = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, gemm_route=decided["gemm_route"]))
+    assert state["config"] == load_config(path=out / "config.yaml").to_dict() == ran.to_dict()
     assert (state["epoch"], state["batch"], state["step"]) == (30, 0, 30)
     assert sorted(p.name for p in (out / "reconstructions").iterdir()) == ["epoch_0015.png", "epoch_0030.png"]
     assert (out / "loss_curve.png").stat().st_size > 0 and any((out / "tensorboard").iterdir())
