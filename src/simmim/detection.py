@@ -13,11 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint.training import list_checkpoints
 from .engine.optim import param_groups
 from .engine.probe import load_encoder
+from .errors import UsageError
 from .models.detection import DetectionBackbone
-from .zoo.hub import CONFIG_FILE, get_model
+from .zoo.hub import get_model
 
 
 def encoder_of(source: str | Path | nn.Module, pretrained: bool | str | Path = False,
@@ -28,13 +28,10 @@ def encoder_of(source: str | Path | nn.Module, pretrained: bool | str | Path = F
     `pretrained` as `get_model` takes it: False for random weights)."""
     if isinstance(source, nn.Module):
         return getattr(source, "encoder", source)
-    path = Path(source)
-    if path.is_dir() and not (path / CONFIG_FILE).is_file() and (found := list_checkpoints(path)):
-        path = found[-1]
-    if path.exists():
+    if Path(source).exists():  # a run folder resolves to its newest checkpoint inside load_encoder
         if pretrained is not False:
-            raise ValueError(f"pretrained={pretrained!r}: {source} is a file or folder, which brings its own weights")
-        return load_encoder(str(path), model)
+            raise UsageError(f"pretrained={pretrained!r}: {source} is a file or folder, which brings its own weights")
+        return load_encoder(str(source), model)
     if model is not None:
         raise FileNotFoundError(f"{source}: no such checkpoint file (model={model!r} names the architecture of a file)")
     return get_model(str(source), pretrained=pretrained).encoder

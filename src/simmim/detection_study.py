@@ -31,6 +31,7 @@ from .demo import PRETRAIN_PRESET, DemoSettings, pretrain_run
 from .detection import detection_backbone, detector_param_groups
 from .engine.logging import format_duration
 from .engine.optim import LRSchedule
+from .errors import UsageError
 from .fsutil import atomic_write, atomic_write_text
 from .hardware import cpu_model
 from .models.detection import SemanticFPN
@@ -218,9 +219,9 @@ def evaluate(task: str, model: nn.Module, held: FashionMosaics, batch_size: int)
 def run_study(s: DetectionStudySettings) -> dict:
     """Runs what WORK/results.jsonl lacks under these settings, then writes the report (unless `only`)."""
     if s.only not in (None, *TASKS):
-        raise ValueError(f"only={s.only!r}: expected one of {', '.join(TASKS)} or none")
+        raise UsageError(f"only={s.only!r}: expected one of {', '.join(TASKS)} or none")
     if s.arm not in (None, *ARMS):
-        raise ValueError(f"arm={s.arm!r}: expected one of {', '.join(ARMS)} or none")
+        raise UsageError(f"arm={s.arm!r}: expected one of {', '.join(ARMS)} or none")
     if s.threads:
         torch.set_num_threads(s.threads)
     s.work.mkdir(parents=True, exist_ok=True)

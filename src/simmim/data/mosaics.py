@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import UsageError
 from .fashion_mnist import CLASSES, load_fashion_mnist
 
 
@@ -34,11 +35,11 @@ class MosaicConfig:
     def __post_init__(self):
         lo, hi = self.sizes
         if not 1 <= self.items[0] <= self.items[1]:
-            raise ValueError(f"items={self.items}: expected 1 <= fewest <= most")
+            raise UsageError(f"items={self.items}: expected 1 <= fewest <= most")
         if not 4 <= lo <= hi <= self.canvas:
-            raise ValueError(f"sizes={self.sizes}: expected 4 <= smallest <= largest <= canvas ({self.canvas})")
+            raise UsageError(f"sizes={self.sizes}: expected 4 <= smallest <= largest <= canvas ({self.canvas})")
         if not 0 <= self.threshold < 255:
-            raise ValueError(f"threshold={self.threshold}: expected a grey level in 0..254")
+            raise UsageError(f"threshold={self.threshold}: expected a grey level in 0..254")
 
 
 def _overlaps(box: tuple[int, int, int, int], placed: list[tuple[int, int, int, int]]) -> bool:

@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
+from ..errors import UsageError
 from .features import FeatureMaps
 from .layers import DropPath, linear_rates
 
@@ -42,10 +43,10 @@ class SimplePyramid(nn.Module):
             ups, c, layers = patch_size // stride, channels, []
             if stride > patch_size:
                 if stride % patch_size:
-                    raise ValueError(f"stride {stride}: expected a multiple or divisor of the patch size {patch_size}")
+                    raise UsageError(f"stride {stride}: expected a multiple or divisor of the patch size {patch_size}")
                 layers = [nn.MaxPool2d(stride // patch_size)]
             elif patch_size % stride or ups & (ups - 1):
-                raise ValueError(f"stride {stride}: expected the patch size {patch_size} over a power of two")
+                raise UsageError(f"stride {stride}: expected the patch size {patch_size} over a power of two")
             while ups > 1:
                 layers.append(nn.ConvTranspose2d(c, c // 2, 2, 2))
                 c, ups = c // 2, ups // 2
@@ -98,7 +99,7 @@ class DetectionBackbone(nn.Module):
         super().__init__()
         self.is_vit = not hasattr(encoder, "layers")
         if self.is_vit and out_indices not in (None, (-1,), (len(encoder.blocks) - 1,)):
-            raise ValueError(f"out_indices {out_indices}: a ViT feeds its simple pyramid from its last block only")
+            raise UsageError(f"out_indices {out_indices}: a ViT feeds its simple pyramid from its last block only")
         if drop_path_rate is not None:
             set_drop_path(encoder, drop_path_rate)
         self.body = FeatureMaps(encoder, (-1,) if self.is_vit else out_indices)
@@ -106,7 +107,7 @@ class DetectionBackbone(nn.Module):
         channels = self.pyramid.channels if self.is_vit else self.body.channels
         self.reductions = self.pyramid.reductions if self.is_vit else self.body.reductions
         if levels < len(channels):
-            raise ValueError(f"levels={levels}: expected at least the {len(channels)} maps of the encoder")
+            raise UsageError(f"levels={levels}: expected at least the {len(channels)} maps of the encoder")
         self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=PooledLevels(levels - len(channels)))
         self.out_channels = out_channels
         self.frozen_stages = frozen_stages
@@ -122,7 +123,7 @@ class DetectionBackbone(nn.Module):
             return []
         stages = self.encoder.blocks if self.is_vit else self.encoder.layers
         if not 0 <= self.frozen_stages <= len(stages):
-            raise ValueError(f"frozen_stages={self.frozen_stages}: expected 0 to {len(stages)} "
+            raise UsageError(f"frozen_stages={self.frozen_stages}: expected 0 to {len(stages)} "
                              f"(the encoder's {'blocks' if self.is_vit else 'stages'}) or None")
         return [self.encoder.patch_embed, *stages[: self.frozen_stages]]
 
