@@ -51,7 +51,7 @@ def write_cache(folder, route: str, threads: int = 1) -> None:
 
 
 @pytest.mark.parametrize(("setting", "expected"), [
-    ("runtime.gemm_route=mkl", "runtime.gemm_route: expected one of 'auto', 'onednn', 'aten', got 'mkl'"),
+    ("runtime.gemm_route=mkl", "runtime.gemm_route: expected one of 'auto', 'onednn', 'mixed', 'aten', got 'mkl'"),
     ("runtime.recompute=1", "runtime.recompute: expected one of 'auto', 'recompute', 'keep', got '1'"),
 ])
 def test_bad_kernel_settings_are_refused_in_one_line(tmp_path, capsys, setting, expected):

@@ -22,8 +22,10 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 GEMM_ROUTE_ENV = "SIMMIM_GEMM_ROUTE"
-"""Environment variable forcing the CPU float32 GEMM route: 'onednn', 'aten' or 'auto' (calibrated)."""
-GEMM_ROUTES = ("onednn", "aten")
+"""Environment variable forcing the CPU float32 GEMM route: 'onednn', 'mixed', 'aten' or 'auto' (calibrated)."""
+GEMM_ROUTES = ("onednn", "mixed", "aten")
+"""oneDNN for every float32 GEMM of the fused layers; oneDNN but for the weight gradients, which torch's
+BLAS computes without copying a transposed operand; torch's BLAS for all."""
 
 
 def requested_gemm_route() -> str | None:
@@ -31,7 +33,7 @@ def requested_gemm_route() -> str | None:
     without torch, so that a command refuses it before its work starts)."""
     forced = os.environ.get(GEMM_ROUTE_ENV, "auto")
     if forced not in ("auto", *GEMM_ROUTES):
-        raise UsageError(f"{GEMM_ROUTE_ENV}={forced!r}: expected 'onednn', 'aten' or 'auto'")
+        raise UsageError(f"{GEMM_ROUTE_ENV}={forced!r}: expected 'onednn', 'mixed', 'aten' or 'auto'")
     return None if forced == "auto" else forced
 
 

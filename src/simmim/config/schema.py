@@ -307,8 +307,9 @@ class RuntimeConfig(_Section):
     """CPU runs: intra-op threads per process; None chooses them with data.num_workers from the cores and
     the measured loading and step rates (every core computes where loading is light; the header says why)."""
     gemm_route: str = "auto"
-    """Route of the float32 CPU GEMMs of the fused layers: 'onednn', 'aten' (torch's BLAS) or 'auto'
-    (calibrated at the run's start, cached per machine and thread count; under torchrun rank 0 decides).
+    """Route of the float32 CPU GEMMs of the fused layers: 'onednn', 'aten' (torch's BLAS), 'mixed'
+    (oneDNN, but the BLAS for weight gradients) or 'auto' (calibrated at the run's start, cached per
+    machine and thread count; under torchrun rank 0 decides).
     SIMMIM_GEMM_ROUTE, when set, overrides it; the run records the route it took."""
     recompute: str = "auto"
     """Norm and GELU outputs in the backward of the fused layers: 'recompute' (less memory), 'keep' (one

@@ -1,7 +1,7 @@
-"""The kernels of the fused functions (fused.py) and the choices between them: the two routes of
-float32 CPU GEMMs (oneDNN's linear, or torch's BLAS through F.linear; a dispatch-mode probe, where
-torch's private one is missing, assumes a mode is active and takes F.linear), and whether activations
-are recomputed in the backward.
+"""The kernels of the fused functions (fused.py) and the choices between them: the routes of float32
+CPU GEMMs (oneDNN's linear, torch's BLAS through F.linear, or 'mixed': oneDNN for the forward and input
+gradients, the BLAS for weight gradients; a dispatch-mode probe, where torch's private one is missing,
+assumes a mode is active and takes F.linear), and whether activations are recomputed in the backward.
 
 A training run decides them once, at its start, from `runtime.gemm_route` and `runtime.recompute`
 (SIMMIM_GEMM_ROUTE and SIMMIM_RECOMPUTE, when set, override them), calibrating an 'auto' route then,
@@ -56,7 +56,7 @@ def use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     # and inductor and bf16 reach oneDNN through it
     return (not torch.compiler.is_compiling() and a.device.type == "cpu"
             and a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not _dispatch_mode_active() and gemm_route() == "onednn")
+            and not _dispatch_mode_active() and gemm_route() != "aten")
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, route: str | None = None
@@ -70,15 +70,21 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 
 def weight_grads(x: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, ...], route: str | None = None
                   ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of W and b in y = x W^T + b, with x (M, K) and grad (M, N). oneDNN copies its first
-    operand when it is a transposed view (the second it reads as it is), so x goes first where it is
-    the narrower one by far; W's gradient then comes out transposed, and the strided copy that makes it
-    contiguous (in bf16 a strided cast, several times slower than a plain one) is worth it only where it
-    is small beside the copy it saves: N x K elements against M x (N - K)."""
+    """Gradients of W and b in y = x W^T + b, with x (M, K) and grad (M, N). Both GEMM operands are
+    transposed views here: torch's BLAS reads them in place, while oneDNN copies its first operand when
+    it is one, an M-row copy that can cost half the GEMM. So the float32 weight GEMM takes oneDNN only on
+    the 'onednn' route (`route` forces one; the calibration times both). Where oneDNN computes it (that
+    route, and 16-bit GEMMs, which torch runs in oneDNN) x goes first where it is the narrower one by far;
+    W's gradient then comes out transposed, and the strided copy that makes it contiguous (in bf16 a
+    strided cast, several times slower than a plain one) is worth it only where it is small beside the
+    copy it saves: N x K elements against M x (N - K)."""
     grad_weight = grad_bias = None
     if needs[0]:
+        if route is None:
+            route = "onednn" if use_onednn(x, grad) and gemm_route() == "onednn" else "aten"
+        route = "onednn" if route == "onednn" else "aten"
         (m, k), n = x.shape, grad.shape[1]
-        x_first = k < n and m * (n - k) > 4 * n * k
+        x_first = (route == "onednn" or x.dtype != torch.float32) and k < n and m * (n - k) > 4 * n * k
         grad_weight = (matmul_nt(x.t(), grad.t(), route=route).t() if x_first
                        else matmul_nt(grad.t(), x.t(), route=route))
     if needs[1]:
@@ -91,7 +97,8 @@ class Kernels:
     """What the fused functions compute with, and how each choice was made (for the run's header)."""
 
     gemm_route: str
-    """'onednn' or 'aten' (torch's BLAS): the route of float32 CPU GEMMs."""
+    """'onednn', 'mixed' (oneDNN but for weight gradients) or 'aten' (torch's BLAS): the route of float32
+    CPU GEMMs."""
     recompute: str
     """'recompute' (norm and GELU outputs recomputed in the backward), 'keep' (kept), or 'auto' (kept
     only for a 16-bit GELU output)."""
@@ -115,7 +122,7 @@ def _requested(name: str, configured: str, env: str, values: dict[str, str]) -> 
     if raw is None:
         return configured, f"runtime.{name}={configured}"
     if raw not in values:
-        expected = "'onednn', 'aten' or 'auto'" if env == ROUTE_ENV else "auto, 1 (recompute) or 0 (keep)"
+        expected = "'onednn', 'mixed', 'aten' or 'auto'" if env == ROUTE_ENV else "auto, 1 (recompute) or 0 (keep)"
         raise UsageError(f"{env}={raw!r}: expected {expected}")
     return values[raw], f"{env}={raw}, overriding runtime.{name}={configured}"
 
@@ -151,8 +158,9 @@ def calibrated_route() -> tuple[str, str]:
 
 def _cached_or_calibrated(path: str, key: str) -> tuple[str, str]:
     threads = torch.get_num_threads()
-    route = read_json_cache(path).get(key, {}).get("route")
-    if route in ROUTES:
+    entry = read_json_cache(path).get(key, {})
+    route = entry.get("route")
+    if route in ROUTES and set(entry.get("seconds", ROUTES)) == set(ROUTES):  # else calibrated among fewer routes
         return route, f"cached in {path} for {threads} thread{'s' if threads > 1 else ''}"
     seconds = calibrate()
     route = min(ROUTES, key=seconds.__getitem__)
@@ -162,30 +170,38 @@ def _cached_or_calibrated(path: str, key: str) -> tuple[str, str]:
 
 
 def calibrate(repeats: int = 3) -> dict[str, float]:
-    """Seconds per route of the float32 GEMMs of a Swin block's linear layers (qkv, proj, fc1, fc2;
-    forward, input and weight gradients, as `fused.linear` runs them) at the widths of _CALIBRATION:
-    the best of `repeats` passes after one warm-up, the routes alternating. Fixed shapes and inputs from
-    a private generator, so that the global random state is untouched."""
+    """Seconds per route of the float32 GEMMs of a Swin block's linear layers (qkv, proj, fc1, fc2, as
+    `fused.linear` runs them) at the widths of _CALIBRATION: the forward and input gradients, and the
+    weight gradients, each timed in oneDNN and in torch's BLAS (the best of `repeats` passes after one
+    warm-up, the two alternating), a route's time the sum of its parts. Fixed shapes and inputs from a
+    private generator, so that the global random state is untouched."""
     gen = torch.Generator().manual_seed(0)
     layers = [(torch.rand(m, k, generator=gen), torch.rand(n, k, generator=gen), torch.rand(n, generator=gen),
                torch.rand(m, n, generator=gen))
               for m, c in _CALIBRATION for k, n in ((c, 3 * c), (c, c), (c, 4 * c), (4 * c, c))]
 
-    def run(route: str) -> float:
-        start = time.perf_counter()
+    def forward_and_input_grads(library: str) -> None:
         for x, w, b, g in layers:
-            matmul_nt(x, w, b, route)
-            matmul_nt(g, w.t(), route=route)
-            weight_grads(x, g, (True, False), route)
-        return time.perf_counter() - start
+            matmul_nt(x, w, b, library)
+            matmul_nt(g, w.t(), route=library)
 
-    best = {route: float("inf") for route in ROUTES}
+    def weight_gradients(library: str) -> None:
+        for x, _, _, g in layers:
+            weight_grads(x, g, (True, False), library)
+
+    libraries = ("onednn", "aten")
+    best = {(part, library): float("inf") for part in (forward_and_input_grads, weight_gradients)
+            for library in libraries}
     for i in range(repeats + 1):
-        for route in ROUTES[::-1] if i % 2 else ROUTES:
-            seconds = run(route)
+        for part, library in best if i % 2 else list(best)[::-1]:
+            start = time.perf_counter()
+            part(library)
             if i:  # the first pass warms up (oneDNN builds its primitives)
-                best[route] = min(best[route], seconds)
-    return best
+                best[part, library] = min(best[part, library], time.perf_counter() - start)
+    forward = {library: best[forward_and_input_grads, library] for library in libraries}
+    weights = {library: best[weight_gradients, library] for library in libraries}
+    return {"onednn": forward["onednn"] + weights["onednn"], "mixed": forward["onednn"] + weights["aten"],
+            "aten": forward["aten"] + weights["aten"]}
 
 
 def use(kernels: Kernels | None) -> Kernels | None:
@@ -221,7 +237,7 @@ def current() -> Kernels:
 # read once while torch.compile traces, not traced: the lazy default calibrates and reads the thread count
 @torch.compiler.assume_constant_result
 def gemm_route() -> str:
-    """The float32 CPU GEMM route of this process: 'onednn' or 'aten'."""
+    """The float32 CPU GEMM route of this process: 'onednn', 'mixed' or 'aten'."""
     return current().gemm_route
 
 
