@@ -5,7 +5,6 @@ choice, so that all ranks run alike."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -18,10 +17,6 @@ from ..models import kernels
 from .distributed import DistEnv, broadcast_object
 from .parallelize import autocast
 
-LIGHT_LOADING = 0.25
-"""The share of one core that loading may take, at the step's rate on every core, for every core to
-compute beside one loader worker: a worker busy that little takes little from the threads it shares
-a core with, while holding a core back for it would leave that core idle most of the step."""
 PROBE_IMAGES = 32
 """Images of the timed step: enough for its per-image rate to be the run's, few enough to take a
 fraction of the start-up of a large model."""
@@ -39,32 +34,44 @@ class CoreSplit(NamedTuple):
                 f"worker{'s' if self.workers != 1 else ''} ({self.why})")
 
 
+def expected_rate(cores: int, threads: int, workers: int, load_rate: float, step_rate: float) -> float:
+    """Images/s of a process computing on `threads` threads at `step_rate` beside `workers` loader
+    workers that each load `load_rate` images/s on a core. Loading that fits on the cores the threads
+    leave free runs beside the step; the share of it that runs on the threads' cores stalls the step,
+    since the OpenMP thread it preempts holds up every GEMM (so it adds its time to the step's), and
+    without workers the process loads between steps."""
+    if workers == 0:
+        return 1 / (1 / step_rate + 1 / load_rate)
+    shared = max(0, workers - (cores - threads)) / workers
+    return min(workers * load_rate, 1 / (1 / step_rate + shared / load_rate))
+
+
 def split_cores(cores: int, load_rate: float | None, step_rates: Mapping[int, float] | None,
                 threads: int | None = None, workers: int | None = None) -> CoreSplit:
     """Threads and workers for `cores` cores, where one process loads `load_rate` images/s and the step
-    consumes `step_rates[t]` images/s computing on t threads (None: not measured). Where loading is
-    light (at most LIGHT_LOADING of a core at the fastest step's rate), the fastest measured thread
-    count computes (every core on an idle machine; fewer where other processes hold cores and a
-    descheduled thread stalls every GEMM) beside one worker; otherwise the workers the loading needs
-    (at most 8, leaving a core to compute) keep cores of their own and the other cores compute. A
-    given `threads` or `workers` is kept, the other chosen around it."""
+    consumes `step_rates[t]` images/s computing on t threads (None: not measured): the split whose
+    `expected_rate` is the highest, among the measured thread counts and every count that leaves cores
+    to up to 8 workers (its step rate scaled from the nearest larger measured count), with 1 to 8
+    workers (none on one core). A given `threads` or `workers` is kept, the other chosen around it."""
     if threads is not None and workers is not None:
         return CoreSplit(threads, workers, "runtime.threads and data.num_workers as set")
     if load_rate is None or not step_rates:  # no rates: a worker per core but one, the rest computes
         workers = max(0, min(8, cores - 1)) if workers is None else workers
         return CoreSplit(threads or max(1, cores - workers), workers, "rates not measured")
-    fastest = max(step_rates, key=step_rates.__getitem__)
-    busy = step_rates[fastest] / load_rate
-    light = busy <= LIGHT_LOADING
-    if workers is None:
-        workers = 0 if cores == 1 else 1 if light else max(1, min(8, cores - 1, math.ceil(busy)))
-    if threads is None:
-        threads = fastest if light or workers == 0 else max(1, cores - workers)
-    steps = ", ".join(f"{rate:.0f} img/s on {t} thread{'s' * (t > 1)}" for t, rate in sorted(step_rates.items()))
-    how = "light, so the faster thread count computes" if light else "heavy, so the workers keep cores of their own"
-    return CoreSplit(threads, workers, f"{cores} core{'s' * (cores > 1)}; step {steps}; loading "
-                                       f"{load_rate:.0f} img/s per process, {busy:.2f} of a core at the faster "
-                                       f"step: {how}")
+
+    def step_rate(t: int) -> float:
+        measured = min((m for m in step_rates if m >= t), default=max(step_rates))
+        return step_rates[measured] * min(1.0, t / measured)
+
+    leaving_cores = (cores - w for w in range(1, min(8, cores - 1) + 1))
+    thread_counts = [threads] if threads else sorted({*step_rates, *leaving_cores})
+    worker_counts = [workers] if workers is not None else [0] if cores == 1 else range(1, 9)
+    # ties go to more threads and fewer workers (past what loading needs, more workers add nothing)
+    rate, threads, workers = max(((expected_rate(cores, t, w, load_rate, step_rate(t)), t, w)
+                                  for t in thread_counts for w in worker_counts), key=lambda c: (c[0], c[1], -c[2]))
+    steps = ", ".join(f"{r:.0f} img/s on {t} thread{'s' * (t > 1)}" for t, r in sorted(step_rates.items()))
+    return CoreSplit(threads, workers, f"{cores} core{'s' * (cores > 1)}; step {steps}; loading {load_rate:.0f} "
+                                       f"img/s per process; expected {rate:.0f} img/s with this split")
 
 
 def measure_rates(dataset: Any, collate: Callable[[list], Any], count: int, step: Callable[[Any], None],
