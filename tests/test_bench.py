@@ -337,6 +337,10 @@ def test_the_mode_table_sets_each_sides_eager_step_against_its_compiled_one():
     assert alone["ours_eager_s"] is None and alone["ref_best_speedup"] == pytest.approx(1.2 / 1.25)
     assert [h for h, _, _ in report.comparison_columns([eager, compiled])][4] == "mode"
     assert "mode" not in [h for h, _, _ in report.comparison_columns([eager])]
+    with_mm = [eager | {"mm_step_s": 1.1}, compiled | {"mm_step_s": 1.0}]  # every column kept: no copy to drop from
+    for _ in range(2):  # one "mode" column each time: the columns of one table do not leak into the next
+        assert [h for h, _, _ in report.comparison_columns(with_mm)].count("mode") == 1
+    assert "mode" not in [h for h, _, _ in report.comparison_columns([eager | {"mm_step_s": 1.1}])]
 
 
 @pytest.mark.compiles

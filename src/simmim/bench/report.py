@@ -110,7 +110,7 @@ def _without_absent_sides(rows: list[dict], columns: list[tuple[str, str, str]])
 
 def comparison_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     """COMPARISON, with the mode where a row was compiled, without mmpretrain's columns where no row has them."""
-    columns = _without_absent_sides(rows, COMPARISON)
+    columns = list(_without_absent_sides(rows, COMPARISON))  # a copy: the insert must not grow COMPARISON
     if any(row.get("compile") for row in rows):
         columns.insert(4, ("mode", "mode", ""))
     return columns
