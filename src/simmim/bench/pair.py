@@ -139,11 +139,13 @@ def pretraining_step(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], tor
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
     """torch.compile each residual block in place (ours: SwinBlock, HF: SwinLayer)."""
     # all blocks share one forward, compiled once per stage shape and window kind (plain or shifted,
-    # padded or not): more variants than dynamo's default of 8, past which blocks silently ran eager
+    # padded or not): more variants than dynamo's default of 8, past which blocks silently ran eager.
+    # Static shapes, as a training run's are: with dynamo's automatic dynamic shapes the second stage's
+    # recompile went symbolic, and Inductor's sympy work on HF's backward ran past 40 minutes on two cores
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for module in model.modules():
         if type(module).__name__ in ("SwinBlock", "SwinLayer"):
-            module.compile(backend=backend)
+            module.compile(backend=backend, dynamic=False)
 
 
 def use_compile_cache(root: str | Path, side: str) -> Path:
