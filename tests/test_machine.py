@@ -118,4 +118,4 @@ def test_a_run_takes_the_split_and_says_why(tmp_path, settings, image_folder, ca
     cores = cpus_per_rank()
     assert line.startswith(f"cores: {chosen} thread{'s' * (chosen > 1)}, 0 loader workers ({cores} "
                            f"core{'s' * (cores > 1)}; step ")
-    assert f"({chosen} threads, 0 loader workers)" in out
+    assert f"on cpu ({chosen} thread{'s' * (chosen > 1)}, 0 loader workers)" in out

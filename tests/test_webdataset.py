@@ -324,6 +324,6 @@ def test_two_processes_with_loader_workers_stream_uneven_shards_in_lockstep(tmp_
     run = torchrun(2, "pretrain", "--preset", "nano-pretrain", "--data", str(tmp_path / "data"),
                    "--batch-size", "2", "--out", str(tmp_path / "run"), *sets)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "2 processes (ddp) on cpu" in run.stdout and "threads, 2 loader workers)" in run.stdout
+    assert "2 processes (ddp) on cpu" in run.stdout and ", 2 loader workers)" in run.stdout
     assert "4 steps/epoch x 2 epochs" in run.stdout and "epoch 2/2  step 4/4" in run.stdout
     assert ckpt.load(tmp_path / "run" / "ckpt-00000008.pt")["world_size"] == 2

@@ -292,7 +292,7 @@ class Run:
         procs = f"{env.world_size} processes ({cfg.runtime.parallel})" if env.distributed else "1 process"
         self.log.print(f"simmim {cfg.task}: {cfg.model.name} ({params:,} params) on {len(self.dataset):,} images "
                        f"from {cfg.data.path} -> {self.run_dir}")
-        threads = f" ({self.split.threads} threads, {self.split.workers} loader workers)" if self.split else ""
+        threads = f" ({self.split.counts()})" if self.split else ""
         why = f" ({auto_precision(env.device)[1]})" if cfg.runtime.precision == "auto" else ""
         self.log.print(f"{procs} on {env.device.type}{threads}, {self.precision}{why}; effective batch "
                        f"{s.effective_batch} = {cfg.data.batch_size} per process x {env.world_size} x "

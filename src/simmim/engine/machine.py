@@ -29,9 +29,12 @@ class CoreSplit(NamedTuple):
     workers: int
     why: str
 
-    def describe(self) -> str:
+    def counts(self) -> str:
         return (f"{self.threads} thread{'s' if self.threads > 1 else ''}, {self.workers} loader "
-                f"worker{'s' if self.workers != 1 else ''} ({self.why})")
+                f"worker{'s' if self.workers != 1 else ''}")
+
+    def describe(self) -> str:
+        return f"{self.counts()} ({self.why})"
 
 
 def expected_rate(cores: int, threads: int, workers: int, load_rate: float, step_rate: float) -> float:
