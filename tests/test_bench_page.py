@@ -135,3 +135,6 @@ def test_a_quick_run_puts_its_rows_into_its_cpus_section():
     assert merged["comparison"] == [row("fp32", "eager", 1.0), row("fp32", "compiled", 1.2), row("bf16", "eager", 0.6)]
     assert merged["also"] == [{"command": "simmim bench --quick --mode both", "date": "00:40", "load_average": 2.0}]
     assert merged["environment"]["date"] == "00:00" and page["runs"][0] == other
+    # a quiet rerun of every row: its environment and note replace the loaded run's
+    again = section("01:00", [row("fp32", "eager", 0.9), row("fp32", "compiled", 1.1), row("bf16", "eager", 0.5)])
+    assert report.merge_rows(page, {**again, "note": "quiet"}) == {"runs": [other, {**again, "note": "quiet"}]}

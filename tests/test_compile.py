@@ -7,8 +7,9 @@ import torch
 from torch._dynamo.utils import counters
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
 
-from simmim.models import SimMIM, SwinConfig, SwinTransformer, SwinTransformerV2, SwinV2Config
+from simmim.models import SimMIM, SwinConfig, SwinTransformer, SwinTransformerV2, SwinV2Config, kernels
 
+needs_onednn = pytest.mark.skipif(not kernels.ONEDNN, reason="torch built without oneDNN's linear")
 # 12 / 6 / 3 maps with window 4: shifted windows, padded and shifted ones, a clamped window
 ENCODERS = {"swin": (SwinTransformer, SwinConfig), "swinv2": (SwinTransformerV2, SwinV2Config)}
 # each compile takes 10-20 s here: the fast suite compiles Swin once per test
@@ -62,14 +63,16 @@ def _capturing_backend(graphs: dict[str, list[torch.fx.GraphModule]]):
     return backend
 
 
+@pytest.mark.parametrize("route", [pytest.param("mixed", marks=needs_onednn), pytest.param("aten", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("checkpointing", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", NAMES)
-def test_compiled_step_equals_eager_and_runs_the_fused_backward(name, checkpointing):
+def test_compiled_step_equals_eager_and_runs_the_fused_backward(name, checkpointing, route):
     model, inputs = _model(name, use_checkpoint=checkpointing)
     model.train()
-    eager = _step(model, inputs)
     graphs = {"forward": [], "backward": []}
-    compiled = _step(torch.compile(model, backend=_capturing_backend(graphs)), inputs)
+    with kernels.using(kernels.resolve(route, "auto")):
+        eager = _step(model, inputs)
+        compiled = _step(torch.compile(model, backend=_capturing_backend(graphs)), inputs)
     assert not counters["graph_break"]
     assert len(graphs["forward"]) == len(graphs["backward"]) == 1
     for a, b in zip(compiled, eager, strict=True):
@@ -78,6 +81,10 @@ def test_compiled_step_equals_eager_and_runs_the_fused_backward(name, checkpoint
     # scatter-add (which the plain composition would give)
     ops = {str(node.target) for node in graphs["backward"][0].graph.nodes if node.op == "call_function"}
     assert "aten.index_select.default" in ops and not any("index_add" in op or "scatter" in op for op in ops)
+    # the route's oneDNN GEMMs stay in the graph as the custom op (Inductor lowers oneDNN's own linear
+    # only for constant weights), forward and backward
+    forward = {str(node.target) for node in graphs["forward"][0].graph.nodes if node.op == "call_function"}
+    assert ("simmim.onednn_linear.default" in forward & ops) == (route != "aten")
 
 
 @pytest.mark.slow

@@ -204,8 +204,9 @@ def row_key(row: dict) -> tuple:
 
 def merge_rows(page: dict | None, section: dict) -> dict:
     """The page with a --quick run's rows (`section`) put into its CPU's section: replacing the rows that
-    measured the same (`row_key`), kept beside the others, its command added to the section's; a new
-    section where the CPU has none (or only a reported one)."""
+    measured the same (`row_key`), kept beside the others, its command added to the section's; the section
+    replaced where the run measured again every row of a --quick section; a new section where the CPU has
+    none (or only a reported one)."""
     runs = [] if page is None else page.get("runs", [page])
     at = next((i for i, run in enumerate(runs) if cpu_key(run) == cpu_key(section) and "reported" not in run), None)
     if at is None:
@@ -216,7 +217,10 @@ def merge_rows(page: dict | None, section: dict) -> dict:
             "load_average": section["environment"]["load_average"]}
     seen = [{"command": run.get("command"), "date": run["environment"]["date"]},
             *({"command": a["command"], "date": a["date"]} for a in run.get("also", []))]
-    merged = {**run, "comparison": [r for r in run["comparison"] if row_key(r) not in keys] + section["comparison"]}
+    kept = [r for r in run["comparison"] if row_key(r) not in keys]
+    if not kept and "cost_curve" not in run:  # every row measured again: the section is the new run's, note included
+        return {"runs": [*runs[:at], section, *runs[at + 1:]]}
+    merged = {**run, "comparison": kept + section["comparison"]}
     if {"command": also["command"], "date": also["date"]} not in seen:  # a run rewrites its rows after each one
         merged["also"] = [*run.get("also", []), also]
     return {"runs": [*runs[:at], merged, *runs[at + 1:]]}

@@ -16,9 +16,10 @@ or with less memory saved for the backward. Each falls back to the plain op wher
   of q and k kept for the backward; here one baddbmm applies both and the backward keeps q, k, v and
   the probabilities.
 
-Under torch.compile `linear` and `biased_attention` hand over to F.linear and SDPA, which the compiler
-lowers itself, while dynamo traces the other autograd functions, forward and backward, into the graph
-(no graph break around them: tests/test_compile.py).
+Under torch.compile dynamo traces the autograd functions, forward and backward, into the graph (no
+graph break around them: tests/test_compile.py); their oneDNN GEMMs become the custom op
+simmim::onednn_linear (kernels.py), which Inductor calls as one kernel, and `biased_attention` hands
+over to SDPA, which the compiler lowers itself.
 
 The private torch APIs used each have a public fallback taken where they are missing: oneDNN's
 linear and the dispatch-mode probe (kernels.py) and the softmax backward (-> its formula).

@@ -52,18 +52,36 @@ _dispatch_mode_active = _dispatch_probe()
 
 def use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether a @ b.T takes oneDNN: the chosen route, where it applies."""
-    # torch.compile, autocast and dispatch modes (the MAC counter, fake tensors) expect aten.linear,
-    # and inductor and bf16 reach oneDNN through it
-    return (not torch.compiler.is_compiling() and a.device.type == "cpu"
-            and a.dtype == b.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not _dispatch_mode_active() and gemm_route() != "aten")
+    # autocast and 16-bit GEMMs reach oneDNN through aten.linear; dispatch modes (the MAC counter, fake
+    # tensors) expect aten.linear, except under torch.compile, where the custom op has a fake kernel
+    if a.device.type != "cpu" or not a.dtype == b.dtype == torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.compiler.is_compiling():
+        return ONEDNN and gemm_route() != "aten"
+    return not _dispatch_mode_active() and gemm_route() != "aten"
+
+
+if ONEDNN:
+    # Inductor lowers oneDNN's linear only for a constant weight (inference with frozen parameters); as a
+    # custom op it stays one opaque kernel call in a training graph
+    @torch.library.custom_op("simmim::onednn_linear", mutates_args=())
+    def onednn_linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """a @ b.T (+ bias) in oneDNN, for torch.compile."""
+        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+    @onednn_linear.register_fake
+    def _(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return a.new_empty((*a.shape[:-1], b.shape[0]))
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, route: str | None = None
               ) -> torch.Tensor:
     """a @ b.T (+ bias) for a (..., K) and b (N, K); either may be a transposed view. `route` forces
-    'onednn' or 'aten'; by default oneDNN where `gemm_route` chose it and it applies."""
+    'onednn' or 'aten'; by default oneDNN where `gemm_route` chose it and it applies (under torch.compile
+    through the custom op simmim::onednn_linear)."""
     if route == "onednn" or (route is None and use_onednn(a, b)):
+        if torch.compiler.is_compiling():
+            return torch.ops.simmim.onednn_linear(a, b, bias)
         return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
     return F.linear(a, b, bias)
 
