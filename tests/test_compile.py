@@ -63,7 +63,8 @@ def _capturing_backend(graphs: dict[str, list[torch.fx.GraphModule]]):
     return backend
 
 
-@pytest.mark.parametrize("route", [pytest.param("mixed", marks=needs_onednn), pytest.param("aten", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("route", [pytest.param("mixed", marks=needs_onednn),
+                                   pytest.param("aten", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("checkpointing", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", NAMES)
 def test_compiled_step_equals_eager_and_runs_the_fused_backward(name, checkpointing, route):
