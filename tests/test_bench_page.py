@@ -4,6 +4,7 @@ kernels."""
 import json
 from pathlib import Path
 
+from simmim import hardware
 from simmim.bench import report
 from simmim.hardware import cpu_fields, cpu_model
 
@@ -82,7 +83,7 @@ def test_a_section_shows_mmpretrain_and_the_demo_pipeline_where_measured():
 def test_a_run_with_capped_instruction_sets_is_a_section_of_its_own(monkeypatch):
     import torch
 
-    for name in report.ISA_CAPS:
+    for name in hardware.ISA_CAPS:
         monkeypatch.delenv(name, raising=False)
     plain = report.environment(torch.device("cpu"))
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")

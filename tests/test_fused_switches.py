@@ -87,6 +87,9 @@ def test_calibration_is_written_keyed_and_read_back(cache, monkeypatch):
     assert entry == {"route": "onednn", "seconds": seconds}
     key = hardware.machine_key()
     assert hardware.cpu_info()[0] in key and torch.__version__ in key and "threads" in key
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # capped kernels are another machine
+    assert hardware.machine_key() != key and "ONEDNN_MAX_CPU_ISA=AVX2" in hardware.machine_key()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
 
     # a new process reads the file instead of calibrating; what it holds decides
     cache.write_text(json.dumps({key: {"route": "aten"}}))

@@ -109,8 +109,19 @@ def auto_precision(device: torch.device, flags: frozenset[str] | None = None) ->
     return "fp32", "auto: fp32, the CPU has no native bf16 matrix units (no amx_bf16 or avx512_bf16)"
 
 
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+"""The variables that cap the instruction sets torch's own kernels, MKL and oneDNN dispatch to."""
+
+
+def isa_caps() -> dict[str, str]:
+    """The ISA caps (ISA_CAPS) set for this process."""
+    return {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}
+
+
 def machine_key() -> str:
-    """CPU model, ISA flags, torch version and thread count: what a measured kernel choice depends on."""
+    """CPU model, ISA flags and caps, torch version and thread count: what a measured kernel choice depends on."""
     import torch
 
-    return f"{cpu_info()[0]} [{' '.join(isa_flags())}] torch {torch.__version__} threads {torch.get_num_threads()}"
+    caps = "".join(f" {name}={value}" for name, value in isa_caps().items())
+    return (f"{cpu_info()[0]} [{' '.join(isa_flags())}]{caps} torch {torch.__version__} "
+            f"threads {torch.get_num_threads()}")

@@ -11,17 +11,9 @@ from pathlib import Path
 import torch
 
 from ..fsutil import atomic_write_text
-from ..hardware import cpu_fields, cpu_model, isa_names
+from ..hardware import cpu_fields, cpu_model, isa_caps, isa_names
 from ..models.kernels import gemm_route
 from ..runtime import allocator_description
-
-ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
-"""The variables that cap the instruction sets torch's own kernels, MKL and oneDNN dispatch to."""
-
-
-def isa_caps() -> dict[str, str]:
-    """The ISA caps (ISA_CAPS) set for this process."""
-    return {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}
 
 
 def now() -> str:
