@@ -26,6 +26,8 @@ GEMM_ROUTE_ENV = "SIMMIM_GEMM_ROUTE"
 GEMM_ROUTES = ("onednn", "mixed", "aten")
 """oneDNN for every float32 GEMM of the fused layers; oneDNN but for the weight gradients, which torch's
 BLAS computes without copying a transposed operand; torch's BLAS for all."""
+GEMM_ROUTE_VALUES = ", ".join(repr(route) for route in GEMM_ROUTES) + " or 'auto'"
+"""What SIMMIM_GEMM_ROUTE takes, as its error messages say it."""
 
 
 def requested_gemm_route() -> str | None:
@@ -33,7 +35,7 @@ def requested_gemm_route() -> str | None:
     without torch, so that a command refuses it before its work starts)."""
     forced = os.environ.get(GEMM_ROUTE_ENV, "auto")
     if forced not in ("auto", *GEMM_ROUTES):
-        raise UsageError(f"{GEMM_ROUTE_ENV}={forced!r}: expected 'onednn', 'mixed', 'aten' or 'auto'")
+        raise UsageError(f"{GEMM_ROUTE_ENV}={forced!r}: expected {GEMM_ROUTE_VALUES}")
     return None if forced == "auto" else forced
 
 

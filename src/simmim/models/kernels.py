@@ -140,7 +140,7 @@ def _requested(name: str, configured: str, env: str, values: dict[str, str]) -> 
     if raw is None:
         return configured, f"runtime.{name}={configured}"
     if raw not in values:
-        expected = "'onednn', 'mixed', 'aten' or 'auto'" if env == ROUTE_ENV else "auto, 1 (recompute) or 0 (keep)"
+        expected = hardware.GEMM_ROUTE_VALUES if env == ROUTE_ENV else "auto, 1 (recompute) or 0 (keep)"
         raise UsageError(f"{env}={raw!r}: expected {expected}")
     return values[raw], f"{env}={raw}, overriding runtime.{name}={configured}"
 
