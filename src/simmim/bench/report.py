@@ -205,13 +205,13 @@ def merge_rows(page: dict | None, section: dict) -> dict:
         return merge_runs(page, section)
     run = runs[at]
     keys = {row_key(row) for row in section["comparison"]}
+    kept = [r for r in run["comparison"] if row_key(r) not in keys]
+    if not kept and "cost_curve" not in run:  # every row measured again: the section is the new run's, note included
+        return {"runs": [*runs[:at], section, *runs[at + 1:]]}
     also = {"command": section["command"], "date": section["environment"]["date"],
             "load_average": section["environment"]["load_average"]}
     seen = [{"command": run.get("command"), "date": run["environment"]["date"]},
             *({"command": a["command"], "date": a["date"]} for a in run.get("also", []))]
-    kept = [r for r in run["comparison"] if row_key(r) not in keys]
-    if not kept and "cost_curve" not in run:  # every row measured again: the section is the new run's, note included
-        return {"runs": [*runs[:at], section, *runs[at + 1:]]}
     merged = {**run, "comparison": kept + section["comparison"]}
     if {"command": also["command"], "date": also["date"]} not in seen:  # a run rewrites its rows after each one
         merged["also"] = [*run.get("also", []), also]

@@ -98,9 +98,8 @@ def weight_grads(x: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, ...], r
     copy it saves: N x K elements against M x (N - K)."""
     grad_weight = grad_bias = None
     if needs[0]:
-        if route is None:
-            route = "onednn" if use_onednn(x, grad) and gemm_route() == "onednn" else "aten"
-        route = "onednn" if route == "onednn" else "aten"
+        in_onednn = route == "onednn" if route else use_onednn(x, grad) and gemm_route() == "onednn"
+        route = "onednn" if in_onednn else "aten"
         (m, k), n = x.shape, grad.shape[1]
         x_first = (route == "onednn" or x.dtype != torch.float32) and k < n and m * (n - k) > 4 * n * k
         grad_weight = (matmul_nt(x.t(), grad.t(), route=route).t() if x_first
