@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from .detection import detection_backbone, detector_param_groups
 from .engine.logging import format_duration
 from .engine.optim import LRSchedule
 from .errors import UsageError
-from .fsutil import atomic_write, atomic_write_text
+from .fsutil import append_record, atomic_write, atomic_write_text, read_records
 from .hardware import cpu_model
 from .models.detection import SemanticFPN
 
@@ -96,22 +95,6 @@ def file_digest(path: Path) -> str:
         if file.is_file():
             digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def _done(results: Path) -> dict[str, dict]:
-    """The recorded runs by key; a later record of a key replaces an earlier one."""
-    if not results.is_file():
-        return {}
-    return {r["key"]: r for r in map(json.loads, results.read_text().splitlines()) if r}
-
-
-def _record(results: Path, record: dict) -> dict:
-    """Appends one run's record (a whole line, flushed to disk, so a kill leaves the earlier ones readable)."""
-    with results.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return record
 
 
 def build_detector(backbone: nn.Module, num_classes: int, canvas: int, channels: int) -> nn.Module:
@@ -226,7 +209,7 @@ def run_study(s: DetectionStudySettings) -> dict:
         torch.set_num_threads(s.threads)
     s.work.mkdir(parents=True, exist_ok=True)
     results = s.work / "results.jsonl"
-    done = _done(results)
+    done = read_records(results)
     if s.report:
         return write_report(s, done)
     arms = ARMS if s.arm is None else (s.arm,)
@@ -244,7 +227,7 @@ def run_study(s: DetectionStudySettings) -> dict:
         train = FashionMosaics("train", s.train_mosaics, s.mosaics, seed)
         metrics, pictured = train_run(task, arm, seed, checkpoint if arm == "simmim" else None, s, train, held)
         atomic_save(pictured, picture_file(s, key))
-        done[key] = _record(results, {"key": key, **expected, **metrics,
+        done[key] = append_record(results, {"key": key, **expected, **metrics,
                                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         print(f"   {key}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()), flush=True)
     return write_report(s, done) if s.only is None and s.arm is None else {}
@@ -267,7 +250,7 @@ def _pretrained(s: DetectionStudySettings, done: dict, results: Path) -> Path:
     if "pretrain" not in done or not Path(done["pretrain"]["checkpoint"]).exists():
         print(f"== the demo's SimMIM pretraining ({PRETRAIN_PRESET}) -> {s.work / 'pretrain'}", flush=True)
         run = pretrain_run(DemoSettings(out=s.work, seed=0))
-        done["pretrain"] = _record(results, {"key": "pretrain", "checkpoint": str(run.checkpoint),
+        done["pretrain"] = append_record(results, {"key": "pretrain", "checkpoint": str(run.checkpoint),
                                              "seconds": round(run.seconds, 1), **run.metrics})
     return Path(done["pretrain"]["checkpoint"])
 

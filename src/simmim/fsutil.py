@@ -110,3 +110,22 @@ def update_json_cache(path: PathLike, entries: dict, what: str) -> None:
     with contextlib.suppress(OSError):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({**read_json_cache(path), **entries}, indent=1), what)
+
+
+def read_records(path: PathLike) -> dict[str, dict]:
+    """The records of a JSON-lines results file by their "key", a later record of a key replacing an
+    earlier one; {} where the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+def append_record(path: PathLike, record: dict) -> dict:
+    """Appends `record` to a JSON-lines results file as one whole line, flushed and fsynced, so that a
+    kill leaves the earlier ones readable; returns it."""
+    with Path(path).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return record

@@ -3,7 +3,6 @@ picks up where it stopped, and a run recorded under other settings runs again.""
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from ..engine.builders import build_network, eval_source, first, labelled_source
 from ..engine.evaluation import load_run_model
 from ..engine.logging import read_metrics
 from ..engine.probe import extract_features, probe_features
+from ..fsutil import append_record, read_records
 from .settings import StudySettings
 
 FINETUNE_EVALS = 5
@@ -26,13 +26,6 @@ give the same numbers within float32 rounding): a record made under others still
 
 Budget = tuple[str, int, int]
 """(name, labels per class, fine-tuning epochs)."""
-
-
-def _done(results: Path) -> dict[str, dict]:
-    """The finished runs recorded in results.jsonl, by key."""
-    if not results.is_file():
-        return {}
-    return {r["key"]: r for r in map(json.loads, results.read_text().splitlines())}
 
 
 def _settings(overrides: tuple[str, ...]) -> list[str]:
@@ -51,7 +44,7 @@ def _start(pretraining: dict | None) -> dict:
 def _stale(done: dict[str, dict], key: str, **expected) -> bool:
     """Whether `key` must run: not recorded, or recorded with another length, starting checkpoint or
     settings (a changed budget, preset or --set reruns it, and what starts from it, rather than mixing;
-    the newer record wins in _done)."""
+    the newer record wins in read_records)."""
     return key not in done or any(done[key].get(name, value) != value for name, value in expected.items())
 
 
@@ -63,15 +56,13 @@ class Runs:
         self.s = s
         s.work.mkdir(parents=True, exist_ok=True)
         self.results = s.work / "results.jsonl"
-        self.done = _done(self.results)
+        self.done = read_records(self.results)
         self.used: set[str] = set()
         self.preset_epochs = load_config(PRETRAIN_PRESET).schedule.epochs
         self.val_features: dict[tuple[str, int], tuple] = {}  # per encoder: the same for every budget
 
     def record(self, key: str, **values) -> dict:
-        self.done[key] = {"key": key, **values}
-        with self.results.open("a") as f:
-            f.write(json.dumps(self.done[key]) + "\n")
+        self.done[key] = append_record(self.results, {"key": key, **values})
         return self.done[key]
 
     def hours(self) -> float:
